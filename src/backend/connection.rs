@@ -1,0 +1,565 @@
+//! One session with the server: message I/O, transaction status, and the requests.
+//!
+//! Requests follow one discipline: `begin_request` marks the connection busy,
+//! `end_request` clears the mark and records connection-level failures. If a
+//! request's future is dropped halfway (a timeout, a client that went away),
+//! the mark stays, the protocol state is unknown, and the connection refuses
+//! further use with [`BackendError::Broken`]; the pool then discards it.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use postgres_protocol::IsNull;
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+
+use super::cancel::CancelToken;
+use super::connect::Connector;
+use super::error::{BackendError, DbError, Stage};
+use super::result::{QueryResult, Row, parse_fields};
+use super::statement::{Statement, TransactionOptions};
+use super::stream::Socket;
+
+/// Transaction status reported by the last ReadyForQuery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransactionStatus {
+    /// Not in a transaction block (`I`).
+    Idle,
+    /// In a transaction block (`T`).
+    InTransaction,
+    /// In a failed transaction block, only ROLLBACK will be accepted (`E`).
+    Failed,
+}
+
+/// A transaction batch that failed, with whether its COMMIT had been sent.
+///
+/// `commit_sent` is what decides, after a connection-level failure, whether
+/// the batch certainly did not commit (false) or its outcome must be asked of
+/// the server (true).
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct TransactionError {
+    /// What went wrong.
+    pub error: BackendError,
+    /// True once the COMMIT started to be written.
+    pub commit_sent: bool,
+}
+
+/// An authenticated session with a PostgreSQL server.
+#[derive(Debug)]
+pub struct Connection {
+    /// The transport.
+    socket: Socket,
+    /// Bytes received but not yet parsed into messages.
+    read_buf: BytesMut,
+    /// Messages encoded but not yet written.
+    write_buf: BytesMut,
+    /// How this connection was opened; cancel requests reuse it.
+    connector: Connector,
+    /// ParameterStatus values (server_version, TimeZone, ...), kept current.
+    parameters: HashMap<String, String>,
+    /// BackendKeyData: the process id and secret that cancel requests need.
+    backend_key: Option<(i32, i32)>,
+    /// From the last ReadyForQuery.
+    transaction_status: TransactionStatus,
+    /// A request started and has not finished (see the module doc).
+    in_flight: bool,
+    /// A connection-level failure was seen; the session is over.
+    closed: bool,
+    /// Caller statements ran since the last reset, so session state may linger.
+    dirty: bool,
+    /// Largest result, in wire bytes of rows, a request may return.
+    result_limit: Option<usize>,
+    /// When the session was established.
+    created_at: Instant,
+}
+
+impl Connection {
+    pub(crate) fn new(socket: Socket, connector: Connector) -> Self {
+        Self {
+            socket,
+            read_buf: BytesMut::with_capacity(8192),
+            write_buf: BytesMut::with_capacity(1024),
+            connector,
+            parameters: HashMap::new(),
+            backend_key: None,
+            transaction_status: TransactionStatus::Idle,
+            in_flight: false,
+            closed: false,
+            dirty: false,
+            result_limit: None,
+            created_at: Instant::now(),
+        }
+    }
+
+    /// A ParameterStatus value the server reported, e.g. `server_version`.
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        self.parameters.get(name).map(String::as_str)
+    }
+
+    /// The server process serving this session.
+    pub fn process_id(&self) -> Option<i32> {
+        self.backend_key.map(|(pid, _)| pid)
+    }
+
+    /// Transaction status from the last ReadyForQuery.
+    pub fn transaction_status(&self) -> TransactionStatus {
+        self.transaction_status
+    }
+
+    /// True when the session must not be used again: a connection-level
+    /// failure happened, or a request was abandoned halfway.
+    pub fn is_broken(&self) -> bool {
+        self.closed || self.in_flight
+    }
+
+    /// True when caller statements ran since the last [`Connection::reset`].
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// When the session was established.
+    pub fn created_at(&self) -> Instant {
+        self.created_at
+    }
+
+    /// Limits the bytes of rows one request may return; beyond it the request
+    /// fails with [`BackendError::ResultTooLarge`] and the connection stays usable.
+    pub fn set_result_limit(&mut self, limit: Option<usize>) {
+        self.result_limit = limit;
+    }
+
+    /// A token that can cancel the statement running on this session.
+    pub fn cancel_token(&self) -> Option<CancelToken> {
+        let (process_id, secret_key) = self.backend_key?;
+        Some(CancelToken::new(self.connector.clone(), process_id, secret_key))
+    }
+
+    /// Runs one or more `;`-separated statements with the simple query
+    /// protocol (results in text). Meant for health checks and warm-up.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<QueryResult>, BackendError> {
+        self.begin_request()?;
+        let result = self.simple_query_inner(sql).await;
+        self.end_request(result)
+    }
+
+    /// Runs one statement with text parameters through the extended protocol,
+    /// in one round trip. Results are in text format.
+    pub async fn query(&mut self, statement: &Statement) -> Result<QueryResult, BackendError> {
+        let mut results = self.pipeline(std::slice::from_ref(statement)).await?;
+        results
+            .pop()
+            .ok_or_else(|| BackendError::Protocol("no result for the statement".into()))
+    }
+
+    /// Runs statements back to back in one round trip: Parse, Bind, Describe
+    /// and Execute for each, then one Sync.
+    ///
+    /// Outside an explicit transaction the statements share one implicit
+    /// transaction, so a failure rolls all of them back. The first failing
+    /// statement's error is returned with its index; later ones are skipped.
+    pub async fn pipeline(&mut self, statements: &[Statement]) -> Result<Vec<QueryResult>, BackendError> {
+        self.begin_request()?;
+        self.dirty = true;
+        let result = self.pipeline_inner(statements).await;
+        self.end_request(result)
+    }
+
+    /// Runs statements as one transaction: `START TRANSACTION` with the
+    /// options and the statements in one round trip, then `COMMIT` in a
+    /// second. On an SQL error the transaction is rolled back.
+    pub async fn transaction(
+        &mut self,
+        options: &TransactionOptions,
+        statements: &[Statement],
+    ) -> Result<Vec<QueryResult>, TransactionError> {
+        let mut commit_sent = false;
+        let not_started = |error| TransactionError { error, commit_sent: false };
+        self.begin_request().map_err(not_started)?;
+        self.dirty = true;
+        let result = self.transaction_inner(options, statements, &mut commit_sent).await;
+        self.end_request(result)
+            .map_err(|error| TransactionError { error, commit_sent })
+    }
+
+    /// Makes the session as good as new for the next user: rolls back an
+    /// open transaction and runs `DISCARD ALL`.
+    pub async fn reset(&mut self) -> Result<(), BackendError> {
+        if self.transaction_status != TransactionStatus::Idle {
+            self.simple_query("ROLLBACK").await?;
+        }
+        self.simple_query("DISCARD ALL").await?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Checks, without waiting, whether the server has closed this idle
+    /// session (e.g. it was terminated or the server restarted): anything but
+    /// asynchronous notices arriving on an idle session means it is gone.
+    pub fn check_idle(&mut self) -> Result<(), BackendError> {
+        if self.is_broken() {
+            return Err(BackendError::Broken);
+        }
+        let result = self.poll_unsolicited();
+        if result.is_err() {
+            self.closed = true;
+        }
+        result
+    }
+
+    /// Ends the session politely (Terminate), ignoring errors.
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.write_buf);
+        let _ = self.socket.write_all(&self.write_buf).await;
+        let _ = self.socket.shutdown().await;
+    }
+
+    fn begin_request(&mut self) -> Result<(), BackendError> {
+        if self.is_broken() {
+            return Err(BackendError::Broken);
+        }
+        self.in_flight = true;
+        Ok(())
+    }
+
+    fn end_request<T>(&mut self, result: Result<T, BackendError>) -> Result<T, BackendError> {
+        if let Err(e) = &result
+            && e.is_connection_level()
+        {
+            self.closed = true;
+        }
+        self.in_flight = false;
+        result
+    }
+
+    async fn simple_query_inner(&mut self, sql: &str) -> Result<Vec<QueryResult>, BackendError> {
+        frontend::query(sql, &mut self.write_buf).map_err(invalid_sql)?;
+        self.flush(Stage::Sending).await?;
+        self.collect_results().await
+    }
+
+    async fn pipeline_inner(&mut self, statements: &[Statement]) -> Result<Vec<QueryResult>, BackendError> {
+        for statement in statements {
+            self.encode_statement(statement)?;
+        }
+        frontend::sync(&mut self.write_buf);
+        self.flush(Stage::Sending).await?;
+        self.collect_results().await
+    }
+
+    async fn transaction_inner(
+        &mut self,
+        options: &TransactionOptions,
+        statements: &[Statement],
+        commit_sent: &mut bool,
+    ) -> Result<Vec<QueryResult>, BackendError> {
+        let mut all = Vec::with_capacity(statements.len() + 1);
+        all.push(Statement::new(options.start_sql()));
+        all.extend_from_slice(statements);
+        let mut results = match self.pipeline_inner(&all).await {
+            Ok(results) => results,
+            Err(error) => return Err(self.roll_back_after(error).await),
+        };
+        results.remove(0);
+        *commit_sent = true;
+        let commit = self.simple_query_inner("COMMIT").await;
+        match commit {
+            Ok(tags) if tags.first().is_some_and(|r| r.command_tag == "COMMIT") => Ok(results),
+            Ok(_) => Err(BackendError::Protocol("COMMIT did not commit".into())),
+            Err(BackendError::Sql { error, .. }) => Err(BackendError::Sql {
+                error,
+                statement: statements.len(),
+            }),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// After a failed batch statement: roll back, and report the statement's
+    /// index among the caller's statements (the START is not one of them).
+    async fn roll_back_after(&mut self, error: BackendError) -> BackendError {
+        let BackendError::Sql { error, statement } = error else {
+            return error;
+        };
+        if self.transaction_status != TransactionStatus::Idle
+            && let Err(rollback) = self.simple_query_inner("ROLLBACK").await
+        {
+            return rollback;
+        }
+        BackendError::Sql {
+            error,
+            statement: statement.saturating_sub(1),
+        }
+    }
+
+    fn encode_statement(&mut self, statement: &Statement) -> Result<(), BackendError> {
+        let buf = &mut self.write_buf;
+        frontend::parse("", &statement.sql, std::iter::empty(), buf).map_err(invalid_sql)?;
+        frontend::bind(
+            "",
+            "",
+            std::iter::empty(),
+            statement.params.iter(),
+            |param, buf| match param {
+                Some(text) => {
+                    buf.extend_from_slice(text.as_bytes());
+                    Ok(IsNull::No)
+                }
+                None => Ok(IsNull::Yes),
+            },
+            std::iter::empty(),
+            buf,
+        )
+        .map_err(|_| BackendError::Config("too many parameters for one statement".into()))?;
+        frontend::describe(b'P', "", buf).map_err(invalid_sql)?;
+        frontend::execute("", 0, buf).map_err(invalid_sql)?;
+        Ok(())
+    }
+
+    /// Reads every message up to ReadyForQuery, building one result per
+    /// statement. The first SQL error is kept and returned once the server
+    /// is ready again, so the session stays in step.
+    async fn collect_results(&mut self) -> Result<Vec<QueryResult>, BackendError> {
+        let mut collector = Collector::new(self.result_limit);
+        loop {
+            let message = self.read_message(Stage::Receiving).await?;
+            match message {
+                Message::ReadyForQuery(body) => {
+                    self.set_transaction_status(body.status())?;
+                    return collector.finish();
+                }
+                Message::CopyInResponse(_) => {
+                    frontend::copy_fail("COPY FROM STDIN is not supported", &mut self.write_buf)
+                        .map_err(invalid_sql)?;
+                    self.flush(Stage::Receiving).await?;
+                }
+                other => collector.accept(other)?,
+            }
+        }
+    }
+
+    /// Reads the next message that is not asynchronous bookkeeping
+    /// (ParameterStatus is recorded, notices and notifications are skipped).
+    pub(crate) async fn read_message(&mut self, stage: Stage) -> Result<Message, BackendError> {
+        loop {
+            if let Some(message) = self.parse_buffered()? {
+                return Ok(message);
+            }
+            let read = self.socket.read_buf(&mut self.read_buf).await;
+            match read {
+                Ok(0) => return Err(BackendError::Closed { stage }),
+                Ok(_) => {}
+                Err(source) => return Err(BackendError::Io { stage, source }),
+            }
+        }
+    }
+
+    fn parse_buffered(&mut self) -> Result<Option<Message>, BackendError> {
+        loop {
+            let message = Message::parse(&mut self.read_buf).map_err(protocol)?;
+            match message {
+                Some(Message::ParameterStatus(body)) => {
+                    let name = body.name().map_err(protocol)?.to_owned();
+                    let value = body.value().map_err(protocol)?.to_owned();
+                    self.parameters.insert(name, value);
+                }
+                Some(Message::NoticeResponse(_) | Message::NotificationResponse(_)) => {}
+                other => return Ok(other),
+            }
+        }
+    }
+
+    fn poll_unsolicited(&mut self) -> Result<(), BackendError> {
+        let mut scratch = [0u8; 1024];
+        let mut cx = Context::from_waker(Waker::noop());
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.socket).poll_read(&mut cx, &mut buf) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Err(source)) => return Err(BackendError::Io { stage: Stage::Sending, source }),
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                    return Err(BackendError::Closed { stage: Stage::Sending });
+                }
+                Poll::Ready(Ok(())) => self.read_buf.extend_from_slice(buf.filled()),
+            }
+            match self.parse_buffered()? {
+                None => {}
+                Some(Message::ErrorResponse(body)) => return Err(fatal_or_protocol(DbError::parse(body.fields()))),
+                Some(other) => {
+                    return Err(BackendError::Protocol(format!(
+                        "unsolicited {} on an idle connection",
+                        message_name(&other)
+                    )));
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn flush(&mut self, stage: Stage) -> Result<(), BackendError> {
+        let result = async {
+            self.socket.write_all(&self.write_buf).await?;
+            self.socket.flush().await
+        }
+        .await;
+        self.write_buf.clear();
+        result.map_err(BackendError::io(stage))
+    }
+
+    pub(crate) fn write_buf(&mut self) -> &mut BytesMut {
+        &mut self.write_buf
+    }
+
+    pub(crate) fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
+    pub(crate) fn set_backend_key(&mut self, process_id: i32, secret_key: i32) {
+        self.backend_key = Some((process_id, secret_key));
+    }
+
+    pub(crate) fn set_transaction_status(&mut self, status: u8) -> Result<(), BackendError> {
+        self.transaction_status = match status {
+            b'I' => TransactionStatus::Idle,
+            b'T' => TransactionStatus::InTransaction,
+            b'E' => TransactionStatus::Failed,
+            other => {
+                return Err(BackendError::Protocol(format!(
+                    "unknown transaction status {other:#04x}"
+                )));
+            }
+        };
+        Ok(())
+    }
+}
+
+/// Builds results from the messages of one request.
+struct Collector {
+    results: Vec<QueryResult>,
+    current: QueryResult,
+    failure: Option<BackendError>,
+    limit: Option<usize>,
+    bytes: usize,
+}
+
+impl Collector {
+    fn new(limit: Option<usize>) -> Self {
+        Self {
+            results: Vec::new(),
+            current: QueryResult::default(),
+            failure: None,
+            limit,
+            bytes: 0,
+        }
+    }
+
+    fn accept(&mut self, message: Message) -> Result<(), BackendError> {
+        match message {
+            Message::ParseComplete | Message::BindComplete | Message::NoData => {}
+            Message::RowDescription(body) => self.current.fields = parse_fields(&body).map_err(protocol)?,
+            Message::DataRow(body) => self.push_row(Row::parse(&body).map_err(protocol)?),
+            Message::CommandComplete(body) => {
+                self.current.command_tag = body.tag().map_err(protocol)?.to_owned();
+                self.results.push(std::mem::take(&mut self.current));
+            }
+            Message::EmptyQueryResponse => self.results.push(std::mem::take(&mut self.current)),
+            Message::ErrorResponse(body) => self.fail(DbError::parse(body.fields()).map_err(protocol)?)?,
+            Message::CopyOutResponse(_) | Message::CopyData(_) | Message::CopyDone => self.refuse_copy(),
+            other => {
+                return Err(BackendError::Protocol(format!(
+                    "unexpected {} in a query response",
+                    message_name(&other)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn push_row(&mut self, row: Row) {
+        self.bytes += row.wire_size();
+        match self.limit {
+            Some(limit) if self.bytes > limit => {
+                self.current.rows = Vec::new();
+                self.failure.get_or_insert(BackendError::ResultTooLarge { limit });
+            }
+            _ => self.current.rows.push(row),
+        }
+    }
+
+    fn fail(&mut self, error: DbError) -> Result<(), BackendError> {
+        if error.is_fatal() {
+            return Err(BackendError::Fatal(Box::new(error)));
+        }
+        let statement = self.results.len();
+        if !matches!(self.failure, Some(BackendError::Sql { .. })) {
+            self.failure = Some(BackendError::Sql {
+                error: Box::new(error),
+                statement,
+            });
+        }
+        Ok(())
+    }
+
+    fn refuse_copy(&mut self) {
+        let error = DbError {
+            severity: "ERROR".into(),
+            code: "0A000".into(),
+            message: "COPY TO STDOUT is not supported".into(),
+            ..DbError::default()
+        };
+        let statement = self.results.len();
+        self.failure.get_or_insert(BackendError::Sql {
+            error: Box::new(error),
+            statement,
+        });
+    }
+
+    fn finish(self) -> Result<Vec<QueryResult>, BackendError> {
+        match self.failure {
+            Some(error) => Err(error),
+            None => Ok(self.results),
+        }
+    }
+}
+
+fn protocol(e: std::io::Error) -> BackendError {
+    BackendError::Protocol(e.to_string())
+}
+
+fn invalid_sql(e: std::io::Error) -> BackendError {
+    BackendError::Config(format!("statement cannot be sent: {e}"))
+}
+
+fn fatal_or_protocol(parsed: std::io::Result<DbError>) -> BackendError {
+    match parsed {
+        Ok(error) => BackendError::Fatal(Box::new(error)),
+        Err(e) => protocol(e),
+    }
+}
+
+/// A short name of a backend message for error texts.
+pub(crate) fn message_name(message: &Message) -> &'static str {
+    match message {
+        Message::AuthenticationOk => "AuthenticationOk",
+        Message::BackendKeyData(_) => "BackendKeyData",
+        Message::BindComplete => "BindComplete",
+        Message::CloseComplete => "CloseComplete",
+        Message::CommandComplete(_) => "CommandComplete",
+        Message::CopyData(_) => "CopyData",
+        Message::CopyDone => "CopyDone",
+        Message::CopyInResponse(_) => "CopyInResponse",
+        Message::CopyOutResponse(_) => "CopyOutResponse",
+        Message::DataRow(_) => "DataRow",
+        Message::EmptyQueryResponse => "EmptyQueryResponse",
+        Message::ErrorResponse(_) => "ErrorResponse",
+        Message::NoData => "NoData",
+        Message::ParameterDescription(_) => "ParameterDescription",
+        Message::ParseComplete => "ParseComplete",
+        Message::PortalSuspended => "PortalSuspended",
+        Message::ReadyForQuery(_) => "ReadyForQuery",
+        Message::RowDescription(_) => "RowDescription",
+        _ => "authentication or other message",
+    }
+}

@@ -1,0 +1,49 @@
+//! Backend connections: pgwarden's own PostgreSQL client sessions.
+//!
+//! # Why not a client library
+//! The data API must return every value exactly as PostgreSQL prints it, so
+//! results are requested in **text** format; statements are pipelined
+//! (Parse, Bind, Describe, Execute for each, one Sync) so a request costs one
+//! round trip; the transaction status of every ReadyForQuery is tracked so the
+//! guard knows what a broken request may have left behind; and cancel
+//! requests need the session's BackendKeyData. `tokio-postgres` always asks
+//! for binary results and hides the rest, so the protocol is spoken here.
+//!
+//! # Why `postgres-protocol` as the codec
+//! It is the codec under `tokio-postgres`, maintained with it, and gives
+//! exactly what a client needs: encoders for every frontend message,
+//! zero-copy parsing of backend messages (a `DataRow` stays one buffer of
+//! bytes, which [`Row`] keeps as is), and tested implementations of MD5 and
+//! SCRAM-SHA-256. The wire front end will use it too: backend messages are
+//! framed by [`Message::parse`](postgres_protocol::message::backend::Message)
+//! and can be forwarded to a client byte for byte, without decoding and
+//! re-encoding rows, which is what a pass-through proxy wants. pgwire's
+//! message types were the alternative; they decode every row into owned
+//! values, the wrong trade for a pass-through.
+//!
+//! # Layout
+//! - [`options`]: where and how to connect (from a `postgresql://` URL);
+//! - [`connect`]: socket, TLS (`sslmode`), startup and authentication;
+//! - [`connection`]: a session and its requests (simple query, pipelined
+//!   extended query, transaction batch, reset, idle check);
+//! - [`cancel`]: cancel requests;
+//! - [`result`] and [`statement`]: what goes in and comes out;
+//! - [`error`]: every failure, classified by [`ErrorKind`].
+
+pub mod cancel;
+pub mod connect;
+pub mod connection;
+pub mod error;
+pub mod options;
+pub mod result;
+pub mod statement;
+mod stream;
+mod tls;
+
+pub use cancel::CancelToken;
+pub use connect::Connector;
+pub use connection::{Connection, TransactionError, TransactionStatus};
+pub use error::{BackendError, DbError, ErrorKind, Stage};
+pub use options::{ConnectOptions, Host, Secret, SslMode};
+pub use result::{Field, QueryResult, Row};
+pub use statement::{IsolationLevel, Statement, TransactionOptions};
