@@ -1,0 +1,168 @@
+//! The pool hands out only clean, live connections: it discards those whose
+//! server died, that were left in a transaction or abandoned mid-request,
+//! resets session state between users, and recovers when the server returns.
+
+mod support;
+
+use std::time::Duration;
+
+use pgwarden::backend::{Connector, ErrorKind, Statement};
+use pgwarden::pool::{Pool, PoolConfig, PoolError, PoolErrorKind, PoolStatus};
+use support::pg::{options, scalar, superuser};
+use support::{Cluster, FaultProxy, ProxyMode};
+
+fn pool(options: pgwarden::backend::ConnectOptions, max: usize) -> Pool {
+    let config = PoolConfig {
+        max_connections: max,
+        min_connections: max.min(2),
+        ..PoolConfig::default()
+    };
+    Pool::new(Connector::new(options).unwrap(), config).unwrap()
+}
+
+async fn backend_pid(pool: &Pool) -> String {
+    let mut conn = pool.get().await.expect("a connection");
+    scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap()
+}
+
+#[tokio::test]
+async fn warm_opens_the_minimum_and_status_counts_idle_and_in_use() {
+    let cluster = Cluster::start();
+    let pool = pool(superuser(&cluster), 4);
+    let warm = pool.warm().await.unwrap();
+    assert_eq!(warm.len(), 2);
+    assert_eq!(
+        pool.status(),
+        PoolStatus { max_size: 4, size: 2, idle: 0, in_use: 2, waiting: 0 }
+    );
+    drop(warm);
+    assert_eq!(pool.status().idle, 2);
+    let count = cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgwarden'");
+    assert_eq!(count.trim(), "2");
+}
+
+#[tokio::test]
+async fn a_connection_whose_server_restarted_is_discarded_and_the_pool_recovers() {
+    let cluster = Cluster::start();
+    let pool = pool(superuser(&cluster), 2);
+    drop(pool.warm().await.unwrap());
+    let before = backend_pid(&pool).await;
+
+    cluster.restart_fast();
+    let after = backend_pid(&pool).await;
+    assert_ne!(before, after, "a dead connection was handed out");
+    assert!(pool.status().size <= 2);
+}
+
+#[tokio::test]
+async fn terminated_idle_connections_are_never_handed_out() {
+    let cluster = Cluster::start();
+    let pool = pool(superuser(&cluster), 2);
+    drop(pool.warm().await.unwrap());
+    cluster.terminate_backends();
+    // The server's FATAL reaches the idle sockets asynchronously; give it a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..4 {
+        let mut conn = pool.get().await.unwrap();
+        let result = conn.query(&Statement::new("SELECT 1")).await;
+        assert!(result.is_ok(), "a terminated connection was reused: {result:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_connection_left_in_a_transaction_is_discarded() {
+    let cluster = Cluster::start();
+    let pool = pool(superuser(&cluster), 1);
+    let first = {
+        let mut conn = pool.get().await.unwrap();
+        conn.simple_query("BEGIN").await.unwrap();
+        scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap()
+    };
+    assert_ne!(backend_pid(&pool).await, first);
+}
+
+#[tokio::test]
+async fn session_state_is_reset_between_users_of_the_same_connection() {
+    let cluster = Cluster::start();
+    let pool = pool(superuser(&cluster), 1);
+    let pid = {
+        let mut conn = pool.get().await.unwrap();
+        conn.simple_query("SET statement_timeout = '1234ms'").await.unwrap();
+        conn.query(&Statement::new("CREATE TEMP TABLE scratch (x int)")).await.unwrap();
+        scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap()
+    };
+    let mut conn = pool.get().await.unwrap();
+    assert_eq!(scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap(), pid);
+    assert_eq!(scalar(&mut conn, "SHOW statement_timeout").await.as_deref(), Some("0"));
+    let temp = scalar(&mut conn, "SELECT count(*) FROM pg_class WHERE relname = 'scratch'").await;
+    assert_eq!(temp.as_deref(), Some("0"));
+}
+
+#[tokio::test]
+async fn a_connection_abandoned_mid_request_is_discarded() {
+    let cluster = Cluster::start();
+    let pool = pool(superuser(&cluster), 1);
+    let pid = {
+        let mut conn = pool.get().await.unwrap();
+        let pid = scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap();
+        let slow = conn.query(&Statement::new("SELECT pg_sleep(3)"));
+        assert!(tokio::time::timeout(Duration::from_millis(100), slow).await.is_err());
+        pid
+    };
+    assert_ne!(backend_pid(&pool).await, pid);
+}
+
+#[tokio::test]
+async fn a_server_that_is_down_fails_fast_with_a_connection_level_error_and_is_picked_up_again() {
+    let cluster = Cluster::start();
+    let pool = pool(superuser(&cluster), 2);
+    cluster.stop();
+    let error = pool.get().await.unwrap_err();
+    assert!(error.is_connection_level(), "{error}");
+    assert_eq!(error.kind(), PoolErrorKind::Backend(ErrorKind::Connect));
+    cluster.start();
+    assert!(pool.get().await.is_ok());
+}
+
+#[tokio::test]
+async fn a_blackholed_server_hits_the_create_timeout() {
+    let cluster = Cluster::start();
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", cluster.port()).parse().unwrap()).await;
+    proxy.set_mode(ProxyMode::Blackhole);
+    let mut opts = options(&cluster, "postgres", None);
+    opts.port = proxy.port();
+    let config = PoolConfig {
+        create_timeout: Duration::from_millis(500),
+        ..PoolConfig::default()
+    };
+    let pool = Pool::new(Connector::new(opts).unwrap(), config).unwrap();
+    let error = pool.get().await.unwrap_err();
+    assert!(matches!(error, PoolError::CreateTimeout(_)), "{error}");
+    assert!(error.is_connection_level());
+}
+
+#[tokio::test]
+async fn waiting_for_a_busy_pool_is_bounded() {
+    let cluster = Cluster::start();
+    let config = PoolConfig {
+        max_connections: 1,
+        wait_timeout: Duration::from_millis(200),
+        ..PoolConfig::default()
+    };
+    let pool = Pool::new(Connector::new(superuser(&cluster)).unwrap(), config).unwrap();
+    let _held = pool.get().await.unwrap();
+    let error = pool.get().await.unwrap_err();
+    assert_eq!(error.kind(), PoolErrorKind::WaitTimeout);
+    assert!(!error.is_connection_level());
+}
+
+#[tokio::test]
+async fn a_closed_pool_hands_out_nothing_and_drops_returned_connections() {
+    let cluster = Cluster::start();
+    let pool = pool(superuser(&cluster), 2);
+    let lent = pool.get().await.unwrap();
+    pool.close();
+    assert_eq!(pool.get().await.unwrap_err().kind(), PoolErrorKind::Closed);
+    drop(lent);
+    assert_eq!(pool.status().size, 0);
+}
