@@ -18,3 +18,4 @@
 
 pub mod backend;
 pub mod pool;
+pub mod telemetry;

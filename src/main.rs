@@ -16,10 +16,19 @@ async fn main() -> anyhow::Result<()> {
     let options = ConnectOptions::from_url(&url)?;
     let target = options.describe_target();
     let pool = Pool::new(Connector::new(options)?, PoolConfig::default())?;
-    let connections = pool.warm().await.with_context(|| format!("connecting to {target}"))?;
-    let version = connections[0].parameter("server_version").unwrap_or("unknown").to_owned();
+    let connections = pool
+        .warm()
+        .await
+        .with_context(|| format!("connecting to {target}"))?;
+    let version = connections[0]
+        .parameter("server_version")
+        .unwrap_or("unknown")
+        .to_owned();
     drop(connections);
     let status = pool.status();
-    println!("Connected to {target}: PostgreSQL {version}, {} warm connection(s).", status.idle);
+    println!(
+        "Connected to {target}: PostgreSQL {version}, {} warm connection(s).",
+        status.idle
+    );
     Ok(())
 }

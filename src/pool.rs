@@ -209,7 +209,8 @@ impl Pool {
         }
         let mut connections = Vec::with_capacity(wanted);
         while let Some(joined) = tasks.join_next().await {
-            let connection = joined.map_err(|e| PoolError::Config(format!("warm-up task failed: {e}")))?;
+            let connection =
+                joined.map_err(|e| PoolError::Config(format!("warm-up task failed: {e}")))?;
             connections.push(connection?);
         }
         Ok(connections)

@@ -150,5 +150,9 @@ async fn copy_is_refused_without_desynchronising_the_session() {
         let error = conn.simple_query(sql).await.unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Sql, "{sql}: {error}");
         assert_eq!(scalar(&mut conn, "SELECT 7").await.as_deref(), Some("7"), "{sql}");
+        let extended = conn.query(&Statement::new(sql)).await.unwrap_err();
+        assert_eq!(extended.kind(), ErrorKind::Sql, "{sql}: {extended}");
+        let after = conn.query(&Statement::new("SELECT 8")).await.unwrap();
+        assert_eq!(after.rows_as_strings(), [[Some("8".to_owned())]], "{sql}");
     }
 }

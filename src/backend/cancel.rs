@@ -41,8 +41,14 @@ impl CancelToken {
             let mut socket = self.connector.open_socket().await?;
             let mut request = BytesMut::new();
             frontend::cancel_request(self.process_id, self.secret_key, &mut request);
-            socket.write_all(&request).await.map_err(BackendError::io(Stage::Sending))?;
-            socket.flush().await.map_err(BackendError::io(Stage::Sending))?;
+            socket
+                .write_all(&request)
+                .await
+                .map_err(BackendError::io(Stage::Sending))?;
+            socket
+                .flush()
+                .await
+                .map_err(BackendError::io(Stage::Sending))?;
             let mut rest = Vec::new();
             // EOF means the server processed the request; a reset means the same.
             let _ = socket.read_to_end(&mut rest).await;

@@ -54,9 +54,7 @@ impl Connector {
             let socket = self.open_socket().await?;
             Connection::start(socket, self.clone()).await
         });
-        started
-            .await
-            .unwrap_or_else(|_| Err(self.timed_out()))
+        started.await.unwrap_or_else(|_| Err(self.timed_out()))
     }
 
     pub(crate) fn timed_out(&self) -> BackendError {
@@ -89,14 +87,24 @@ impl Connector {
         }
     }
 
-    async fn negotiate_tls(&self, mut stream: TcpStream, host: &str) -> Result<Socket, BackendError> {
+    async fn negotiate_tls(
+        &self,
+        mut stream: TcpStream,
+        host: &str,
+    ) -> Result<Socket, BackendError> {
         let Some(config) = &self.tls else {
             return Ok(Socket::Tcp(stream));
         };
         let mut request = BytesMut::new();
         frontend::ssl_request(&mut request);
-        stream.write_all(&request).await.map_err(BackendError::io(Stage::Connecting))?;
-        let answer = stream.read_u8().await.map_err(BackendError::io(Stage::Connecting))?;
+        stream
+            .write_all(&request)
+            .await
+            .map_err(BackendError::io(Stage::Connecting))?;
+        let answer = stream
+            .read_u8()
+            .await
+            .map_err(BackendError::io(Stage::Connecting))?;
         match (answer, self.options.ssl_mode) {
             (b'S', _) => {
                 let connector = TlsConnector::from(config.clone());
@@ -158,13 +166,18 @@ impl Connection {
                     self.send_password(hash.as_bytes()).await?;
                 }
                 Message::AuthenticationSasl(body) => self.authenticate_scram(&body).await?,
-                Message::ErrorResponse(body) => return Err(auth_failure(DbError::parse(body.fields()))),
+                Message::ErrorResponse(body) => {
+                    return Err(auth_failure(DbError::parse(body.fields())));
+                }
                 other => return Err(unsupported_auth(&other)),
             }
         }
     }
 
-    async fn authenticate_scram(&mut self, body: &AuthenticationSaslBody) -> Result<(), BackendError> {
+    async fn authenticate_scram(
+        &mut self,
+        body: &AuthenticationSaslBody,
+    ) -> Result<(), BackendError> {
         let offered: Vec<String> = body
             .mechanisms()
             .map(|m| Ok(m.to_owned()))
@@ -184,7 +197,9 @@ impl Connection {
         self.flush(Stage::Connecting).await?;
         let server_first = match self.read_message(Stage::Connecting).await? {
             Message::AuthenticationSaslContinue(body) => body,
-            Message::ErrorResponse(body) => return Err(auth_failure(DbError::parse(body.fields()))),
+            Message::ErrorResponse(body) => {
+                return Err(auth_failure(DbError::parse(body.fields())));
+            }
             other => return Err(unexpected_in_auth(&other)),
         };
         scram
@@ -195,12 +210,14 @@ impl Connection {
         self.flush(Stage::Connecting).await?;
         let server_final = match self.read_message(Stage::Connecting).await? {
             Message::AuthenticationSaslFinal(body) => body,
-            Message::ErrorResponse(body) => return Err(auth_failure(DbError::parse(body.fields()))),
+            Message::ErrorResponse(body) => {
+                return Err(auth_failure(DbError::parse(body.fields())));
+            }
             other => return Err(unexpected_in_auth(&other)),
         };
-        scram
-            .finish(server_final.data())
-            .map_err(|e| BackendError::AuthMethod(format!("the server's SCRAM proof is invalid: {e}")))
+        scram.finish(server_final.data()).map_err(|e| {
+            BackendError::AuthMethod(format!("the server's SCRAM proof is invalid: {e}"))
+        })
     }
 
     fn password(&self) -> Result<String, BackendError> {
@@ -210,7 +227,9 @@ impl Connection {
             .as_ref()
             .map(|p| p.expose().to_owned())
             .ok_or_else(|| {
-                BackendError::AuthMethod("the server asks for a password, but none is configured".into())
+                BackendError::AuthMethod(
+                    "the server asks for a password, but none is configured".into(),
+                )
             })
     }
 
@@ -223,7 +242,9 @@ impl Connection {
     async fn await_ready_for_query(&mut self) -> Result<(), BackendError> {
         loop {
             match self.read_message(Stage::Connecting).await? {
-                Message::BackendKeyData(body) => self.set_backend_key(body.process_id(), body.secret_key()),
+                Message::BackendKeyData(body) => {
+                    self.set_backend_key(body.process_id(), body.secret_key())
+                }
                 Message::ReadyForQuery(body) => {
                     self.set_transaction_status(body.status())?;
                     return Ok(());

@@ -136,7 +136,11 @@ impl Connection {
     /// A token that can cancel the statement running on this session.
     pub fn cancel_token(&self) -> Option<CancelToken> {
         let (process_id, secret_key) = self.backend_key?;
-        Some(CancelToken::new(self.connector.clone(), process_id, secret_key))
+        Some(CancelToken::new(
+            self.connector.clone(),
+            process_id,
+            secret_key,
+        ))
     }
 
     /// Runs one or more `;`-separated statements with the simple query
@@ -162,7 +166,10 @@ impl Connection {
     /// Outside an explicit transaction the statements share one implicit
     /// transaction, so a failure rolls all of them back. The first failing
     /// statement's error is returned with its index; later ones are skipped.
-    pub async fn pipeline(&mut self, statements: &[Statement]) -> Result<Vec<QueryResult>, BackendError> {
+    pub async fn pipeline(
+        &mut self,
+        statements: &[Statement],
+    ) -> Result<Vec<QueryResult>, BackendError> {
         self.begin_request()?;
         self.dirty = true;
         let result = self.pipeline_inner(statements).await;
@@ -178,10 +185,15 @@ impl Connection {
         statements: &[Statement],
     ) -> Result<Vec<QueryResult>, TransactionError> {
         let mut commit_sent = false;
-        let not_started = |error| TransactionError { error, commit_sent: false };
+        let not_started = |error| TransactionError {
+            error,
+            commit_sent: false,
+        };
         self.begin_request().map_err(not_started)?;
         self.dirty = true;
-        let result = self.transaction_inner(options, statements, &mut commit_sent).await;
+        let result = self
+            .transaction_inner(options, statements, &mut commit_sent)
+            .await;
         self.end_request(result)
             .map_err(|error| TransactionError { error, commit_sent })
     }
@@ -239,16 +251,19 @@ impl Connection {
     async fn simple_query_inner(&mut self, sql: &str) -> Result<Vec<QueryResult>, BackendError> {
         frontend::query(sql, &mut self.write_buf).map_err(invalid_sql)?;
         self.flush(Stage::Sending).await?;
-        self.collect_results().await
+        self.collect_results(Protocol::Simple).await
     }
 
-    async fn pipeline_inner(&mut self, statements: &[Statement]) -> Result<Vec<QueryResult>, BackendError> {
+    async fn pipeline_inner(
+        &mut self,
+        statements: &[Statement],
+    ) -> Result<Vec<QueryResult>, BackendError> {
         for statement in statements {
             self.encode_statement(statement)?;
         }
         frontend::sync(&mut self.write_buf);
         self.flush(Stage::Sending).await?;
-        self.collect_results().await
+        self.collect_results(Protocol::Extended).await
     }
 
     async fn transaction_inner(
@@ -322,7 +337,10 @@ impl Connection {
     /// Reads every message up to ReadyForQuery, building one result per
     /// statement. The first SQL error is kept and returned once the server
     /// is ready again, so the session stays in step.
-    async fn collect_results(&mut self) -> Result<Vec<QueryResult>, BackendError> {
+    async fn collect_results(
+        &mut self,
+        protocol: Protocol,
+    ) -> Result<Vec<QueryResult>, BackendError> {
         let mut collector = Collector::new(self.result_limit);
         loop {
             let message = self.read_message(Stage::Receiving).await?;
@@ -334,6 +352,11 @@ impl Connection {
                 Message::CopyInResponse(_) => {
                     frontend::copy_fail("COPY FROM STDIN is not supported", &mut self.write_buf)
                         .map_err(invalid_sql)?;
+                    // Copy-in mode ignored our Sync; after the failure the
+                    // server skips to the next one.
+                    if protocol == Protocol::Extended {
+                        frontend::sync(&mut self.write_buf);
+                    }
                     self.flush(Stage::Receiving).await?;
                 }
                 other => collector.accept(other)?,
@@ -379,15 +402,24 @@ impl Connection {
             let mut buf = ReadBuf::new(&mut scratch);
             match Pin::new(&mut self.socket).poll_read(&mut cx, &mut buf) {
                 Poll::Pending => return Ok(()),
-                Poll::Ready(Err(source)) => return Err(BackendError::Io { stage: Stage::Sending, source }),
+                Poll::Ready(Err(source)) => {
+                    return Err(BackendError::Io {
+                        stage: Stage::Sending,
+                        source,
+                    });
+                }
                 Poll::Ready(Ok(())) if buf.filled().is_empty() => {
-                    return Err(BackendError::Closed { stage: Stage::Sending });
+                    return Err(BackendError::Closed {
+                        stage: Stage::Sending,
+                    });
                 }
                 Poll::Ready(Ok(())) => self.read_buf.extend_from_slice(buf.filled()),
             }
             match self.parse_buffered()? {
                 None => {}
-                Some(Message::ErrorResponse(body)) => return Err(fatal_or_protocol(DbError::parse(body.fields()))),
+                Some(Message::ErrorResponse(body)) => {
+                    return Err(fatal_or_protocol(DbError::parse(body.fields())));
+                }
                 Some(other) => {
                     return Err(BackendError::Protocol(format!(
                         "unsolicited {} on an idle connection",
@@ -435,6 +467,13 @@ impl Connection {
     }
 }
 
+/// Which query protocol a request used; COPY handling differs between them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Simple,
+    Extended,
+}
+
 /// Builds results from the messages of one request.
 struct Collector {
     results: Vec<QueryResult>,
@@ -458,15 +497,21 @@ impl Collector {
     fn accept(&mut self, message: Message) -> Result<(), BackendError> {
         match message {
             Message::ParseComplete | Message::BindComplete | Message::NoData => {}
-            Message::RowDescription(body) => self.current.fields = parse_fields(&body).map_err(protocol)?,
+            Message::RowDescription(body) => {
+                self.current.fields = parse_fields(&body).map_err(protocol)?
+            }
             Message::DataRow(body) => self.push_row(Row::parse(&body).map_err(protocol)?),
             Message::CommandComplete(body) => {
                 self.current.command_tag = body.tag().map_err(protocol)?.to_owned();
                 self.results.push(std::mem::take(&mut self.current));
             }
             Message::EmptyQueryResponse => self.results.push(std::mem::take(&mut self.current)),
-            Message::ErrorResponse(body) => self.fail(DbError::parse(body.fields()).map_err(protocol)?)?,
-            Message::CopyOutResponse(_) | Message::CopyData(_) | Message::CopyDone => self.refuse_copy(),
+            Message::ErrorResponse(body) => {
+                self.fail(DbError::parse(body.fields()).map_err(protocol)?)?
+            }
+            Message::CopyOutResponse(_) | Message::CopyData(_) | Message::CopyDone => {
+                self.refuse_copy()
+            }
             other => {
                 return Err(BackendError::Protocol(format!(
                     "unexpected {} in a query response",
@@ -482,7 +527,8 @@ impl Collector {
         match self.limit {
             Some(limit) if self.bytes > limit => {
                 self.current.rows = Vec::new();
-                self.failure.get_or_insert(BackendError::ResultTooLarge { limit });
+                self.failure
+                    .get_or_insert(BackendError::ResultTooLarge { limit });
             }
             _ => self.current.rows.push(row),
         }

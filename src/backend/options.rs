@@ -142,12 +142,20 @@ impl ConnectOptions {
         let input = input.replacen("@/", "@localhost/", 1);
         let url = url::Url::parse(&input).map_err(|e| invalid_url(&e.to_string()))?;
         if !matches!(url.scheme(), "postgres" | "postgresql") {
-            return Err(invalid_url("the scheme must be postgres:// or postgresql://"));
+            return Err(invalid_url(
+                "the scheme must be postgres:// or postgresql://",
+            ));
         }
         let user = decode(url.username())?;
-        let user = if user.is_empty() { "postgres".to_owned() } else { user };
+        let user = if user.is_empty() {
+            "postgres".to_owned()
+        } else {
+            user
+        };
         let mut options = Self::tcp(
-            url.host_str().filter(|h| !h.is_empty()).unwrap_or("localhost"),
+            url.host_str()
+                .filter(|h| !h.is_empty())
+                .unwrap_or("localhost"),
             url.port().unwrap_or(DEFAULT_PORT),
             &user,
             &user,
@@ -169,7 +177,11 @@ impl ConnectOptions {
         match key {
             "host" if value.starts_with('/') => self.host = Host::Unix(PathBuf::from(value)),
             "host" => self.host = Host::Tcp(value.to_owned()),
-            "port" => self.port = value.parse().map_err(|_| invalid_url("port must be a number"))?,
+            "port" => {
+                self.port = value
+                    .parse()
+                    .map_err(|_| invalid_url("port must be a number"))?
+            }
             "sslmode" => self.ssl_mode = SslMode::parse(value)?,
             "sslrootcert" => self.ssl_root_cert = Some(PathBuf::from(value)),
             "application_name" => self.application_name = value.to_owned(),

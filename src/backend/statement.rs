@@ -89,7 +89,10 @@ mod tests {
 
     #[test]
     fn start_sql_spells_every_option() {
-        assert_eq!(TransactionOptions::default().start_sql(), "START TRANSACTION");
+        assert_eq!(
+            TransactionOptions::default().start_sql(),
+            "START TRANSACTION"
+        );
         let all = TransactionOptions {
             isolation: Some(IsolationLevel::Serializable),
             read_only: true,
