@@ -17,5 +17,6 @@
 //! → lifecycle (current generation) → pool → backend session → PostgreSQL.
 
 pub mod backend;
+pub mod lifecycle;
 pub mod pool;
 pub mod telemetry;

@@ -147,8 +147,32 @@ impl Connection {
     /// protocol (results in text). Meant for health checks and warm-up.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<QueryResult>, BackendError> {
         self.begin_request()?;
+        self.dirty = true;
         let result = self.simple_query_inner(sql).await;
         self.end_request(result)
+    }
+
+    /// Asks `pg_is_in_recovery()` in one round trip: a liveness probe that
+    /// also tells a primary from a standby. Leaves no session state behind,
+    /// so it does not make the connection need a reset.
+    pub async fn is_in_recovery(&mut self) -> Result<bool, BackendError> {
+        self.begin_request()?;
+        let result = self.simple_query_inner("SELECT pg_is_in_recovery()").await;
+        let answer = result.and_then(|mut results| {
+            let value = results.pop().and_then(|r| {
+                r.rows
+                    .first()
+                    .and_then(|row| row.get(0).map(|v| v.into_owned()))
+            });
+            match value.as_deref() {
+                Some("t") => Ok(true),
+                Some("f") => Ok(false),
+                other => Err(BackendError::Protocol(format!(
+                    "unexpected answer to pg_is_in_recovery(): {other:?}"
+                ))),
+            }
+        });
+        self.end_request(answer)
     }
 
     /// Runs one statement with text parameters through the extended protocol,
@@ -201,11 +225,18 @@ impl Connection {
     /// Makes the session as good as new for the next user: rolls back an
     /// open transaction and runs `DISCARD ALL`.
     pub async fn reset(&mut self) -> Result<(), BackendError> {
-        if self.transaction_status != TransactionStatus::Idle {
-            self.simple_query("ROLLBACK").await?;
-        }
-        self.simple_query("DISCARD ALL").await?;
+        self.begin_request()?;
+        let result = self.reset_inner().await;
+        self.end_request(result)?;
         self.dirty = false;
+        Ok(())
+    }
+
+    async fn reset_inner(&mut self) -> Result<(), BackendError> {
+        if self.transaction_status != TransactionStatus::Idle {
+            self.simple_query_inner("ROLLBACK").await?;
+        }
+        self.simple_query_inner("DISCARD ALL").await?;
         Ok(())
     }
 

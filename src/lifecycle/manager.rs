@@ -1,0 +1,519 @@
+//! The lifecycle task: health checks, passive detection, reconnects with
+//! backoff, warm-up, atomic swap, drain, and the admin operations.
+//!
+//! One task owns every transition, so there is never more than one
+//! reconnect at a time: failures reported by many requests arrive as
+//! commands tagged with the generation they saw, and only a report about the
+//! *current, ready* generation starts a reconnect. Everything the guard needs
+//! is published on a `watch` channel, so waiters are woken by the change
+//! itself, never by polling.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::backoff::Backoff;
+use super::generation::Generation;
+use super::settings::LifecycleSettings;
+use super::source::{ConnectionSource, GenerationPool};
+use super::warmup::{WarmupError, WarmupTimings, warm_up};
+use crate::pool::PoolStatus;
+use crate::telemetry::Metrics;
+use crate::telemetry::labels::{
+    AttemptResult, HealthResult, PoolState, ReconnectReason, WarmupPhase,
+};
+
+/// What the lifecycle publishes: the state and the current generation.
+#[derive(Debug)]
+pub struct Snapshot<P> {
+    /// Lifecycle state.
+    pub state: PoolState,
+    /// The generation that serves (or, while reconnecting, last served) requests.
+    pub generation: Option<Arc<Generation<P>>>,
+}
+
+impl<P> Clone for Snapshot<P> {
+    fn clone(&self) -> Self {
+        Self {
+            state: self.state,
+            generation: self.generation.clone(),
+        }
+    }
+}
+
+/// The last reconnect, for `/status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReconnectRecord {
+    /// What detected the failure.
+    pub reason: ReconnectReason,
+    /// When it was detected.
+    pub started_at: SystemTime,
+    /// Detection to ready; `None` while still reconnecting.
+    pub duration: Option<Duration>,
+    /// Attempts made so far.
+    pub attempts: u32,
+}
+
+/// A point-in-time view of the lifecycle, for `/status` and tests.
+#[derive(Clone, Debug)]
+pub struct LifecycleStatus {
+    /// Lifecycle state.
+    pub state: PoolState,
+    /// Current generation id, 0 before the first.
+    pub generation: u64,
+    /// Sizes of the current generation's pool.
+    pub pool: PoolStatus,
+    /// The last reconnect.
+    pub last_reconnect: Option<ReconnectRecord>,
+    /// Timings of the last successful warm-up.
+    pub last_warmup: Option<WarmupTimings>,
+    /// The last failed attempt's reason.
+    pub last_failure: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct History {
+    last_reconnect: Option<ReconnectRecord>,
+    last_warmup: Option<WarmupTimings>,
+    last_failure: Option<String>,
+}
+
+#[derive(Debug)]
+enum Command {
+    /// A connection of `generation` failed at the connection level.
+    ConnectionLost {
+        generation: u64,
+    },
+    /// An operator asked for a reconnect of `generation`.
+    Reconnect {
+        generation: u64,
+    },
+    Pause,
+    Resume,
+}
+
+/// Handle to a running lifecycle; cheap to clone.
+#[derive(Debug)]
+pub struct Lifecycle<S: ConnectionSource> {
+    inner: Arc<Inner<S::Pool>>,
+}
+
+impl<S: ConnectionSource> Clone for Lifecycle<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner<P> {
+    snapshot: watch::Receiver<Snapshot<P>>,
+    commands: mpsc::UnboundedSender<Command>,
+    history: Arc<Mutex<History>>,
+    stop: CancellationToken,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl<S: ConnectionSource> Lifecycle<S> {
+    /// Starts the lifecycle task: it connects (retrying until it succeeds),
+    /// then keeps the pool healthy until [`Lifecycle::stop`].
+    pub fn start(source: S, settings: LifecycleSettings, metrics: Metrics) -> Self {
+        let (snapshot_tx, snapshot) = watch::channel(Snapshot {
+            state: PoolState::Starting,
+            generation: None,
+        });
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let history = Arc::new(Mutex::new(History::default()));
+        let stop = CancellationToken::new();
+        metrics.set_state(PoolState::Starting);
+        let driver = Driver {
+            source,
+            settings,
+            metrics,
+            snapshot: snapshot_tx,
+            commands: command_rx,
+            history: history.clone(),
+            stop: stop.clone(),
+            current: None,
+            paused: false,
+        };
+        let task = tokio::spawn(driver.run());
+        let inner = Inner {
+            snapshot,
+            commands,
+            history,
+            stop,
+            task: Mutex::new(Some(task)),
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// A receiver of every published snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Snapshot<S::Pool>> {
+        self.inner.snapshot.clone()
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Snapshot<S::Pool> {
+        self.inner.snapshot.borrow().clone()
+    }
+
+    /// Passive detection: a connection of `generation` failed at the
+    /// connection level. Starts a reconnect if that is the current, ready
+    /// generation; later reports about it are absorbed.
+    pub fn report_connection_lost(&self, generation: u64) {
+        let _ = self
+            .inner
+            .commands
+            .send(Command::ConnectionLost { generation });
+    }
+
+    /// Forces a reconnect of the current generation (reason `admin`).
+    pub fn reconnect(&self) {
+        let generation = self.snapshot().generation.map_or(0, |g| g.id());
+        let _ = self.inner.commands.send(Command::Reconnect { generation });
+    }
+
+    /// Holds all new work until [`Lifecycle::resume`].
+    pub fn pause(&self) {
+        let _ = self.inner.commands.send(Command::Pause);
+    }
+
+    /// Admits work again after [`Lifecycle::pause`].
+    pub fn resume(&self) {
+        let _ = self.inner.commands.send(Command::Resume);
+    }
+
+    /// Stops the task, publishes `stopping` and drains the current generation.
+    pub async fn stop(&self) {
+        self.inner.stop.cancel();
+        let task = self.inner.task.lock().map(|mut t| t.take()).unwrap_or(None);
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
+    /// A point-in-time view for `/status`.
+    pub fn status(&self) -> LifecycleStatus {
+        let snapshot = self.snapshot();
+        let history = self.inner.history.lock().unwrap_or_else(|e| e.into_inner());
+        LifecycleStatus {
+            state: snapshot.state,
+            generation: snapshot.generation.as_ref().map_or(0, |g| g.id()),
+            pool: snapshot
+                .generation
+                .as_ref()
+                .map(|g| g.pool().status())
+                .unwrap_or_default(),
+            last_reconnect: history.last_reconnect.clone(),
+            last_warmup: history.last_warmup,
+            last_failure: history.last_failure.clone(),
+        }
+    }
+}
+
+/// The task that owns every transition.
+struct Driver<S: ConnectionSource> {
+    source: S,
+    settings: LifecycleSettings,
+    metrics: Metrics,
+    snapshot: watch::Sender<Snapshot<S::Pool>>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    history: Arc<Mutex<History>>,
+    stop: CancellationToken,
+    current: Option<Arc<Generation<S::Pool>>>,
+    paused: bool,
+}
+
+/// The task was asked to stop.
+struct Stopped;
+
+impl<S: ConnectionSource> Driver<S> {
+    async fn run(mut self) {
+        if self.build_generation(None).await.is_ok() {
+            let _ = self.serve().await;
+        }
+        self.publish(PoolState::Stopping);
+        if let Some(generation) = &self.current {
+            generation.retire();
+        }
+        info!("Lifecycle stopped.");
+    }
+
+    /// Health checks and commands while a generation serves.
+    async fn serve(&mut self) -> Result<(), Stopped> {
+        let mut ticks = tokio::time::interval(self.settings.health_check_interval);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        ticks.reset();
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return Err(Stopped),
+                _ = ticks.tick() => {
+                    if !self.health_check().await {
+                        self.reconnect(ReconnectReason::HealthCheck).await?;
+                        ticks.reset();
+                    }
+                }
+                command = self.commands.recv() => {
+                    let Some(command) = command else { return Err(Stopped) };
+                    if let Some(reason) = self.handle(command) {
+                        self.reconnect(reason).await?;
+                        ticks.reset();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies a command; returns a reconnect reason when one must start.
+    fn handle(&mut self, command: Command) -> Option<ReconnectReason> {
+        let current = self
+            .current
+            .as_ref()
+            .filter(|g| !g.is_retired())
+            .map(|g| g.id());
+        match command {
+            Command::ConnectionLost { generation } if Some(generation) == current => {
+                Some(ReconnectReason::ConnectionLost)
+            }
+            Command::Reconnect { generation } if Some(generation) == current => {
+                Some(ReconnectReason::Admin)
+            }
+            Command::ConnectionLost { .. } | Command::Reconnect { .. } => None,
+            Command::Pause | Command::Resume => {
+                self.set_paused(matches!(command, Command::Pause));
+                None
+            }
+        }
+    }
+
+    fn set_paused(&mut self, paused: bool) {
+        if self.paused != paused {
+            self.paused = paused;
+            info!(
+                paused,
+                "Pool {}.",
+                if paused { "paused" } else { "resumed" }
+            );
+            let ready = self.current.as_ref().is_some_and(|g| !g.is_retired());
+            if ready {
+                self.publish(PoolState::Ready);
+            }
+        }
+    }
+
+    /// One periodic health check; true when the generation is healthy.
+    async fn health_check(&mut self) -> bool {
+        let Some(generation) = self.current.clone() else {
+            return true;
+        };
+        self.update_pool_gauges(&generation);
+        let started = Instant::now();
+        let check = async {
+            let mut conn = generation.pool().get().await?;
+            <S::Pool as GenerationPool>::ping(&mut conn).await
+        };
+        let span = info_span!("db_health_check", "pool.generation" = generation.id());
+        let outcome = tokio::time::timeout(self.settings.health_check_timeout, check)
+            .instrument(span)
+            .await;
+        let (result, healthy) = match &outcome {
+            Ok(Ok(_)) => (HealthResult::Ok, true),
+            Ok(Err(error)) => {
+                warn!(generation = generation.id(), error = %error, "Health check failed.");
+                (HealthResult::Failed, false)
+            }
+            Err(_) => {
+                warn!(generation = generation.id(), timeout = ?self.settings.health_check_timeout, "Health check timed out.");
+                (HealthResult::Timeout, false)
+            }
+        };
+        self.metrics.health_check(result, started.elapsed());
+        healthy
+    }
+
+    /// Retires the current generation and builds the next one.
+    async fn reconnect(&mut self, reason: ReconnectReason) -> Result<(), Stopped> {
+        let detected = Instant::now();
+        let old = self.current.as_ref().map_or(0, |g| g.id());
+        warn!(generation = old, reason = %reason, "Reconnect started.");
+        self.metrics.reconnect_started(reason);
+        self.record(|h| {
+            h.last_reconnect = Some(ReconnectRecord {
+                reason,
+                started_at: SystemTime::now(),
+                duration: None,
+                attempts: 0,
+            })
+        });
+        if let Some(generation) = &self.current {
+            generation.retire();
+        }
+        self.publish(PoolState::Reconnecting);
+        let span = info_span!("db_reconnect", reason = %reason, generation = old + 1);
+        let result = self.build_generation(Some(detected)).instrument(span).await;
+        if result.is_ok() {
+            let took = detected.elapsed();
+            self.metrics.reconnect_finished(took);
+            self.record(|h| {
+                if let Some(r) = h.last_reconnect.as_mut() {
+                    r.duration = Some(took);
+                }
+            });
+            info!(
+                generation = old + 1,
+                took_ms = took.as_millis() as u64,
+                "Reconnect finished."
+            );
+        }
+        result
+    }
+
+    /// Attempts to build, warm up and publish a generation until one
+    /// succeeds or the task is stopped. `detected` is set for reconnects.
+    async fn build_generation(&mut self, detected: Option<Instant>) -> Result<(), Stopped> {
+        let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
+        let between = if detected.is_some() {
+            PoolState::Reconnecting
+        } else {
+            PoolState::Starting
+        };
+        loop {
+            self.publish(PoolState::Warming);
+            self.record(|h| {
+                if let Some(r) = h.last_reconnect.as_mut().filter(|_| detected.is_some()) {
+                    r.attempts += 1;
+                }
+            });
+            let stop = self.stop.clone();
+            let attempt = tokio::select! {
+                _ = stop.cancelled() => return Err(Stopped),
+                attempt = self.attempt() => attempt,
+            };
+            match attempt {
+                Ok(generation) => {
+                    self.swap(generation);
+                    return Ok(());
+                }
+                Err(error) => {
+                    self.publish(between);
+                    let pause = backoff.next_pause();
+                    warn!(phase = %error.phase, error = %error.message, retry_in_ms = pause.as_millis() as u64, "Connection attempt failed.");
+                    self.pause_between_attempts(pause).await?;
+                }
+            }
+        }
+    }
+
+    /// One attempt: open a pool, warm it up; on failure the pool is closed.
+    async fn attempt(&self) -> Result<Generation<S::Pool>, WarmupError> {
+        let id = self.current.as_ref().map_or(0, |g| g.id()) + 1;
+        let result = async {
+            let pool = self.source.open().map_err(|e| WarmupError {
+                phase: WarmupPhase::Ping,
+                message: e.message,
+            })?;
+            match warm_up(&pool, &self.settings).await {
+                Ok(timings) => Ok((pool, timings)),
+                Err(error) => {
+                    pool.close();
+                    Err(error)
+                }
+            }
+        }
+        .instrument(info_span!("db_warmup", "pool.generation" = id))
+        .await;
+        match result {
+            Ok((pool, timings)) => {
+                self.record_success(timings);
+                info!(
+                    generation = id,
+                    ping_ms = timings.ping.as_millis() as u64,
+                    queries_ms = timings.queries.as_millis() as u64,
+                    "Warm-up finished."
+                );
+                Ok(Generation::new(id, pool))
+            }
+            Err(error) => {
+                self.metrics.reconnect_attempt(AttemptResult::Failed);
+                self.metrics.warmup_failed(error.phase);
+                self.record(|h| h.last_failure = Some(error.to_string()));
+                Err(error)
+            }
+        }
+    }
+
+    fn record_success(&self, timings: WarmupTimings) {
+        self.metrics.reconnect_attempt(AttemptResult::Ok);
+        self.metrics.warmup_phase(WarmupPhase::Ping, timings.ping);
+        self.metrics
+            .warmup_phase(WarmupPhase::Queries, timings.queries);
+        self.metrics.warmup_phase(WarmupPhase::Total, timings.total);
+        self.record(|h| h.last_warmup = Some(timings));
+    }
+
+    /// Publishes the new generation atomically and drains the old one.
+    fn swap(&mut self, generation: Generation<S::Pool>) {
+        let generation = Arc::new(generation);
+        let old = self.current.replace(generation.clone());
+        self.publish(PoolState::Ready);
+        if let Some(old) = old {
+            old.retire();
+        }
+        self.update_pool_gauges(&generation);
+        info!(generation = generation.id(), "Generation published.");
+    }
+
+    /// Waits out a backoff pause; pause/resume still apply, reconnect
+    /// requests are absorbed (a reconnect is already under way).
+    async fn pause_between_attempts(&mut self, pause: Duration) -> Result<(), Stopped> {
+        let deadline = tokio::time::Instant::now() + pause;
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return Err(Stopped),
+                _ = tokio::time::sleep_until(deadline) => return Ok(()),
+                command = self.commands.recv() => match command {
+                    None => return Err(Stopped),
+                    Some(Command::Pause) => self.paused = true,
+                    Some(Command::Resume) => self.paused = false,
+                    Some(_) => {}
+                },
+            }
+        }
+    }
+
+    /// Publishes `state` (shown as `paused` while paused and otherwise ready).
+    fn publish(&self, state: PoolState) {
+        let state = if self.paused && state == PoolState::Ready {
+            PoolState::Paused
+        } else {
+            state
+        };
+        let generation = self.current.clone();
+        self.metrics.set_state(state);
+        self.metrics
+            .set_generation(generation.as_ref().map_or(0, |g| g.id()));
+        self.snapshot.send_replace(Snapshot { state, generation });
+    }
+
+    fn update_pool_gauges(&self, generation: &Generation<S::Pool>) {
+        let status = generation.pool().status();
+        self.metrics
+            .set_pool_connections(status.idle, status.in_use, status.max_size);
+    }
+
+    fn record(&self, update: impl FnOnce(&mut History)) {
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        update(&mut history);
+    }
+}

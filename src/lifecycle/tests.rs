@@ -1,0 +1,389 @@
+//! State-machine tests of the lifecycle against a scripted fake server,
+//! under a paused clock: every timeout and backoff runs instantly and
+//! deterministically.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::Registry;
+
+use super::*;
+use crate::pool::PoolStatus;
+use crate::telemetry::Metrics;
+use crate::telemetry::labels::PoolState;
+use crate::telemetry::scrape::value;
+
+/// What the fake server does right now; tests change it mid-run.
+#[derive(Debug)]
+struct Script {
+    up: bool,
+    role: ServerRole,
+    ping_delay: Duration,
+    query_delay: Duration,
+}
+
+#[derive(Clone, Debug)]
+struct FakeSource {
+    script: Arc<Mutex<Script>>,
+    pools: Arc<Mutex<Vec<Arc<FakeState>>>>,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    closed: AtomicBool,
+    lent: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct FakePool {
+    script: Arc<Mutex<Script>>,
+    state: Arc<FakeState>,
+}
+
+#[derive(Debug)]
+struct FakeConn {
+    script: Arc<Mutex<Script>>,
+}
+
+impl FakeSource {
+    fn new() -> Self {
+        let script = Script {
+            up: true,
+            role: ServerRole::Primary,
+            ping_delay: Duration::from_millis(5),
+            query_delay: Duration::from_millis(5),
+        };
+        Self {
+            script: Arc::new(Mutex::new(script)),
+            pools: Arc::default(),
+        }
+    }
+
+    fn set(&self, change: impl FnOnce(&mut Script)) {
+        change(&mut self.script.lock().unwrap());
+    }
+
+    fn pool_closed(&self, index: usize) -> bool {
+        self.pools.lock().unwrap()[index]
+            .closed
+            .load(Ordering::SeqCst)
+    }
+}
+
+fn down() -> SourceError {
+    SourceError {
+        connection_level: true,
+        message: "connection refused".into(),
+    }
+}
+
+impl ConnectionSource for FakeSource {
+    type Pool = FakePool;
+
+    fn open(&self) -> Result<FakePool, SourceError> {
+        let state = Arc::new(FakeState::default());
+        self.pools.lock().unwrap().push(state.clone());
+        Ok(FakePool {
+            script: self.script.clone(),
+            state,
+        })
+    }
+}
+
+impl GenerationPool for FakePool {
+    type Conn = FakeConn;
+
+    async fn get(&self) -> Result<FakeConn, SourceError> {
+        if !self.script.lock().unwrap().up || self.state.closed.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.state.lent.fetch_add(1, Ordering::SeqCst);
+        Ok(FakeConn {
+            script: self.script.clone(),
+        })
+    }
+
+    async fn warm(&self) -> Result<Vec<FakeConn>, SourceError> {
+        Ok(vec![self.get().await?, self.get().await?])
+    }
+
+    async fn ping(conn: &mut FakeConn) -> Result<ServerRole, SourceError> {
+        let (delay, up, role) = {
+            let s = conn.script.lock().unwrap();
+            (s.ping_delay, s.up, s.role)
+        };
+        tokio::time::sleep(delay).await;
+        if up { Ok(role) } else { Err(down()) }
+    }
+
+    async fn run(conn: &mut FakeConn, _sql: &str) -> Result<(), SourceError> {
+        let (delay, up) = {
+            let s = conn.script.lock().unwrap();
+            (s.query_delay, s.up)
+        };
+        tokio::time::sleep(delay).await;
+        if up { Ok(()) } else { Err(down()) }
+    }
+
+    fn status(&self) -> PoolStatus {
+        PoolStatus::default()
+    }
+
+    fn close(&self) {
+        self.state.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+struct Harness {
+    source: FakeSource,
+    lifecycle: Lifecycle<FakeSource>,
+    registry: Registry,
+}
+
+impl Harness {
+    fn start(settings: LifecycleSettings) -> Self {
+        Self::start_with(FakeSource::new(), settings)
+    }
+
+    fn start_with(source: FakeSource, settings: LifecycleSettings) -> Self {
+        let registry = Registry::new();
+        let metrics = Metrics::new(&registry).unwrap();
+        let lifecycle = Lifecycle::start(source.clone(), settings, metrics);
+        Self {
+            source,
+            lifecycle,
+            registry,
+        }
+    }
+
+    /// Waits (on the paused clock) until the lifecycle publishes `state` with `generation`.
+    async fn reach(&self, state: PoolState, generation: u64) {
+        let mut rx = self.lifecycle.subscribe();
+        let reached = rx.wait_for(|s| {
+            s.state == state && s.generation.as_ref().map_or(0, |g| g.id()) == generation
+        });
+        tokio::time::timeout(Duration::from_secs(600), reached)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "never reached {state} of generation {generation}: {:?}",
+                    self.lifecycle.status()
+                )
+            })
+            .unwrap();
+    }
+
+    /// Waits until `generation` is retired (the reconnect started); the
+    /// transient `reconnecting` state itself may be coalesced away.
+    async fn retired(&self, generation: u64) {
+        let mut rx = self.lifecycle.subscribe();
+        let retired = rx.wait_for(|s| {
+            s.generation
+                .as_ref()
+                .is_some_and(|g| g.id() == generation && g.is_retired())
+        });
+        tokio::time::timeout(Duration::from_secs(600), retired)
+            .await
+            .unwrap_or_else(|_| panic!("generation {generation} never retired"))
+            .unwrap();
+    }
+
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        value(&self.registry, name, labels).unwrap()
+    }
+}
+
+fn settings() -> LifecycleSettings {
+    LifecycleSettings {
+        warmup_queries: vec!["SELECT 1 FROM purchase_order LIMIT 1".into()],
+        ..LifecycleSettings::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn cold_start_warms_up_and_publishes_generation_one() {
+    let h = Harness::start(settings());
+    assert_eq!(h.lifecycle.snapshot().state, PoolState::Starting);
+    h.reach(PoolState::Ready, 1).await;
+    assert_eq!(
+        h.metric("pgwarden_reconnect_attempts_total", &[("result", "ok")]),
+        1.0
+    );
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 0.0);
+    assert_eq!(h.metric("pgwarden_pool_generation", &[]), 1.0);
+    assert_eq!(h.metric("pgwarden_pool_ready", &[]), 1.0);
+    assert_eq!(
+        h.metric("pgwarden_warmup_duration_seconds", &[("phase", "total")]),
+        1.0
+    );
+    assert!(h.lifecycle.status().last_warmup.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_database_down_at_start_is_retried_with_backoff_until_it_comes_up() {
+    let source = FakeSource::new();
+    source.set(|s| s.up = false);
+    let h = Harness::start_with(source, settings());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(h.lifecycle.snapshot().state, PoolState::Starting);
+    let failed = h.metric("pgwarden_reconnect_attempts_total", &[("result", "failed")]);
+    // 100 ms doubling to a 5 s cap, halved by jitter at worst: 4 to 10 attempts in 10 s.
+    assert!((4.0..=10.0).contains(&failed), "{failed} attempts");
+    assert_eq!(
+        h.metric("pgwarden_warmup_failures_total", &[("phase", "ping")]),
+        failed
+    );
+
+    h.source.set(|s| s.up = true);
+    h.reach(PoolState::Ready, 1).await;
+    assert_eq!(
+        h.metric("pgwarden_reconnects_total", &[]),
+        0.0,
+        "the initial connect is not a reconnect"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_health_check_starts_one_reconnect_and_drains_the_old_generation() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    let first = h.lifecycle.snapshot().generation.unwrap();
+
+    h.source.set(|s| s.up = false);
+    h.retired(1).await;
+    assert!(first.is_retired());
+    assert!(h.source.pool_closed(0), "the old pool is drained");
+    assert_eq!(
+        h.metric("pgwarden_health_checks_total", &[("result", "failed")]),
+        1.0
+    );
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    h.source.set(|s| s.up = true);
+    h.reach(PoolState::Ready, 2).await;
+    assert_eq!(
+        h.metric("pgwarden_reconnects_total", &[("reason", "health_check")]),
+        1.0
+    );
+    assert_eq!(h.metric("pgwarden_reconnect_duration_seconds", &[]), 1.0);
+    let record = h.lifecycle.status().last_reconnect.unwrap();
+    assert!(record.duration.unwrap() >= Duration::from_secs(3));
+    assert!(record.attempts >= 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_health_check_counts_as_a_timeout() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    h.source.set(|s| s.ping_delay = Duration::from_secs(2));
+    h.retired(1).await;
+    assert_eq!(
+        h.metric("pgwarden_health_checks_total", &[("result", "timeout")]),
+        1.0
+    );
+    h.source.set(|s| s.ping_delay = Duration::from_millis(5));
+    h.reach(PoolState::Ready, 2).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn many_connection_failures_of_one_generation_start_a_single_reconnect() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    for _ in 0..50 {
+        h.lifecycle.report_connection_lost(1);
+    }
+    h.reach(PoolState::Ready, 2).await;
+    h.lifecycle.report_connection_lost(1); // late report about the retired generation
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.lifecycle.snapshot().generation.unwrap().id(), 2);
+    assert_eq!(
+        h.metric(
+            "pgwarden_reconnects_total",
+            &[("reason", "connection_lost")]
+        ),
+        1.0
+    );
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_admin_reconnect_builds_a_new_generation_even_when_healthy() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    h.lifecycle.reconnect();
+    h.reach(PoolState::Ready, 2).await;
+    assert_eq!(
+        h.metric("pgwarden_reconnects_total", &[("reason", "admin")]),
+        1.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn pause_holds_and_resume_readmits() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    h.lifecycle.pause();
+    h.reach(PoolState::Paused, 1).await;
+    assert_eq!(h.metric("pgwarden_pool_ready", &[]), 0.0);
+    assert_eq!(h.metric("pgwarden_pool_state", &[("state", "paused")]), 1.0);
+    h.lifecycle.resume();
+    h.reach(PoolState::Ready, 1).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_standby_is_refused_when_the_role_must_be_primary_until_it_is_promoted() {
+    let source = FakeSource::new();
+    source.set(|s| s.role = ServerRole::Standby);
+    let h = Harness::start_with(source, settings());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(h.lifecycle.snapshot().state, PoolState::Starting);
+    let failure = h.lifecycle.status().last_failure.unwrap();
+    assert!(failure.contains("in recovery"), "{failure}");
+    assert!(h.metric("pgwarden_warmup_failures_total", &[("phase", "ping")]) >= 1.0);
+
+    h.source.set(|s| s.role = ServerRole::Primary);
+    h.reach(PoolState::Ready, 1).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_warm_up_is_measured_per_phase_and_one_over_its_timeout_fails() {
+    let mut slow = settings();
+    slow.queries_timeout = Duration::from_secs(10);
+    let h = Harness::start(slow);
+    h.source
+        .set(|s| s.query_delay = Duration::from_millis(2500));
+    h.reach(PoolState::Ready, 1).await;
+    let timings = h.lifecycle.status().last_warmup.unwrap();
+    assert!(
+        timings.queries >= Duration::from_secs(5),
+        "two connections, 2.5 s each: {timings:?}"
+    );
+    assert!(timings.total >= timings.ping + timings.queries);
+
+    h.source.set(|s| s.query_delay = Duration::from_secs(20));
+    h.lifecycle.reconnect();
+    h.retired(1).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(h.metric("pgwarden_warmup_failures_total", &[("phase", "queries")]) >= 1.0);
+    assert!(
+        h.lifecycle
+            .status()
+            .last_failure
+            .unwrap()
+            .contains("timed out")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_publishes_stopping_and_drains_the_pool() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    h.lifecycle.stop().await;
+    assert_eq!(h.lifecycle.snapshot().state, PoolState::Stopping);
+    assert!(h.source.pool_closed(0));
+    assert_eq!(
+        h.metric("pgwarden_pool_state", &[("state", "stopping")]),
+        1.0
+    );
+}

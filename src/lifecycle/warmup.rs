@@ -1,0 +1,120 @@
+//! The two-phase warm-up that a generation must pass before it is published.
+//!
+//! Phase `ping` opens the minimum number of connections together and sends
+//! each a round trip that also reports the server's role, so a standby (or a
+//! primary demoted behind our back) is never accepted as a primary. Phase
+//! `queries` runs the configured warm-up queries on every one of those
+//! connections, so the first real requests find warm caches and plans.
+//! Each phase has its own timeout; any failure fails the attempt.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use tracing::{Instrument, info_span};
+
+use super::settings::{LifecycleSettings, RequiredRole};
+use super::source::{GenerationPool, ServerRole, SourceError};
+use crate::telemetry::labels::WarmupPhase;
+
+/// How long each phase of a successful warm-up took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WarmupTimings {
+    /// Opening, pinging and role-checking the connections.
+    pub ping: Duration,
+    /// Running the warm-up queries.
+    pub queries: Duration,
+    /// Both phases.
+    pub total: Duration,
+}
+
+/// Why a warm-up failed, and in which phase.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("warm-up phase {phase} failed: {message}")]
+pub struct WarmupError {
+    /// The phase that failed.
+    pub phase: WarmupPhase,
+    /// What happened, without secrets.
+    pub message: String,
+}
+
+impl WarmupError {
+    fn new(phase: WarmupPhase, message: impl Into<String>) -> Self {
+        Self {
+            phase,
+            message: message.into(),
+        }
+    }
+}
+
+/// Runs both phases on `pool`; the warm connections return to it afterwards.
+pub async fn warm_up<P: GenerationPool>(
+    pool: &P,
+    settings: &LifecycleSettings,
+) -> Result<WarmupTimings, WarmupError> {
+    let started = Instant::now();
+    let ping_phase = ping(pool, settings).instrument(info_span!("db_warmup_phase", phase = "ping"));
+    let mut connections = ping_phase.await?;
+    let ping_took = started.elapsed();
+
+    let queries_started = Instant::now();
+    let queries_phase = run_queries::<P>(&mut connections, settings)
+        .instrument(info_span!("db_warmup_phase", phase = "queries"));
+    queries_phase.await?;
+    Ok(WarmupTimings {
+        ping: ping_took,
+        queries: queries_started.elapsed(),
+        total: started.elapsed(),
+    })
+}
+
+async fn ping<P: GenerationPool>(
+    pool: &P,
+    settings: &LifecycleSettings,
+) -> Result<Vec<P::Conn>, WarmupError> {
+    let phase = async {
+        let mut connections = pool.warm().await?;
+        for conn in &mut connections {
+            let role = P::ping(conn).await?;
+            if settings.role == RequiredRole::Primary && role == ServerRole::Standby {
+                return Err(SourceError {
+                    connection_level: false,
+                    message: "the server is in recovery (a standby), but the role must be primary"
+                        .into(),
+                });
+            }
+        }
+        Ok(connections)
+    };
+    within(settings.ping_timeout, WarmupPhase::Ping, phase).await
+}
+
+async fn run_queries<P: GenerationPool>(
+    connections: &mut [P::Conn],
+    settings: &LifecycleSettings,
+) -> Result<(), WarmupError> {
+    let phase = async {
+        for conn in connections.iter_mut() {
+            for sql in &settings.warmup_queries {
+                P::run(conn, sql).await?;
+            }
+        }
+        Ok(())
+    };
+    within(settings.queries_timeout, WarmupPhase::Queries, phase).await
+}
+
+async fn within<T>(
+    limit: Duration,
+    phase: WarmupPhase,
+    work: impl Future<Output = Result<T, SourceError>>,
+) -> Result<T, WarmupError> {
+    match tokio::time::timeout(limit, work).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(WarmupError::new(phase, error.message)),
+        Err(_) => Err(WarmupError::new(
+            phase,
+            format!("timed out after {limit:?}"),
+        )),
+    }
+}
