@@ -17,6 +17,7 @@
 //! → lifecycle (current generation) → pool → backend session → PostgreSQL.
 
 pub mod backend;
+pub mod guard;
 pub mod lifecycle;
 pub mod pool;
 pub mod telemetry;

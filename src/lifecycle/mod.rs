@@ -23,4 +23,6 @@ pub use source::{BackendSource, ConnectionSource, GenerationPool, ServerRole, So
 pub use warmup::{WarmupError, WarmupTimings};
 
 #[cfg(test)]
+pub(crate) mod fake;
+#[cfg(test)]
 mod tests;

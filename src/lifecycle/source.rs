@@ -49,7 +49,7 @@ impl From<BackendError> for SourceError {
 }
 
 /// Opens a fresh pool for each generation.
-pub trait ConnectionSource: Send + Sync + 'static {
+pub trait ConnectionSource: std::fmt::Debug + Send + Sync + 'static {
     /// The pool type of one generation.
     type Pool: GenerationPool;
 
@@ -58,9 +58,9 @@ pub trait ConnectionSource: Send + Sync + 'static {
 }
 
 /// The pool of one generation.
-pub trait GenerationPool: Send + Sync + 'static {
+pub trait GenerationPool: std::fmt::Debug + Send + Sync + 'static {
     /// A lent connection; it returns to the pool when dropped.
-    type Conn: Send + 'static;
+    type Conn: std::fmt::Debug + Send + 'static;
 
     /// Lends a connection.
     fn get(&self) -> impl Future<Output = Result<Self::Conn, SourceError>> + Send;

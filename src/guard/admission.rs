@@ -1,0 +1,213 @@
+//! Admission: the only way to get a connection.
+//!
+//! In state `ready` a request takes a connection of the current generation
+//! at once: one read of the watch channel (no lock held across `.await`) and
+//! the pool's own `get`. In any other state it waits on the watch channel —
+//! woken by the transition itself — until `ready` or until its budget runs
+//! out. A request whose connection belongs to a retired generation (a
+//! *stale-client hit*) gives it back and is admitted again from the current
+//! generation, within the same budget.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::error::GuardError;
+use crate::lifecycle::{ConnectionSource, Generation, GenerationPool, Lifecycle, Snapshot};
+use crate::telemetry::Metrics;
+use crate::telemetry::labels::{GuardCause, GuardOutcome, PoolState};
+
+/// Default budget a request may spend waiting for a usable generation.
+pub const DEFAULT_GUARD_TIMEOUT: Duration = Duration::from_millis(3000);
+
+type Pool<S> = <S as ConnectionSource>::Pool;
+type Conn<S> = <Pool<S> as GenerationPool>::Conn;
+
+/// Hands out connections only from the current, ready generation.
+#[derive(Debug)]
+pub struct Guard<S: ConnectionSource> {
+    lifecycle: Lifecycle<S>,
+    snapshot: watch::Receiver<Snapshot<Pool<S>>>,
+    budget: Duration,
+    metrics: Metrics,
+}
+
+impl<S: ConnectionSource> Clone for Guard<S> {
+    fn clone(&self) -> Self {
+        Self {
+            lifecycle: self.lifecycle.clone(),
+            snapshot: self.snapshot.clone(),
+            budget: self.budget,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// A connection lent by the guard, with the generation it belongs to.
+#[derive(Debug)]
+pub struct Lease<S: ConnectionSource> {
+    conn: Conn<S>,
+    generation: Arc<Generation<Pool<S>>>,
+    deadline: Instant,
+}
+
+impl<S: ConnectionSource> Lease<S> {
+    /// The lent connection.
+    pub fn conn(&mut self) -> &mut Conn<S> {
+        &mut self.conn
+    }
+
+    /// The generation the connection belongs to.
+    pub fn generation(&self) -> &Arc<Generation<Pool<S>>> {
+        &self.generation
+    }
+
+    /// The end of this request's guard budget.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Gives the connection back, ending the lease.
+    pub fn into_conn(self) -> Conn<S> {
+        self.conn
+    }
+}
+
+impl<S: ConnectionSource> Guard<S> {
+    /// A guard in front of `lifecycle` with a waiting budget per request.
+    pub fn new(lifecycle: Lifecycle<S>, budget: Duration, metrics: Metrics) -> Self {
+        Self {
+            snapshot: lifecycle.subscribe(),
+            lifecycle,
+            budget,
+            metrics,
+        }
+    }
+
+    /// The lifecycle behind this guard.
+    pub fn lifecycle(&self) -> &Lifecycle<S> {
+        &self.lifecycle
+    }
+
+    /// The waiting budget per request.
+    pub fn budget(&self) -> Duration {
+        self.budget
+    }
+
+    /// Admits a request with a fresh budget.
+    pub async fn admit(&self) -> Result<Lease<S>, GuardError> {
+        self.admit_until(Instant::now() + self.budget).await
+    }
+
+    /// Admits a request that must be served by `deadline`.
+    pub async fn admit_until(&self, deadline: Instant) -> Result<Lease<S>, GuardError> {
+        if let Some(lease) = self.try_fast(deadline).await? {
+            return Ok(lease);
+        }
+        let cause = wait_cause(self.snapshot.borrow().state);
+        self.wait_and_admit(cause, deadline).await
+    }
+
+    /// Checks a held lease before use: if its generation was retired, counts
+    /// a stale-client hit and re-admits from the current generation within
+    /// the lease's remaining budget.
+    pub async fn refresh(&self, lease: Lease<S>) -> Result<Lease<S>, GuardError> {
+        if !lease.generation.is_retired() {
+            return Ok(lease);
+        }
+        let deadline = lease.deadline;
+        drop(lease);
+        self.metrics.stale_client_hit();
+        tracing::info!(
+            "Stale-client hit: the request's connection belongs to a retired generation."
+        );
+        self.wait_and_admit(Some(GuardCause::Stale), deadline).await
+    }
+
+    /// Reports that a connection of `generation` failed at the connection level.
+    pub fn report_connection_lost(&self, generation: u64) {
+        self.lifecycle.report_connection_lost(generation);
+    }
+
+    /// The fast path: `Some` when the pool is ready and a connection was had.
+    async fn try_fast(&self, deadline: Instant) -> Result<Option<Lease<S>>, GuardError> {
+        let generation = {
+            let snapshot = self.snapshot.borrow();
+            match (&snapshot.state, &snapshot.generation) {
+                (PoolState::Ready, Some(g)) if !g.is_retired() => g.clone(),
+                _ => return Ok(None),
+            }
+        };
+        let got = tokio::time::timeout_at(deadline, generation.pool().get()).await;
+        match got {
+            Err(_) => Err(GuardError::PoolExhausted),
+            Ok(Ok(conn)) if !generation.is_retired() => Ok(Some(Lease {
+                conn,
+                generation,
+                deadline,
+            })),
+            Ok(Ok(_stale)) => Ok(None),
+            Ok(Err(error)) if error.connection_level => {
+                self.lifecycle.report_connection_lost(generation.id());
+                Ok(None)
+            }
+            Ok(Err(error)) => Err(GuardError::Pool(error)),
+        }
+    }
+
+    /// The slow path: wait for `ready`, then admit; records the wait.
+    async fn wait_and_admit(
+        &self,
+        cause: Option<GuardCause>,
+        deadline: Instant,
+    ) -> Result<Lease<S>, GuardError> {
+        let started = Instant::now();
+        let mut cause = cause;
+        let mut rx = self.snapshot.clone();
+        loop {
+            let waited = rx.wait_for(|s| {
+                s.state == PoolState::Stopping
+                    || (s.state == PoolState::Ready
+                        && s.generation.as_ref().is_some_and(|g| !g.is_retired()))
+            });
+            let state = match tokio::time::timeout_at(deadline, waited).await {
+                Ok(Ok(snapshot)) => snapshot.state,
+                Ok(Err(_)) => PoolState::Stopping,
+                Err(_) => {
+                    let cause = cause.unwrap_or(GuardCause::Reconnecting);
+                    let waited = started.elapsed();
+                    self.metrics
+                        .guard_wait(cause, GuardOutcome::Timeout, waited);
+                    tracing::warn!(cause = %cause, waited_ms = waited.as_millis() as u64, "Guard timeout: no ready generation within the budget.");
+                    return Err(GuardError::Timeout { cause, waited });
+                }
+            };
+            if state == PoolState::Stopping {
+                return Err(GuardError::Stopping);
+            }
+            if let Some(lease) = self.try_fast(deadline).await? {
+                if let Some(cause) = cause {
+                    self.metrics
+                        .guard_wait(cause, GuardOutcome::Admitted, started.elapsed());
+                }
+                return Ok(lease);
+            }
+            cause = cause
+                .or_else(|| wait_cause(rx.borrow().state))
+                .or(Some(GuardCause::Reconnecting));
+        }
+    }
+}
+
+/// Why a request in `state` has to wait; `None` when it need not.
+fn wait_cause(state: PoolState) -> Option<GuardCause> {
+    match state {
+        PoolState::Ready => None,
+        PoolState::Starting | PoolState::Warming => Some(GuardCause::Warming),
+        PoolState::Reconnecting => Some(GuardCause::Reconnecting),
+        PoolState::Paused => Some(GuardCause::Paused),
+        PoolState::Stopping => Some(GuardCause::Reconnecting),
+    }
+}

@@ -1,0 +1,195 @@
+//! A scripted fake server for state-machine tests under a paused clock.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::Registry;
+
+use super::*;
+use crate::pool::PoolStatus;
+use crate::telemetry::Metrics;
+use crate::telemetry::labels::PoolState;
+use crate::telemetry::scrape::value;
+
+/// What the fake server does right now; tests change it mid-run.
+#[derive(Debug)]
+pub(crate) struct Script {
+    pub up: bool,
+    pub role: ServerRole,
+    pub ping_delay: Duration,
+    pub query_delay: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct FakeSource {
+    script: Arc<Mutex<Script>>,
+    pools: Arc<Mutex<Vec<Arc<FakeState>>>>,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    closed: AtomicBool,
+    lent: AtomicUsize,
+}
+
+#[derive(Debug)]
+pub(crate) struct FakePool {
+    script: Arc<Mutex<Script>>,
+    state: Arc<FakeState>,
+}
+
+#[derive(Debug)]
+pub(crate) struct FakeConn {
+    script: Arc<Mutex<Script>>,
+}
+
+impl FakeSource {
+    pub fn new() -> Self {
+        let script = Script {
+            up: true,
+            role: ServerRole::Primary,
+            ping_delay: Duration::from_millis(5),
+            query_delay: Duration::from_millis(5),
+        };
+        Self {
+            script: Arc::new(Mutex::new(script)),
+            pools: Arc::default(),
+        }
+    }
+
+    pub fn set(&self, change: impl FnOnce(&mut Script)) {
+        change(&mut self.script.lock().unwrap());
+    }
+
+    pub fn pool_closed(&self, index: usize) -> bool {
+        self.pools.lock().unwrap()[index]
+            .closed
+            .load(Ordering::SeqCst)
+    }
+}
+
+fn down() -> SourceError {
+    SourceError {
+        connection_level: true,
+        message: "connection refused".into(),
+    }
+}
+
+impl ConnectionSource for FakeSource {
+    type Pool = FakePool;
+
+    fn open(&self) -> Result<FakePool, SourceError> {
+        let state = Arc::new(FakeState::default());
+        self.pools.lock().unwrap().push(state.clone());
+        Ok(FakePool {
+            script: self.script.clone(),
+            state,
+        })
+    }
+}
+
+impl GenerationPool for FakePool {
+    type Conn = FakeConn;
+
+    async fn get(&self) -> Result<FakeConn, SourceError> {
+        if !self.script.lock().unwrap().up || self.state.closed.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.state.lent.fetch_add(1, Ordering::SeqCst);
+        Ok(FakeConn {
+            script: self.script.clone(),
+        })
+    }
+
+    async fn warm(&self) -> Result<Vec<FakeConn>, SourceError> {
+        Ok(vec![self.get().await?, self.get().await?])
+    }
+
+    async fn ping(conn: &mut FakeConn) -> Result<ServerRole, SourceError> {
+        let (delay, up, role) = {
+            let s = conn.script.lock().unwrap();
+            (s.ping_delay, s.up, s.role)
+        };
+        tokio::time::sleep(delay).await;
+        if up { Ok(role) } else { Err(down()) }
+    }
+
+    async fn run(conn: &mut FakeConn, _sql: &str) -> Result<(), SourceError> {
+        let (delay, up) = {
+            let s = conn.script.lock().unwrap();
+            (s.query_delay, s.up)
+        };
+        tokio::time::sleep(delay).await;
+        if up { Ok(()) } else { Err(down()) }
+    }
+
+    fn status(&self) -> PoolStatus {
+        PoolStatus::default()
+    }
+
+    fn close(&self) {
+        self.state.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+pub(crate) struct Harness {
+    pub source: FakeSource,
+    pub lifecycle: Lifecycle<FakeSource>,
+    pub registry: Registry,
+    pub metrics: Metrics,
+}
+
+impl Harness {
+    pub fn start(settings: LifecycleSettings) -> Self {
+        Self::start_with(FakeSource::new(), settings)
+    }
+
+    pub fn start_with(source: FakeSource, settings: LifecycleSettings) -> Self {
+        let registry = Registry::new();
+        let metrics = Metrics::new(&registry).unwrap();
+        let lifecycle = Lifecycle::start(source.clone(), settings, metrics.clone());
+        Self {
+            source,
+            lifecycle,
+            registry,
+            metrics,
+        }
+    }
+
+    /// Waits (on the paused clock) until the lifecycle publishes `state` with `generation`.
+    pub async fn reach(&self, state: PoolState, generation: u64) {
+        let mut rx = self.lifecycle.subscribe();
+        let reached = rx.wait_for(|s| {
+            s.state == state && s.generation.as_ref().map_or(0, |g| g.id()) == generation
+        });
+        tokio::time::timeout(Duration::from_secs(600), reached)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "never reached {state} of generation {generation}: {:?}",
+                    self.lifecycle.status()
+                )
+            })
+            .unwrap();
+    }
+
+    /// Waits until `generation` is retired (the reconnect started); the
+    /// transient `reconnecting` state itself may be coalesced away.
+    pub async fn retired(&self, generation: u64) {
+        let mut rx = self.lifecycle.subscribe();
+        let retired = rx.wait_for(|s| {
+            s.generation
+                .as_ref()
+                .is_some_and(|g| g.id() == generation && g.is_retired())
+        });
+        tokio::time::timeout(Duration::from_secs(600), retired)
+            .await
+            .unwrap_or_else(|_| panic!("generation {generation} never retired"))
+            .unwrap();
+    }
+
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        value(&self.registry, name, labels).unwrap()
+    }
+}
