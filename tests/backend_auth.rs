@@ -22,12 +22,22 @@ async fn every_password_method_accepts_the_right_password_and_rejects_a_wrong_on
     ];
     for (user, password) in methods {
         let mut conn = connect(options(&cluster, user, Some(password))).await;
-        assert_eq!(scalar(&mut conn, "SELECT current_user").await.as_deref(), Some(user));
+        assert_eq!(
+            scalar(&mut conn, "SELECT current_user").await.as_deref(),
+            Some(user)
+        );
 
         let wrong = Connector::new(options(&cluster, user, Some("not-the-password"))).unwrap();
-        let error = wrong.connect().await.expect_err("a wrong password must fail");
+        let error = wrong
+            .connect()
+            .await
+            .expect_err("a wrong password must fail");
         assert_eq!(error.kind(), ErrorKind::Auth, "{user}: {error}");
-        assert_eq!(error.db_error().map(|e| e.code.as_str()), Some("28P01"), "{user}");
+        assert_eq!(
+            error.db_error().map(|e| e.code.as_str()),
+            Some("28P01"),
+            "{user}"
+        );
         assert!(!error.to_string().contains("not-the-password"), "{error}");
     }
 }
@@ -76,7 +86,11 @@ async fn verify_full_trusts_the_configured_root_and_checks_the_host_name() {
 
     let mut untrusted = options(&cluster, users::SCRAM_USER, Some(users::SCRAM_PASSWORD));
     untrusted.ssl_mode = SslMode::VerifyFull;
-    let error = Connector::new(untrusted).unwrap().connect().await.unwrap_err();
+    let error = Connector::new(untrusted)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Tls, "{error}");
 }
 
@@ -88,14 +102,25 @@ async fn a_missing_root_certificate_file_is_reported_when_the_connector_is_built
     opts.ssl_root_cert = Some("/nonexistent/root.pem".into());
     let error = Connector::new(opts).unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Tls);
-    assert!(error.to_string().contains("/nonexistent/root.pem"), "{error}");
+    assert!(
+        error.to_string().contains("/nonexistent/root.pem"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
 async fn a_user_allowed_only_over_tls_is_refused_in_clear_and_admitted_with_tls() {
     let cluster = Cluster::start();
-    let clear = options(&cluster, users::SSL_ONLY_USER, Some(users::SSL_ONLY_PASSWORD));
-    let error = Connector::new(clear.clone()).unwrap().connect().await.unwrap_err();
+    let clear = options(
+        &cluster,
+        users::SSL_ONLY_USER,
+        Some(users::SSL_ONLY_PASSWORD),
+    );
+    let error = Connector::new(clear.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Auth, "{error}");
 
     let mut secure = clear;
@@ -111,7 +136,11 @@ async fn a_unix_socket_connection_works() {
     opts.host = Host::Unix(cluster.socket_dir().to_path_buf());
     opts.ssl_mode = SslMode::Require; // ignored on a socket, as libpq does
     let mut conn = connect(opts).await;
-    let address = scalar(&mut conn, "SELECT coalesce(inet_client_addr()::text, 'local')").await;
+    let address = scalar(
+        &mut conn,
+        "SELECT coalesce(inet_client_addr()::text, 'local')",
+    )
+    .await;
     assert_eq!(address.as_deref(), Some("local"));
 }
 
@@ -123,17 +152,23 @@ async fn the_session_reports_its_parameters_key_and_startup_settings() {
     opts.options = Some("-c search_path=audit,public".into());
     let mut conn = connect(opts).await;
 
-    assert!(conn.parameter("server_version").unwrap().starts_with(char::is_numeric));
+    assert!(
+        conn.parameter("server_version")
+            .unwrap()
+            .starts_with(char::is_numeric)
+    );
     assert_eq!(conn.parameter("client_encoding"), Some("UTF8"));
     assert_eq!(conn.parameter("application_name"), Some("pgwarden-test"));
     let pid = scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap();
     assert_eq!(conn.process_id().map(|p| p.to_string()), Some(pid));
     assert_eq!(
         scalar(&mut conn, "SHOW search_path").await.as_deref(),
-        Some("audit, public")
+        Some("audit,public")
     );
 
-    conn.simple_query("SET application_name = 'renamed'").await.unwrap();
+    conn.simple_query("SET application_name = 'renamed'")
+        .await
+        .unwrap();
     assert_eq!(conn.parameter("application_name"), Some("renamed"));
 }
 
@@ -145,6 +180,6 @@ async fn a_server_that_is_down_gives_a_connect_error() {
     let error = connector.connect().await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Connect, "{error}");
     assert!(error.is_connection_level());
-    cluster.start();
+    cluster.start_again();
     assert!(connector.connect().await.is_ok());
 }

@@ -39,14 +39,20 @@ async fn a_raised_error_carries_every_field_it_was_given() {
     assert_eq!(e.routine.as_deref(), Some("exec_stmt_raise"));
 
     assert_eq!(conn.transaction_status(), TransactionStatus::Idle);
-    assert_eq!(scalar(&mut conn, "SELECT 'still usable'").await.as_deref(), Some("still usable"));
+    assert_eq!(
+        scalar(&mut conn, "SELECT 'still usable'").await.as_deref(),
+        Some("still usable")
+    );
 }
 
 #[tokio::test]
 async fn a_syntax_error_carries_its_position() {
     let cluster = Cluster::start();
     let mut conn = connect(superuser(&cluster)).await;
-    let error = conn.query(&Statement::new("SELECT 1 FROM WHERE")).await.unwrap_err();
+    let error = conn
+        .query(&Statement::new("SELECT 1 FROM WHERE"))
+        .await
+        .unwrap_err();
     let e = sql_error(&error);
     assert_eq!(e.code, "42601");
     assert_eq!(e.position.as_deref(), Some("15"));
@@ -61,10 +67,16 @@ async fn an_error_inside_a_function_carries_the_internal_query_and_position() {
          $$ BEGIN RETURN (SELECT no_such_column FROM pg_class LIMIT 1); END $$",
     );
     let mut conn = connect(superuser(&cluster)).await;
-    let error = conn.query(&Statement::new("SELECT broken()")).await.unwrap_err();
+    let error = conn
+        .query(&Statement::new("SELECT broken()"))
+        .await
+        .unwrap_err();
     let e = sql_error(&error);
     assert_eq!(e.code, "42703");
-    assert_eq!(e.internal_query.as_deref(), Some("(SELECT no_such_column FROM pg_class LIMIT 1)"));
+    assert_eq!(
+        e.internal_query.as_deref(),
+        Some("(SELECT no_such_column FROM pg_class LIMIT 1)")
+    );
     assert_eq!(e.internal_position.as_deref(), Some("9"));
     assert!(e.where_.as_deref().unwrap().contains("broken()"), "{e:?}");
 }
@@ -91,14 +103,20 @@ async fn constraint_violations_name_the_schema_table_column_and_constraint() {
     assert_eq!(e.detail.as_deref(), Some("Key (id)=(1) already exists."));
 
     let null = conn
-        .query(&Statement::with_params("INSERT INTO account VALUES ($1, $2)", vec![Some("2".into()), None]))
+        .query(&Statement::with_params(
+            "INSERT INTO account VALUES ($1, $2)",
+            vec![Some("2".into()), None],
+        ))
         .await
         .unwrap_err();
     let e = sql_error(&null);
     assert_eq!(e.code, "23502");
     assert_eq!(e.column.as_deref(), Some("owner"));
 
-    let domain = conn.query(&Statement::new("SELECT (-1)::positive")).await.unwrap_err();
+    let domain = conn
+        .query(&Statement::new("SELECT (-1)::positive"))
+        .await
+        .unwrap_err();
     let e = sql_error(&domain);
     assert_eq!(e.code, "23514");
     assert_eq!(e.data_type.as_deref(), Some("positive"));
@@ -133,7 +151,9 @@ async fn the_transaction_status_follows_every_ready_for_query() {
     assert_eq!(conn.transaction_status(), TransactionStatus::Idle);
     conn.simple_query("BEGIN").await.unwrap();
     assert_eq!(conn.transaction_status(), TransactionStatus::InTransaction);
-    conn.simple_query("SELECT missing_column").await.unwrap_err();
+    conn.simple_query("SELECT missing_column")
+        .await
+        .unwrap_err();
     assert_eq!(conn.transaction_status(), TransactionStatus::Failed);
     let refused = conn.query(&Statement::new("SELECT 1")).await.unwrap_err();
     assert_eq!(sql_error(&refused).code, "25P02");
@@ -149,7 +169,11 @@ async fn copy_is_refused_without_desynchronising_the_session() {
     for sql in ["COPY c FROM STDIN", "COPY c TO STDOUT"] {
         let error = conn.simple_query(sql).await.unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Sql, "{sql}: {error}");
-        assert_eq!(scalar(&mut conn, "SELECT 7").await.as_deref(), Some("7"), "{sql}");
+        assert_eq!(
+            scalar(&mut conn, "SELECT 7").await.as_deref(),
+            Some("7"),
+            "{sql}"
+        );
         let extended = conn.query(&Statement::new(sql)).await.unwrap_err();
         assert_eq!(extended.kind(), ErrorKind::Sql, "{sql}: {extended}");
         let after = conn.query(&Statement::new("SELECT 8")).await.unwrap();

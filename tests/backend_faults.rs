@@ -13,7 +13,9 @@ use support::{Cluster, FaultProxy};
 const SLEEP: &str = "SELECT pg_sleep(30)";
 
 /// Starts `SELECT pg_sleep(30)` on `conn` and hands back the connection with the outcome.
-fn sleep_on(mut conn: Connection) -> tokio::task::JoinHandle<(Connection, Result<(), BackendError>)> {
+fn sleep_on(
+    mut conn: Connection,
+) -> tokio::task::JoinHandle<(Connection, Result<(), BackendError>)> {
     tokio::spawn(async move {
         let result = conn.query(&Statement::new(SLEEP)).await.map(drop);
         (conn, result)
@@ -77,7 +79,10 @@ async fn a_network_cut_mid_query_is_a_connection_failure() {
     let (_, result) = running.await.unwrap();
     let error = result.unwrap_err();
     assert_connection_level(&error);
-    assert!(matches!(error.kind(), ErrorKind::Closed | ErrorKind::Io), "{error}");
+    assert!(
+        matches!(error.kind(), ErrorKind::Closed | ErrorKind::Io),
+        "{error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,8 +102,14 @@ async fn a_cancel_request_stops_pg_sleep_and_the_connection_stays_usable() {
     let error = result.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Sql, "{error}");
     assert_eq!(error.db_error().unwrap().code, "57014");
-    assert!(started.elapsed() < Duration::from_secs(25), "the sleep ran to its end");
-    assert_eq!(scalar(&mut conn, "SELECT 'alive'").await.as_deref(), Some("alive"));
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "the sleep ran to its end"
+    );
+    assert_eq!(
+        scalar(&mut conn, "SELECT 'alive'").await.as_deref(),
+        Some("alive")
+    );
 }
 
 #[tokio::test]
@@ -124,7 +135,10 @@ async fn an_idle_connection_notices_that_the_server_terminated_it() {
     cluster.terminate_backends();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while conn.check_idle().is_ok() {
-        assert!(std::time::Instant::now() < deadline, "termination never noticed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "termination never noticed"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(conn.is_broken());

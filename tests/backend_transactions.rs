@@ -61,7 +61,10 @@ async fn a_failing_statement_rolls_the_whole_batch_back_before_commit_is_sent() 
     assert_eq!(conn.transaction_status(), TransactionStatus::Idle);
 
     let again = conn
-        .transaction(&TransactionOptions::default(), &statements(&["INSERT INTO ledger VALUES (5)"]))
+        .transaction(
+            &TransactionOptions::default(),
+            &statements(&["INSERT INTO ledger VALUES (5)"]),
+        )
         .await;
     assert!(again.is_ok(), "the connection is usable after a rollback");
 }
@@ -75,7 +78,10 @@ async fn an_error_at_commit_is_reported_with_commit_sent() {
     );
     let mut conn = connect(superuser(&cluster)).await;
     let failure = conn
-        .transaction(&TransactionOptions::default(), &statements(&["INSERT INTO child VALUES (42)"]))
+        .transaction(
+            &TransactionOptions::default(),
+            &statements(&["INSERT INTO child VALUES (42)"]),
+        )
         .await
         .unwrap_err();
     assert!(failure.commit_sent);
@@ -92,10 +98,38 @@ async fn isolation_level_read_only_and_deferrable_are_applied() {
     let probe = "SELECT current_setting('transaction_isolation'), \
                  current_setting('transaction_read_only'), current_setting('transaction_deferrable')";
     let cases = [
-        (IsolationLevel::ReadCommitted, false, false, "read committed", "off", "off"),
-        (IsolationLevel::RepeatableRead, false, false, "repeatable read", "off", "off"),
-        (IsolationLevel::Serializable, true, true, "serializable", "on", "on"),
-        (IsolationLevel::ReadUncommitted, true, false, "read uncommitted", "on", "off"),
+        (
+            IsolationLevel::ReadCommitted,
+            false,
+            false,
+            "read committed",
+            "off",
+            "off",
+        ),
+        (
+            IsolationLevel::RepeatableRead,
+            false,
+            false,
+            "repeatable read",
+            "off",
+            "off",
+        ),
+        (
+            IsolationLevel::Serializable,
+            true,
+            true,
+            "serializable",
+            "on",
+            "on",
+        ),
+        (
+            IsolationLevel::ReadUncommitted,
+            true,
+            false,
+            "read uncommitted",
+            "on",
+            "off",
+        ),
     ];
     for (level, read_only, deferrable, isolation, ro, def) in cases {
         let options = TransactionOptions {
@@ -103,7 +137,10 @@ async fn isolation_level_read_only_and_deferrable_are_applied() {
             read_only,
             deferrable,
         };
-        let results = conn.transaction(&options, &statements(&[probe])).await.unwrap();
+        let results = conn
+            .transaction(&options, &statements(&[probe]))
+            .await
+            .unwrap();
         let seen = results[0].rows_as_strings().remove(0);
         let expected = [isolation, ro, def].map(|s| Some(s.to_owned()));
         assert_eq!(seen, expected, "{level:?}");

@@ -108,16 +108,31 @@ async fn field_descriptions_carry_all_six_attributes() {
     let cluster = Cluster::start();
     cluster.psql("CREATE TABLE item (id int8 PRIMARY KEY, name varchar(40), price numeric(10,2))");
     let mut conn = connect(superuser(&cluster)).await;
-    let table_oid = cluster.psql("SELECT 'item'::regclass::oid").trim().parse::<u32>().unwrap();
+    let table_oid = cluster
+        .psql("SELECT 'item'::regclass::oid")
+        .trim()
+        .parse::<u32>()
+        .unwrap();
 
     let result = conn
-        .query(&Statement::new("SELECT id, name, price, 1 + 1 AS two FROM item"))
+        .query(&Statement::new(
+            "SELECT id, name, price, 1 + 1 AS two FROM item",
+        ))
         .await
         .unwrap();
     let described: Vec<_> = result
         .fields
         .iter()
-        .map(|f| (f.name.as_str(), f.type_oid, f.table_oid, f.column_id, f.type_size, f.type_modifier))
+        .map(|f| {
+            (
+                f.name.as_str(),
+                f.type_oid,
+                f.table_oid,
+                f.column_id,
+                f.type_size,
+                f.type_modifier,
+            )
+        })
         .collect();
     assert_eq!(
         described,
@@ -141,7 +156,12 @@ async fn text_parameters_get_their_types_inferred_by_the_server() {
     let param = |s: &str| Some(s.to_owned());
     let insert = Statement::with_params(
         "INSERT INTO reading (at, value, tags, ok) VALUES ($1, $2, $3, $4) RETURNING id, value * 2, tags[2], ok",
-        vec![param("2024-05-01 10:00:00+00"), param("1.25"), param("{a,\"b c\"}"), None],
+        vec![
+            param("2024-05-01 10:00:00+00"),
+            param("1.25"),
+            param("{a,\"b c\"}"),
+            None,
+        ],
     );
     let inserted = conn.query(&insert).await.unwrap();
     assert_eq!(inserted.command_tag, "INSERT 0 1");
@@ -151,12 +171,19 @@ async fn text_parameters_get_their_types_inferred_by_the_server() {
     );
 
     let arithmetic = Statement::with_params("SELECT $1::int + $2", vec![param("40"), param("2")]);
-    assert_eq!(conn.query(&arithmetic).await.unwrap().rows_as_strings(), [[param("42")]]);
+    assert_eq!(
+        conn.query(&arithmetic).await.unwrap().rows_as_strings(),
+        [[param("42")]]
+    );
 
     let unicode = Statement::with_params("SELECT $1 || '!'", vec![param("grüße ✓")]);
-    assert_eq!(conn.query(&unicode).await.unwrap().rows_as_strings(), [[param("grüße ✓!")]]);
+    assert_eq!(
+        conn.query(&unicode).await.unwrap().rows_as_strings(),
+        [[param("grüße ✓!")]]
+    );
 
-    let injected = Statement::with_params("SELECT $1::text", vec![param("'); DROP TABLE reading; --")]);
+    let injected =
+        Statement::with_params("SELECT $1::text", vec![param("'); DROP TABLE reading; --")]);
     assert_eq!(
         conn.query(&injected).await.unwrap().rows_as_strings(),
         [[param("'); DROP TABLE reading; --")]]
@@ -178,7 +205,10 @@ async fn statements_without_rows_and_empty_queries_have_the_right_shape() {
         ])
         .await
         .unwrap();
-    let tags: Vec<_> = results.iter().map(|r| (r.command(), r.row_count())).collect();
+    let tags: Vec<_> = results
+        .iter()
+        .map(|r| (r.command(), r.row_count()))
+        .collect();
     assert_eq!(
         tags,
         [
@@ -189,7 +219,11 @@ async fn statements_without_rows_and_empty_queries_have_the_right_shape() {
             ("DELETE", Some(3)),
         ]
     );
-    assert!(results.iter().all(|r| r.fields.is_empty() && r.rows.is_empty()));
+    assert!(
+        results
+            .iter()
+            .all(|r| r.fields.is_empty() && r.rows.is_empty())
+    );
 }
 
 #[tokio::test]

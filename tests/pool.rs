@@ -33,11 +33,18 @@ async fn warm_opens_the_minimum_and_status_counts_idle_and_in_use() {
     assert_eq!(warm.len(), 2);
     assert_eq!(
         pool.status(),
-        PoolStatus { max_size: 4, size: 2, idle: 0, in_use: 2, waiting: 0 }
+        PoolStatus {
+            max_size: 4,
+            size: 2,
+            idle: 0,
+            in_use: 2,
+            waiting: 0
+        }
     );
     drop(warm);
     assert_eq!(pool.status().idle, 2);
-    let count = cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgwarden'");
+    let count =
+        cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgwarden'");
     assert_eq!(count.trim(), "2");
 }
 
@@ -65,7 +72,10 @@ async fn terminated_idle_connections_are_never_handed_out() {
     for _ in 0..4 {
         let mut conn = pool.get().await.unwrap();
         let result = conn.query(&Statement::new("SELECT 1")).await;
-        assert!(result.is_ok(), "a terminated connection was reused: {result:?}");
+        assert!(
+            result.is_ok(),
+            "a terminated connection was reused: {result:?}"
+        );
     }
 }
 
@@ -87,14 +97,28 @@ async fn session_state_is_reset_between_users_of_the_same_connection() {
     let pool = pool(superuser(&cluster), 1);
     let pid = {
         let mut conn = pool.get().await.unwrap();
-        conn.simple_query("SET statement_timeout = '1234ms'").await.unwrap();
-        conn.query(&Statement::new("CREATE TEMP TABLE scratch (x int)")).await.unwrap();
+        conn.simple_query("SET statement_timeout = '1234ms'")
+            .await
+            .unwrap();
+        conn.query(&Statement::new("CREATE TEMP TABLE scratch (x int)"))
+            .await
+            .unwrap();
         scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap()
     };
     let mut conn = pool.get().await.unwrap();
-    assert_eq!(scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap(), pid);
-    assert_eq!(scalar(&mut conn, "SHOW statement_timeout").await.as_deref(), Some("0"));
-    let temp = scalar(&mut conn, "SELECT count(*) FROM pg_class WHERE relname = 'scratch'").await;
+    assert_eq!(
+        scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap(),
+        pid
+    );
+    assert_eq!(
+        scalar(&mut conn, "SHOW statement_timeout").await.as_deref(),
+        Some("0")
+    );
+    let temp = scalar(
+        &mut conn,
+        "SELECT count(*) FROM pg_class WHERE relname = 'scratch'",
+    )
+    .await;
     assert_eq!(temp.as_deref(), Some("0"));
 }
 
@@ -105,8 +129,13 @@ async fn a_connection_abandoned_mid_request_is_discarded() {
     let pid = {
         let mut conn = pool.get().await.unwrap();
         let pid = scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap();
-        let slow = conn.query(&Statement::new("SELECT pg_sleep(3)"));
-        assert!(tokio::time::timeout(Duration::from_millis(100), slow).await.is_err());
+        let statement = Statement::new("SELECT pg_sleep(3)");
+        let slow = conn.query(&statement);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), slow)
+                .await
+                .is_err()
+        );
         pid
     };
     assert_ne!(backend_pid(&pool).await, pid);
@@ -120,7 +149,7 @@ async fn a_server_that_is_down_fails_fast_with_a_connection_level_error_and_is_p
     let error = pool.get().await.unwrap_err();
     assert!(error.is_connection_level(), "{error}");
     assert_eq!(error.kind(), PoolErrorKind::Backend(ErrorKind::Connect));
-    cluster.start();
+    cluster.start_again();
     assert!(pool.get().await.is_ok());
 }
 

@@ -13,13 +13,33 @@ async fn a_standby_reports_recovery_until_promoted() {
     let standby = primary.start_standby();
 
     let mut conn = connect(superuser(&standby)).await;
-    assert_eq!(scalar(&mut conn, "SELECT pg_is_in_recovery()").await.as_deref(), Some("t"));
-    let write = conn.simple_query("INSERT INTO replicated VALUES (8)").await.unwrap_err();
+    assert_eq!(
+        scalar(&mut conn, "SELECT pg_is_in_recovery()")
+            .await
+            .as_deref(),
+        Some("t")
+    );
+    let write = conn
+        .simple_query("INSERT INTO replicated VALUES (8)")
+        .await
+        .unwrap_err();
     assert_eq!(write.db_error().unwrap().code, "25006");
 
     standby.promote();
     let mut conn = connect(superuser(&standby)).await;
-    assert_eq!(scalar(&mut conn, "SELECT pg_is_in_recovery()").await.as_deref(), Some("f"));
-    conn.simple_query("INSERT INTO replicated VALUES (8)").await.unwrap();
-    assert_eq!(scalar(&mut conn, "SELECT sum(x) FROM replicated").await.as_deref(), Some("15"));
+    assert_eq!(
+        scalar(&mut conn, "SELECT pg_is_in_recovery()")
+            .await
+            .as_deref(),
+        Some("f")
+    );
+    conn.simple_query("INSERT INTO replicated VALUES (8)")
+        .await
+        .unwrap();
+    assert_eq!(
+        scalar(&mut conn, "SELECT sum(x) FROM replicated")
+            .await
+            .as_deref(),
+        Some("15")
+    );
 }

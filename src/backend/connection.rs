@@ -7,22 +7,20 @@
 //! further use with [`BackendError::Broken`]; the pool then discards it.
 
 use std::collections::HashMap;
-use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::BytesMut;
 use postgres_protocol::IsNull;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::cancel::CancelToken;
 use super::connect::Connector;
 use super::error::{BackendError, DbError, Stage};
 use super::result::{QueryResult, Row, parse_fields};
 use super::statement::{Statement, TransactionOptions};
-use super::stream::Socket;
+use super::stream::{IdleProbe, Socket};
 
 /// Transaction status reported by the last ReadyForQuery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -427,37 +425,34 @@ impl Connection {
     }
 
     fn poll_unsolicited(&mut self) -> Result<(), BackendError> {
-        let mut scratch = [0u8; 1024];
-        let mut cx = Context::from_waker(Waker::noop());
-        loop {
-            let mut buf = ReadBuf::new(&mut scratch);
-            match Pin::new(&mut self.socket).poll_read(&mut cx, &mut buf) {
-                Poll::Pending => return Ok(()),
-                Poll::Ready(Err(source)) => {
-                    return Err(BackendError::Io {
-                        stage: Stage::Sending,
-                        source,
-                    });
-                }
-                Poll::Ready(Ok(())) if buf.filled().is_empty() => {
-                    return Err(BackendError::Closed {
-                        stage: Stage::Sending,
-                    });
-                }
-                Poll::Ready(Ok(())) => self.read_buf.extend_from_slice(buf.filled()),
+        let closed = BackendError::Closed {
+            stage: Stage::Sending,
+        };
+        let probe = self
+            .socket
+            .probe_idle()
+            .map_err(BackendError::io(Stage::Sending))?;
+        match probe {
+            IdleProbe::Quiet => return Ok(()),
+            IdleProbe::Closed => return Err(closed),
+            // rustls holds the keys, so the bytes cannot be inspected here;
+            // a server has nothing to say to an idle session but goodbye.
+            IdleProbe::Data if self.socket.is_tls() => return Err(closed),
+            IdleProbe::Data => {}
+        }
+        let read = self.socket.read_available(&mut self.read_buf);
+        if read.map_err(BackendError::io(Stage::Sending))? == 0 {
+            return Err(closed);
+        }
+        match self.parse_buffered()? {
+            None => Ok(()),
+            Some(Message::ErrorResponse(body)) => {
+                Err(fatal_or_protocol(DbError::parse(body.fields())))
             }
-            match self.parse_buffered()? {
-                None => {}
-                Some(Message::ErrorResponse(body)) => {
-                    return Err(fatal_or_protocol(DbError::parse(body.fields())));
-                }
-                Some(other) => {
-                    return Err(BackendError::Protocol(format!(
-                        "unsolicited {} on an idle connection",
-                        message_name(&other)
-                    )));
-                }
-            }
+            Some(other) => Err(BackendError::Protocol(format!(
+                "unsolicited {} on an idle connection",
+                message_name(&other)
+            ))),
         }
     }
 

@@ -1,6 +1,8 @@
 //! The byte stream under a backend connection: TCP, Unix socket, or TLS over TCP.
 
 use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -14,6 +16,67 @@ pub(crate) enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
     Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// What an idle socket holds right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum IdleProbe {
+    /// Nothing to read: the peer is silent, as it should be.
+    Quiet,
+    /// The peer closed the connection.
+    Closed,
+    /// Bytes arrived while nothing was asked.
+    Data,
+}
+
+impl Socket {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Socket::Tcp(s) => s.as_fd(),
+            Socket::Unix(s) => s.as_fd(),
+            Socket::Tls(s) => s.get_ref().0.as_fd(),
+        }
+    }
+
+    /// True when bytes pass through rustls, so they cannot be read raw.
+    pub(crate) fn is_tls(&self) -> bool {
+        matches!(self, Socket::Tls(_))
+    }
+
+    /// Asks the kernel, without waiting and without consuming anything,
+    /// whether the peer sent something or closed. This bypasses tokio's
+    /// readiness cache, which only learns of new bytes when the runtime next
+    /// polls the reactor and could report a dead idle connection as quiet.
+    pub(crate) fn probe_idle(&self) -> io::Result<IdleProbe> {
+        let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+        let fd = self.fd();
+        match socket2::SockRef::from(&fd).peek(&mut byte) {
+            Ok(0) => Ok(IdleProbe::Closed),
+            Ok(_) => Ok(IdleProbe::Data),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(IdleProbe::Quiet),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads what the kernel holds now from a plain (non-TLS) socket,
+    /// without waiting. Returns the number of bytes appended.
+    pub(crate) fn read_available(&self, out: &mut bytes::BytesMut) -> io::Result<usize> {
+        let fd = self.fd();
+        let socket = socket2::SockRef::from(&fd);
+        let mut chunk = [0u8; 4096];
+        let mut total = 0;
+        loop {
+            match io::Read::read(&mut &*socket, &mut chunk) {
+                Ok(0) => return Ok(total),
+                Ok(n) => {
+                    out.extend_from_slice(&chunk[..n]);
+                    total += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 impl AsyncRead for Socket {

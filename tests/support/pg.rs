@@ -1,0 +1,58 @@
+//! Helpers that connect pgwarden's own backend to a kit cluster.
+
+use std::time::{Duration, Instant};
+
+use pgwarden::backend::{ConnectOptions, Connection, Connector, Secret, SslMode};
+
+use super::cluster::Cluster;
+
+/// Options for `user` (with `password`) over TCP, TLS disabled unless changed.
+pub fn options(cluster: &Cluster, user: &str, password: Option<&str>) -> ConnectOptions {
+    let mut options = ConnectOptions::tcp(cluster.host(), cluster.port(), user, "postgres");
+    options.password = password.map(Secret::new);
+    options.ssl_mode = SslMode::Disable;
+    options.connect_timeout = Duration::from_secs(10);
+    options
+}
+
+/// Options for the superuser over TCP without TLS.
+pub fn superuser(cluster: &Cluster) -> ConnectOptions {
+    options(cluster, "postgres", None)
+}
+
+/// Opens a connection with `options`, panicking with the reason on failure.
+pub async fn connect(options: ConnectOptions) -> Connection {
+    let connector = Connector::new(options).expect("valid connector");
+    connector.connect().await.expect("connect")
+}
+
+/// Runs one statement and returns its rows as strings.
+pub async fn rows(conn: &mut Connection, sql: &str) -> Vec<Vec<Option<String>>> {
+    conn.simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .pop()
+        .expect("one result")
+        .rows_as_strings()
+}
+
+/// The single value of a one-row, one-column query.
+pub async fn scalar(conn: &mut Connection, sql: &str) -> Option<String> {
+    rows(conn, sql).await.remove(0).remove(0)
+}
+
+/// Waits until a statement matching `like` is running on the server, so a
+/// fault or cancel arrives while it executes rather than before.
+pub fn wait_until_running(cluster: &Cluster, like: &str) {
+    let probe = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '{like}'"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.psql(&probe).trim() == "0" {
+        assert!(
+            Instant::now() < deadline,
+            "no statement like {like:?} started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
