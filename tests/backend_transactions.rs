@@ -136,6 +136,7 @@ async fn isolation_level_read_only_and_deferrable_are_applied() {
             isolation: Some(level),
             read_only,
             deferrable,
+            ..TransactionOptions::default()
         };
         let results = conn
             .transaction(&options, &statements(&[probe]))
@@ -155,4 +156,59 @@ async fn isolation_level_read_only_and_deferrable_are_applied() {
         .await
         .unwrap_err();
     assert_eq!(write.error.db_error().unwrap().code, "25006");
+}
+
+#[tokio::test]
+async fn an_identified_batch_reports_its_xid_and_the_server_incarnation() {
+    let cluster = Cluster::start();
+    cluster.psql("CREATE TABLE ledger (n int PRIMARY KEY)");
+    let mut conn = connect(superuser(&cluster)).await;
+    let identify = TransactionOptions {
+        identify: true,
+        ..TransactionOptions::default()
+    };
+    let results = conn
+        .transaction(&identify, &statements(&["INSERT INTO ledger VALUES (1)"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        results.len(),
+        1,
+        "the identity query is not a caller result"
+    );
+    assert_eq!(results[0].command_tag, "INSERT 0 1");
+
+    let failure = conn
+        .transaction(
+            &identify,
+            &statements(&[
+                "INSERT INTO ledger VALUES (2)",
+                "INSERT INTO ledger VALUES (1)",
+            ]),
+        )
+        .await
+        .unwrap_err();
+    let BackendError::Sql { statement, .. } = failure.error else {
+        panic!("expected an SQL error");
+    };
+    assert_eq!(statement, 1, "indexes count only the caller's statements");
+
+    let deferred = TransactionOptions {
+        identify: true,
+        ..TransactionOptions::default()
+    };
+    cluster.psql(
+        "CREATE TABLE parent (id int PRIMARY KEY);
+         CREATE TABLE child (parent_id int REFERENCES parent DEFERRABLE INITIALLY DEFERRED)",
+    );
+    let at_commit = conn
+        .transaction(&deferred, &statements(&["INSERT INTO child VALUES (9)"]))
+        .await
+        .unwrap_err();
+    let identity = at_commit.identity.expect("identity received before COMMIT");
+    assert!(identity.xid > 0);
+    let started = cluster.psql("SELECT pg_postmaster_start_time()::text");
+    assert_eq!(identity.server_started, started.trim());
+    let status = cluster.psql(&format!("SELECT txid_status({})", identity.xid));
+    assert_eq!(status.trim(), "aborted");
 }

@@ -45,7 +45,21 @@ pub struct TransactionError {
     pub error: BackendError,
     /// True once the COMMIT started to be written.
     pub commit_sent: bool,
+    /// The transaction's identity, when it was asked for and received.
+    pub identity: Option<TxIdentity>,
 }
+
+/// Who a transaction was, so its fate can be asked after a broken connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxIdentity {
+    /// `txid_current()`: the 64-bit, epoch-extended transaction id.
+    pub xid: u64,
+    /// `pg_postmaster_start_time()` as text: changes when the server restarts.
+    pub server_started: String,
+}
+
+/// The statement that identifies a transaction (see [`TxIdentity`]).
+const IDENTIFY_SQL: &str = "SELECT txid_current(), pg_postmaster_start_time()::text";
 
 /// An authenticated session with a PostgreSQL server.
 #[derive(Debug)]
@@ -206,18 +220,22 @@ impl Connection {
         options: &TransactionOptions,
         statements: &[Statement],
     ) -> Result<Vec<QueryResult>, TransactionError> {
-        let mut commit_sent = false;
+        let mut progress = Progress::default();
         let not_started = |error| TransactionError {
             error,
             commit_sent: false,
+            identity: None,
         };
         self.begin_request().map_err(not_started)?;
         self.dirty = true;
         let result = self
-            .transaction_inner(options, statements, &mut commit_sent)
+            .transaction_inner(options, statements, &mut progress)
             .await;
-        self.end_request(result)
-            .map_err(|error| TransactionError { error, commit_sent })
+        self.end_request(result).map_err(|error| TransactionError {
+            error,
+            commit_sent: progress.commit_sent,
+            identity: progress.identity,
+        })
     }
 
     /// Makes the session as good as new for the next user: rolls back an
@@ -299,17 +317,24 @@ impl Connection {
         &mut self,
         options: &TransactionOptions,
         statements: &[Statement],
-        commit_sent: &mut bool,
+        progress: &mut Progress,
     ) -> Result<Vec<QueryResult>, BackendError> {
-        let mut all = Vec::with_capacity(statements.len() + 1);
+        let mut all = Vec::with_capacity(statements.len() + 2);
         all.push(Statement::new(options.start_sql()));
+        if options.identify {
+            all.push(Statement::new(IDENTIFY_SQL));
+        }
+        let prelude = all.len();
         all.extend_from_slice(statements);
         let mut results = match self.pipeline_inner(&all).await {
             Ok(results) => results,
-            Err(error) => return Err(self.roll_back_after(error).await),
+            Err(error) => return Err(self.roll_back_after(error, prelude).await),
         };
-        results.remove(0);
-        *commit_sent = true;
+        let mut prelude_results: Vec<QueryResult> = results.drain(..prelude).collect();
+        if options.identify {
+            progress.identity = Some(parse_identity(&prelude_results.pop())?);
+        }
+        progress.commit_sent = true;
         let commit = self.simple_query_inner("COMMIT").await;
         match commit {
             Ok(tags) if tags.first().is_some_and(|r| r.command_tag == "COMMIT") => Ok(results),
@@ -324,7 +349,7 @@ impl Connection {
 
     /// After a failed batch statement: roll back, and report the statement's
     /// index among the caller's statements (the START is not one of them).
-    async fn roll_back_after(&mut self, error: BackendError) -> BackendError {
+    async fn roll_back_after(&mut self, error: BackendError, prelude: usize) -> BackendError {
         let BackendError::Sql { error, statement } = error else {
             return error;
         };
@@ -335,7 +360,7 @@ impl Connection {
         }
         BackendError::Sql {
             error,
-            statement: statement.saturating_sub(1),
+            statement: statement.saturating_sub(prelude),
         }
     }
 
@@ -490,6 +515,28 @@ impl Connection {
             }
         };
         Ok(())
+    }
+}
+
+/// How far a transaction batch got, for [`TransactionError`].
+#[derive(Debug, Default)]
+struct Progress {
+    commit_sent: bool,
+    identity: Option<TxIdentity>,
+}
+
+fn parse_identity(result: &Option<QueryResult>) -> Result<TxIdentity, BackendError> {
+    let row = result.as_ref().and_then(|r| r.rows.first());
+    let xid = row.and_then(|r| r.get(0)).and_then(|v| v.parse().ok());
+    let started = row.and_then(|r| r.get(1)).map(|v| v.into_owned());
+    match (xid, started) {
+        (Some(xid), Some(server_started)) => Ok(TxIdentity {
+            xid,
+            server_started,
+        }),
+        _ => Err(BackendError::Protocol(
+            "unexpected answer to the transaction identity query".into(),
+        )),
     }
 }
 

@@ -42,7 +42,7 @@ mod tls;
 
 pub use cancel::CancelToken;
 pub use connect::Connector;
-pub use connection::{Connection, TransactionError, TransactionStatus};
+pub use connection::{Connection, TransactionError, TransactionStatus, TxIdentity};
 pub use error::{BackendError, DbError, ErrorKind, Stage};
 pub use options::{ConnectOptions, Host, Secret, SslMode};
 pub use result::{Field, QueryResult, Row};

@@ -63,6 +63,10 @@ pub struct TransactionOptions {
     pub read_only: bool,
     /// `DEFERRABLE` (only meaningful for serializable read-only transactions).
     pub deferrable: bool,
+    /// Also ask the transaction's id and the server's start time in the
+    /// first round trip, so its outcome can be resolved if the connection
+    /// breaks after COMMIT was sent.
+    pub identify: bool,
 }
 
 impl TransactionOptions {
@@ -97,6 +101,7 @@ mod tests {
             isolation: Some(IsolationLevel::Serializable),
             read_only: true,
             deferrable: true,
+            identify: false,
         };
         assert_eq!(
             all.start_sql(),

@@ -8,6 +8,7 @@
 
 pub mod admission;
 pub mod error;
+pub mod replay;
 
 pub use admission::{DEFAULT_GUARD_TIMEOUT, Guard, Lease};
 pub use error::GuardError;

@@ -1,0 +1,234 @@
+//! Replay without doubt: what to do when a request's connection breaks.
+//!
+//! Every request runs so that its outcome is decidable:
+//! - a **read** (a conservative keyword check says it modifies nothing) runs
+//!   as `BEGIN READ ONLY` + statement + `COMMIT` in one round trip. Postgres
+//!   guarantees such a transaction changed nothing (a hidden write fails with
+//!   25006 and the statement is rerun as a write), so a broken read is
+//!   replayed, whatever point it reached;
+//! - a **write** runs as `BEGIN` + `SELECT txid_current()` + statement, then
+//!   `COMMIT` in a second round trip, keeping the result in hand. Broken
+//!   before COMMIT was sent: Postgres rolled it back, so it is replayed.
+//!   Broken after: the new generation is asked what became of the xid;
+//! - a statement that **cannot run in a transaction block** (25001) runs
+//!   bare, and a break after sending it cannot be resolved.
+//!
+//! # Why `txid_status` can be trusted, and when it cannot
+//! While the server keeps running (a terminated backend, a cut network), an
+//! xid is never handed out twice, so `txid_status` is authoritative. After a
+//! clean restart the shutdown checkpoint recorded the next xid, so again no
+//! xid is reused. After a **crash**, the server recovers its next xid from
+//! the WAL: an xid that left no trace in flushed WAL can be handed out again
+//! to a new transaction, and `txid_status` would then describe *that*
+//! transaction. Such an xid is at or above the next xid recorded by the
+//! end-of-recovery checkpoint, so: when the server restarted since the write
+//! was sent and its latest checkpoint was taken after that restart, an xid at
+//! or above the checkpoint's next xid was never logged and never committed
+//! (replay), and one below it is described truthfully. When that cannot be
+//! established (no permission to read `pg_control_checkpoint()`, or the xid
+//! is too old to have a status), the answer is 08007, never a guess.
+
+/// How a statement was run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// Inside `BEGIN READ ONLY … COMMIT`.
+    Read,
+    /// `BEGIN` + `txid_current()` + statement, then `COMMIT`.
+    Write,
+    /// Alone, outside a transaction block (also every write in `fast` mode).
+    Bare,
+}
+
+/// How far the request had got when its connection broke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BreakPoint {
+    /// Nothing of the request reached the server.
+    BeforeSend,
+    /// The statement(s) were sent; COMMIT was not.
+    BeforeCommit,
+    /// COMMIT was sent and no answer came.
+    AfterCommit,
+}
+
+/// What the new generation says about the broken write's transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxOutcome {
+    /// `txid_status` = committed, and the xid cannot have been reused.
+    Committed,
+    /// `txid_status` = aborted, and the xid cannot have been reused.
+    Aborted,
+    /// Still in progress (the old backend has not finished yet).
+    InProgress,
+    /// The xid was never logged before a crash, so it never committed.
+    NeverLogged,
+    /// The database cannot tell.
+    Unknown,
+}
+
+/// What the guard does about a broken request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Run it again on the new generation.
+    Replay,
+    /// It committed: answer with the result already in hand.
+    Answer,
+    /// Ask again shortly, within the budget.
+    AskAgain,
+    /// Answer SQLSTATE 08007: it may or may not have been applied.
+    Unknown,
+}
+
+/// The replay decision table. `outcome` matters only for a write broken
+/// after its COMMIT was sent.
+pub fn decide(class: Class, point: BreakPoint, outcome: Option<TxOutcome>) -> Decision {
+    match (class, point) {
+        (_, BreakPoint::BeforeSend) => Decision::Replay,
+        (Class::Read, _) => Decision::Replay,
+        (Class::Write, BreakPoint::BeforeCommit) => Decision::Replay,
+        (Class::Write, BreakPoint::AfterCommit) => match outcome {
+            Some(TxOutcome::Committed) => Decision::Answer,
+            Some(TxOutcome::Aborted | TxOutcome::NeverLogged) => Decision::Replay,
+            Some(TxOutcome::InProgress) => Decision::AskAgain,
+            Some(TxOutcome::Unknown) | None => Decision::Unknown,
+        },
+        (Class::Bare, _) => Decision::Unknown,
+    }
+}
+
+/// Classifies a statement for [`Class::Read`] by a conservative keyword
+/// check: it must start with `SELECT`, `SHOW`, `VALUES`, `TABLE` or `WITH`
+/// and contain no data-modifying keyword outside literals and comments.
+/// Mistakes in the permissive direction are caught by Postgres (25006).
+pub fn is_read(sql: &str) -> bool {
+    let words = keywords(sql);
+    let Some(first) = words.first() else {
+        return false;
+    };
+    let starts_as_read = ["SELECT", "SHOW", "VALUES", "TABLE", "WITH"].contains(&first.as_str());
+    let modifies = words.iter().any(|w| {
+        [
+            "INSERT", "UPDATE", "DELETE", "MERGE", "INTO", "CALL", "COPY", "LOCK",
+        ]
+        .contains(&w.as_str())
+    });
+    starts_as_read && !modifies
+}
+
+/// The upper-cased bare words of `sql`, skipping string literals, quoted
+/// identifiers, dollar-quoted bodies and comments.
+fn keywords(sql: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut rest = sql;
+    while let Some(c) = rest.chars().next() {
+        rest = match c {
+            '\'' => skip_quoted(&rest[1..], '\''),
+            '"' => skip_quoted(&rest[1..], '"'),
+            '-' if rest.starts_with("--") => rest.find('\n').map_or("", |i| &rest[i..]),
+            '/' if rest.starts_with("/*") => rest.find("*/").map_or("", |i| &rest[i + 2..]),
+            '$' => skip_dollar(rest),
+            c if c.is_ascii_alphabetic() || c == '_' => {
+                let end = rest
+                    .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+                    .unwrap_or(rest.len());
+                words.push(rest[..end].to_ascii_uppercase());
+                &rest[end..]
+            }
+            c => &rest[c.len_utf8()..],
+        };
+    }
+    words
+}
+
+fn skip_quoted(rest: &str, quote: char) -> &str {
+    rest.find(quote).map_or("", |i| &rest[i + 1..])
+}
+
+fn skip_dollar(rest: &str) -> &str {
+    let tag_end = rest[1..].find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
+    match tag_end.map(|i| i + 1) {
+        Some(i) if rest[i..].starts_with('$') => {
+            let tag = &rest[..=i];
+            let body = &rest[tag.len()..];
+            body.find(tag).map_or("", |j| &body[j + tag.len()..])
+        }
+        _ => &rest[1..],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use BreakPoint::*;
+    use Class::*;
+    use Decision::*;
+    use TxOutcome::*;
+
+    #[test]
+    fn the_decision_table_is_pinned() {
+        let outcomes = [
+            None,
+            Some(Committed),
+            Some(Aborted),
+            Some(InProgress),
+            Some(NeverLogged),
+            Some(TxOutcome::Unknown),
+        ];
+        let expected = |class, point, outcome| match (class, point, outcome) {
+            (_, BeforeSend, _) => Replay,
+            (Read, _, _) => Replay,
+            (Write, BeforeCommit, _) => Replay,
+            (Write, AfterCommit, Some(Committed)) => Answer,
+            (Write, AfterCommit, Some(Aborted)) => Replay,
+            (Write, AfterCommit, Some(NeverLogged)) => Replay,
+            (Write, AfterCommit, Some(InProgress)) => AskAgain,
+            (Write, AfterCommit, _) => Decision::Unknown,
+            (Bare, _, _) => Decision::Unknown,
+        };
+        let mut cases = 0;
+        for class in [Read, Write, Bare] {
+            for point in [BeforeSend, BeforeCommit, AfterCommit] {
+                for outcome in outcomes {
+                    assert_eq!(
+                        decide(class, point, outcome),
+                        expected(class, point, outcome),
+                        "{class:?} {point:?} {outcome:?}"
+                    );
+                    cases += 1;
+                }
+            }
+        }
+        assert_eq!(cases, 54);
+    }
+
+    #[test]
+    fn only_plain_reads_are_classified_as_reads() {
+        let reads = [
+            "SELECT * FROM purchase_order WHERE id = $1",
+            "  select 1",
+            "WITH t AS (SELECT 1) SELECT * FROM t",
+            "SHOW search_path",
+            "VALUES (1), (2)",
+            "TABLE purchase_order",
+            "SELECT 'INSERT INTO x' AS text, \"update\" FROM t -- delete\n",
+            "SELECT $$ DELETE FROM t $$",
+            "SELECT nextval('seq')", // a hidden write: Postgres answers 25006, then it runs as a write
+        ];
+        for sql in reads {
+            assert!(is_read(sql), "{sql}");
+        }
+        let writes = [
+            "UPDATE purchase_order SET n = n + 1",
+            "INSERT INTO t VALUES (1)",
+            "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+            "SELECT * INTO new_table FROM t",
+            "DELETE FROM t",
+            "VACUUM t",
+            "CALL do_things()",
+            "/* SELECT */ UPDATE t SET x = 1",
+            "",
+        ];
+        for sql in writes {
+            assert!(!is_read(sql), "{sql}");
+        }
+    }
+}
