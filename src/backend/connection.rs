@@ -47,6 +47,9 @@ pub struct TransactionError {
     pub commit_sent: bool,
     /// The transaction's identity, when it was asked for and received.
     pub identity: Option<TxIdentity>,
+    /// The statements' results, received before COMMIT was sent (empty
+    /// when it was not): the answer if the transaction turns out committed.
+    pub results: Vec<QueryResult>,
 }
 
 /// Who a transaction was, so its fate can be asked after a broken connection.
@@ -225,6 +228,7 @@ impl Connection {
             error,
             commit_sent: false,
             identity: None,
+            results: Vec::new(),
         };
         self.begin_request().map_err(not_started)?;
         self.dirty = true;
@@ -235,6 +239,7 @@ impl Connection {
             error,
             commit_sent: progress.commit_sent,
             identity: progress.identity,
+            results: progress.results,
         })
     }
 
@@ -335,9 +340,12 @@ impl Connection {
             progress.identity = Some(parse_identity(&prelude_results.pop())?);
         }
         progress.commit_sent = true;
+        progress.results = results;
         let commit = self.simple_query_inner("COMMIT").await;
         match commit {
-            Ok(tags) if tags.first().is_some_and(|r| r.command_tag == "COMMIT") => Ok(results),
+            Ok(tags) if tags.first().is_some_and(|r| r.command_tag == "COMMIT") => {
+                Ok(std::mem::take(&mut progress.results))
+            }
             Ok(_) => Err(BackendError::Protocol("COMMIT did not commit".into())),
             Err(BackendError::Sql { error, .. }) => Err(BackendError::Sql {
                 error,
@@ -523,6 +531,7 @@ impl Connection {
 struct Progress {
     commit_sent: bool,
     identity: Option<TxIdentity>,
+    results: Vec<QueryResult>,
 }
 
 fn parse_identity(result: &Option<QueryResult>) -> Result<TxIdentity, BackendError> {

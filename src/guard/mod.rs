@@ -8,10 +8,12 @@
 
 pub mod admission;
 pub mod error;
+pub mod exec;
 pub mod replay;
 
 pub use admission::{DEFAULT_GUARD_TIMEOUT, Guard, Lease};
 pub use error::GuardError;
+pub use exec::{ExecError, ExecSettings, Executor, WriteSafety};
 
 #[cfg(test)]
 mod tests;

@@ -53,7 +53,7 @@ async fn cold_start_requests_wait_for_the_first_warm_up() {
     let started = Instant::now();
     let lease = guard.admit().await.unwrap();
     assert!(
-        started.elapsed() >= Duration::from_millis(2400),
+        started.elapsed() >= Duration::from_millis(1200),
         "{:?}",
         started.elapsed()
     );

@@ -7,8 +7,10 @@
 //! connections, so the first real requests find warm caches and plans.
 //! Each phase has its own timeout; any failure fails the attempt.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use tracing::{Instrument, info_span};
@@ -54,13 +56,13 @@ pub async fn warm_up<P: GenerationPool>(
 ) -> Result<WarmupTimings, WarmupError> {
     let started = Instant::now();
     let ping_phase = ping(pool, settings).instrument(info_span!("db_warmup_phase", phase = "ping"));
-    let mut connections = ping_phase.await?;
+    let connections = ping_phase.await?;
     let ping_took = started.elapsed();
 
     let queries_started = Instant::now();
-    let queries_phase = run_queries::<P>(&mut connections, settings)
+    let queries_phase = run_queries::<P>(connections, settings)
         .instrument(info_span!("db_warmup_phase", phase = "queries"));
-    queries_phase.await?;
+    drop(queries_phase.await?);
     Ok(WarmupTimings {
         ping: ping_took,
         queries: queries_started.elapsed(),
@@ -89,17 +91,33 @@ async fn ping<P: GenerationPool>(
     within(settings.ping_timeout, WarmupPhase::Ping, phase).await
 }
 
+/// Runs every warm-up query on every connection, the connections side by
+/// side, so the phase takes as long as the slowest connection, not the sum.
 async fn run_queries<P: GenerationPool>(
-    connections: &mut [P::Conn],
+    connections: Vec<P::Conn>,
     settings: &LifecycleSettings,
-) -> Result<(), WarmupError> {
-    let phase = async {
-        for conn in connections.iter_mut() {
-            for sql in &settings.warmup_queries {
-                P::run(conn, sql).await?;
-            }
+) -> Result<Vec<P::Conn>, WarmupError> {
+    let queries: Arc<[String]> = settings.warmup_queries.clone().into();
+    let phase = async move {
+        let mut tasks = JoinSet::new();
+        for mut conn in connections {
+            let queries = queries.clone();
+            tasks.spawn(async move {
+                for sql in queries.iter() {
+                    P::run(&mut conn, sql).await?;
+                }
+                Ok::<_, SourceError>(conn)
+            });
         }
-        Ok(())
+        let mut warm = Vec::with_capacity(tasks.len());
+        while let Some(joined) = tasks.join_next().await {
+            let conn = joined.map_err(|e| SourceError {
+                connection_level: false,
+                message: format!("warm-up task failed: {e}"),
+            })?;
+            warm.push(conn?);
+        }
+        Ok(warm)
     };
     within(settings.queries_timeout, WarmupPhase::Queries, phase).await
 }

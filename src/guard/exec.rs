@@ -1,0 +1,452 @@
+//! Running requests through the guard: admission, stale-client refresh,
+//! the replay rules of [`super::replay`], and the strict transaction timeout.
+//!
+//! This is the in-process API the front ends use: [`Executor::query`] for
+//! one statement and [`Executor::batch`] for a transaction batch. Both return
+//! results, or an [`ExecError`] whose `kind()` is the client-facing error
+//! kind and the metric label.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::admission::{Guard, Lease};
+use super::error::GuardError;
+use super::replay::{BreakPoint, Class, Decision, TxOutcome, decide, is_read};
+use crate::backend::{
+    BackendError, DbError, QueryResult, Statement, TransactionError, TransactionOptions,
+    TransactionStatus, TxIdentity,
+};
+use crate::lifecycle::BackendSource;
+use crate::telemetry::Metrics;
+use crate::telemetry::labels::{ClientErrorKind, ReplayResult, RequestOutcome};
+
+/// Default strict timeout of a transaction batch once it has a connection.
+pub const DEFAULT_TRANSACTION_TIMEOUT: Duration = Duration::from_millis(8000);
+/// Pause between two questions about a transaction still in progress.
+const ASK_AGAIN_AFTER: Duration = Duration::from_millis(50);
+
+/// How writes are run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WriteSafety {
+    /// Two round trips (statement, then COMMIT) so that every outcome can be resolved.
+    #[default]
+    Resolve,
+    /// One round trip; a connection broken after sending answers 08007.
+    Fast,
+}
+
+/// Settings of the executor.
+#[derive(Clone, Copy, Debug)]
+pub struct ExecSettings {
+    /// How writes are run.
+    pub write_safety: WriteSafety,
+    /// Strict bound on a transaction batch once it has a connection.
+    pub transaction_timeout: Duration,
+}
+
+impl Default for ExecSettings {
+    fn default() -> Self {
+        Self {
+            write_safety: WriteSafety::Resolve,
+            transaction_timeout: DEFAULT_TRANSACTION_TIMEOUT,
+        }
+    }
+}
+
+/// Why a request could not be answered with results.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The database rejected a statement.
+    #[error("{error}")]
+    Sql {
+        /// The server's report.
+        error: Box<DbError>,
+        /// Index of the failing statement within a batch.
+        statement: usize,
+    },
+    /// No usable generation within the guard budget.
+    #[error(transparent)]
+    Guard(#[from] GuardError),
+    /// The connection failed and the request could not be replayed in time.
+    #[error("the database connection was lost: {0}")]
+    ConnectionLost(String),
+    /// The write may or may not have been applied (SQLSTATE 08007).
+    #[error("the connection was lost while committing; the write may or may not have been applied")]
+    ResolutionUnknown,
+    /// A batch ran past the transaction timeout and was cancelled.
+    #[error("the transaction exceeded its timeout of {0:?} and was cancelled")]
+    TransactionTimeout(Duration),
+    /// The result exceeded the size limit.
+    #[error("the result exceeds the limit of {0} bytes")]
+    TooLarge(usize),
+    /// Anything else (a bug, or the server misbehaving).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ExecError {
+    /// The client-facing kind, also the `pgwarden_errors_total` label.
+    pub fn kind(&self) -> ClientErrorKind {
+        match self {
+            ExecError::Sql { .. } => ClientErrorKind::Sql,
+            ExecError::Guard(e) => e.kind(),
+            ExecError::ConnectionLost(_) => ClientErrorKind::ConnectionLost,
+            ExecError::ResolutionUnknown => ClientErrorKind::ResolutionUnknown,
+            ExecError::TransactionTimeout(_) => ClientErrorKind::TransactionTimeout,
+            ExecError::TooLarge(_) => ClientErrorKind::TooLarge,
+            ExecError::Internal(_) => ClientErrorKind::Internal,
+        }
+    }
+
+    /// The request outcome label of `pgwarden_requests_duration_seconds`.
+    pub fn outcome(&self) -> RequestOutcome {
+        match self.kind() {
+            ClientErrorKind::Sql => RequestOutcome::SqlError,
+            ClientErrorKind::GuardTimeout => RequestOutcome::GuardTimeout,
+            ClientErrorKind::ConnectionLost | ClientErrorKind::Internal => {
+                RequestOutcome::ConnectionLost
+            }
+            ClientErrorKind::ResolutionUnknown => RequestOutcome::ResolutionUnknown,
+            ClientErrorKind::TransactionTimeout => RequestOutcome::TransactionTimeout,
+            _ => RequestOutcome::Rejected,
+        }
+    }
+
+    /// The SQLSTATE a client should see (08007 for an unresolved write).
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ExecError::Sql { error, .. } => Some(&error.code),
+            ExecError::ResolutionUnknown => Some("08007"),
+            ExecError::Guard(_) => Some("57P03"),
+            ExecError::ConnectionLost(_) => Some("08006"),
+            ExecError::TransactionTimeout(_) => Some("57014"),
+            _ => None,
+        }
+    }
+}
+
+/// One attempt's failure, before the replay rules are applied.
+enum Broken {
+    /// An SQL error: final (or a reclassification, see `run`).
+    Sql(Box<DbError>, usize),
+    /// The connection failed at `point`; `done` holds a write's results
+    /// when its COMMIT was sent, with the identity to resolve it.
+    Connection {
+        point: BreakPoint,
+        message: String,
+        done: Option<(Vec<QueryResult>, TxIdentity)>,
+    },
+    /// Not a connection failure and not replayable.
+    Final(ExecError),
+}
+
+/// Runs requests through a guard over pgwarden's backend pool.
+#[derive(Clone, Debug)]
+pub struct Executor {
+    guard: Guard<BackendSource>,
+    settings: ExecSettings,
+    metrics: Metrics,
+}
+
+impl Executor {
+    /// An executor in front of `guard`.
+    pub fn new(guard: Guard<BackendSource>, settings: ExecSettings, metrics: Metrics) -> Self {
+        Self {
+            guard,
+            settings,
+            metrics,
+        }
+    }
+
+    /// The guard behind this executor.
+    pub fn guard(&self) -> &Guard<BackendSource> {
+        &self.guard
+    }
+
+    /// Runs one statement, replaying it across reconnects when that is safe.
+    pub async fn query(&self, statement: &Statement) -> Result<QueryResult, ExecError> {
+        let lease = self.guard.admit().await?;
+        self.query_with(lease, statement).await
+    }
+
+    /// Runs one statement on a connection the caller already holds (it may
+    /// have gone stale meanwhile: it is then refreshed first).
+    pub async fn query_with(
+        &self,
+        lease: Lease<BackendSource>,
+        statement: &Statement,
+    ) -> Result<QueryResult, ExecError> {
+        let class = if is_read(&statement.sql) {
+            Class::Read
+        } else if self.settings.write_safety == WriteSafety::Fast {
+            Class::Bare
+        } else {
+            Class::Write
+        };
+        let statements = std::slice::from_ref(statement);
+        let mut results = self
+            .run(lease, class, &TransactionOptions::default(), statements)
+            .await?;
+        results
+            .pop()
+            .ok_or_else(|| ExecError::Internal("no result for the statement".into()))
+    }
+
+    /// Runs a transaction batch under the strict transaction timeout.
+    pub async fn batch(
+        &self,
+        options: &TransactionOptions,
+        statements: &[Statement],
+    ) -> Result<Vec<QueryResult>, ExecError> {
+        let lease = self.guard.admit().await?;
+        let class = match self.settings.write_safety {
+            WriteSafety::Resolve => Class::Write,
+            WriteSafety::Fast => Class::Bare,
+        };
+        let limit = self.settings.transaction_timeout;
+        let run = self.run(lease, class, options, statements);
+        tokio::time::timeout(limit, run)
+            .await
+            .unwrap_or(Err(ExecError::TransactionTimeout(limit)))
+    }
+
+    /// The replay loop: one attempt per generation until an answer, an
+    /// unresolvable break, or the end of the budget.
+    async fn run(
+        &self,
+        lease: Lease<BackendSource>,
+        mut class: Class,
+        options: &TransactionOptions,
+        statements: &[Statement],
+    ) -> Result<Vec<QueryResult>, ExecError> {
+        let deadline = lease.deadline();
+        let mut lease = self.guard.refresh(lease).await?;
+        let mut replays = 0u32;
+        loop {
+            let generation = lease.generation().id();
+            let attempt = self.attempt(&mut lease, class, options, statements).await;
+            let broken = match attempt {
+                Ok(results) => return self.replayed(replays, Ok(results)),
+                Err(broken) => broken,
+            };
+            match broken {
+                Broken::Sql(error, _) if class == Class::Read && error.code == "25006" => {
+                    class = Class::Write
+                }
+                Broken::Sql(error, _)
+                    if class == Class::Write && error.code == "25001" && statements.len() == 1 =>
+                {
+                    class = Class::Bare;
+                }
+                Broken::Sql(error, statement) => {
+                    return self.replayed(replays, Err(ExecError::Sql { error, statement }));
+                }
+                Broken::Final(error) => return self.replayed(replays, Err(error)),
+                Broken::Connection {
+                    point,
+                    message,
+                    done,
+                } => {
+                    self.guard.report_connection_lost(generation);
+                    warn!(generation, error = %message, "Connection lost under a request.");
+                    drop(lease);
+                    let decision = self
+                        .resolve(class, point, done.as_ref().map(|(_, id)| id), deadline)
+                        .await;
+                    match decision {
+                        Decision::Answer => {
+                            let results = done.map(|(results, _)| results).unwrap_or_default();
+                            return self.replayed(replays, Ok(results));
+                        }
+                        Decision::Replay => {
+                            replays += 1;
+                            info!(generation, class = ?class, "Replaying the request on a fresh connection.");
+                            lease = match self.guard.admit_until(deadline).await {
+                                Ok(lease) => lease,
+                                Err(e) => return self.replayed(replays, Err(e.into())),
+                            };
+                        }
+                        Decision::AskAgain | Decision::Unknown => {
+                            return self.replayed(replays, Err(ExecError::ResolutionUnknown));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn replayed<T>(&self, replays: u32, result: Result<T, ExecError>) -> Result<T, ExecError> {
+        if replays > 0 {
+            let label = if result.is_ok() {
+                ReplayResult::Ok
+            } else {
+                ReplayResult::Failed
+            };
+            self.metrics.replay(label);
+        }
+        result
+    }
+
+    /// One attempt of `statements` as `class` on the lease's connection.
+    async fn attempt(
+        &self,
+        lease: &mut Lease<BackendSource>,
+        class: Class,
+        options: &TransactionOptions,
+        statements: &[Statement],
+    ) -> Result<Vec<QueryResult>, Broken> {
+        let conn = lease.conn();
+        match class {
+            Class::Read if statements.len() == 1 => {
+                let read = [
+                    Statement::new("BEGIN READ ONLY"),
+                    statements[0].clone(),
+                    Statement::new("COMMIT"),
+                ];
+                let result = conn.pipeline(&read).await;
+                if result.is_err()
+                    && !conn.is_broken()
+                    && conn.transaction_status() != TransactionStatus::Idle
+                {
+                    let _ = conn.simple_query("ROLLBACK").await;
+                }
+                match result {
+                    Ok(mut results) => Ok(vec![results.swap_remove(1)]),
+                    Err(error) => Err(classify(error, 1, BreakPoint::BeforeCommit)),
+                }
+            }
+            Class::Bare if statements.len() == 1 => match conn.query(&statements[0]).await {
+                Ok(result) => Ok(vec![result]),
+                Err(error) => Err(classify(error, 0, BreakPoint::AfterCommit)),
+            },
+            Class::Read | Class::Bare => Err(Broken::Final(ExecError::Internal(
+                "only single statements run bare".into(),
+            ))),
+            Class::Write => {
+                let identified = TransactionOptions {
+                    identify: true,
+                    ..*options
+                };
+                conn.transaction(&identified, statements)
+                    .await
+                    .map_err(from_transaction)
+            }
+        }
+    }
+
+    /// Decides what a broken request gets; for a write broken after its
+    /// COMMIT was sent, asks the new generation what became of it.
+    async fn resolve(
+        &self,
+        class: Class,
+        point: BreakPoint,
+        identity: Option<&TxIdentity>,
+        deadline: Instant,
+    ) -> Decision {
+        if (class, point) != (Class::Write, BreakPoint::AfterCommit) {
+            return decide(class, point, None);
+        }
+        let Some(identity) = identity else {
+            return Decision::Unknown;
+        };
+        loop {
+            let outcome = self.ask_outcome(identity, deadline).await;
+            let decision = decide(class, point, Some(outcome));
+            info!(xid = identity.xid, outcome = ?outcome, decision = ?decision, "Resolved a write broken after COMMIT was sent.");
+            if decision != Decision::AskAgain || Instant::now() + ASK_AGAIN_AFTER >= deadline {
+                return decision;
+            }
+            tokio::time::sleep(ASK_AGAIN_AFTER).await;
+        }
+    }
+
+    /// Asks a connection of the current generation about `identity`.
+    async fn ask_outcome(&self, identity: &TxIdentity, deadline: Instant) -> TxOutcome {
+        let Ok(mut lease) = self.guard.admit_until(deadline).await else {
+            return TxOutcome::Unknown;
+        };
+        let probe = Statement::with_params(OUTCOME_SQL, vec![Some(identity.xid.to_string())]);
+        match lease.conn().query(&probe).await {
+            Ok(result) => read_outcome(&result, identity),
+            Err(BackendError::Sql { error, .. }) if error.code == "22023" => TxOutcome::NeverLogged,
+            Err(error) => {
+                warn!(xid = identity.xid, error = %error, "Cannot ask the outcome of a broken write.");
+                TxOutcome::Unknown
+            }
+        }
+    }
+}
+
+/// The status of a transaction, the server's start time, and whether the
+/// xid is at or above the next xid of a checkpoint taken since that start
+/// (see the module doc of `replay`). `txid_status` fails with 22023 for an
+/// xid in the future, which also means it was never logged.
+const OUTCOME_SQL: &str = "SELECT txid_status($1::bigint), pg_postmaster_start_time()::text, \
+     c.checkpoint_time >= pg_postmaster_start_time() AND c.timeline_id = c.prev_timeline_id, \
+     $1::bigint >= (split_part(c.next_xid, ':', 1)::bigint << 32) + split_part(c.next_xid, ':', 2)::bigint \
+     FROM pg_control_checkpoint() c";
+
+fn read_outcome(result: &QueryResult, identity: &TxIdentity) -> TxOutcome {
+    let Some(row) = result.rows.first() else {
+        return TxOutcome::Unknown;
+    };
+    let same_server_run = row.get(1).as_deref() == Some(identity.server_started.as_str());
+    let recovered_since_start = row.get(2).as_deref() == Some("t");
+    let never_logged = row.get(3).as_deref() == Some("t");
+    // Same run: xids are never reused. A restart whose latest checkpoint
+    // predates it was clean: the shutdown checkpoint recorded every xid.
+    // A restart with a checkpoint since (crash recovery): the xid is
+    // trustworthy below that checkpoint's next xid, never logged above.
+    if !same_server_run && recovered_since_start && never_logged {
+        return TxOutcome::NeverLogged;
+    }
+    match row.get(0).as_deref() {
+        Some("committed") => TxOutcome::Committed,
+        Some("aborted") => TxOutcome::Aborted,
+        Some("in progress") => TxOutcome::InProgress,
+        _ => TxOutcome::Unknown,
+    }
+}
+
+/// Turns a statement failure into a [`Broken`]. `prelude` is how many
+/// statements the executor added in front of the caller's; `sent` is the
+/// break point when the request was (possibly) received.
+fn classify(error: BackendError, prelude: usize, sent: BreakPoint) -> Broken {
+    match error {
+        BackendError::Sql { error, statement } => {
+            Broken::Sql(error, statement.saturating_sub(prelude))
+        }
+        BackendError::ResultTooLarge { limit } => Broken::Final(ExecError::TooLarge(limit)),
+        BackendError::Broken => connection(BreakPoint::BeforeSend, "connection unusable", None),
+        error if error.is_connection_level() => connection(sent, &error.to_string(), None),
+        error => Broken::Final(ExecError::Internal(error.to_string())),
+    }
+}
+
+fn from_transaction(failure: TransactionError) -> Broken {
+    let TransactionError {
+        error,
+        commit_sent,
+        identity,
+        results,
+    } = failure;
+    if !commit_sent || !error.is_connection_level() {
+        return classify(error, 0, BreakPoint::BeforeCommit);
+    }
+    let done = identity.map(|id| (results, id));
+    connection(BreakPoint::AfterCommit, &error.to_string(), done)
+}
+
+fn connection(
+    point: BreakPoint,
+    message: &str,
+    done: Option<(Vec<QueryResult>, TxIdentity)>,
+) -> Broken {
+    Broken::Connection {
+        point,
+        message: message.to_owned(),
+        done,
+    }
+}
