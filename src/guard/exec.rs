@@ -15,8 +15,8 @@ use super::admission::{Guard, Lease};
 use super::error::GuardError;
 use super::replay::{BreakPoint, Class, Decision, TxOutcome, decide, is_read};
 use crate::backend::{
-    BackendError, DbError, QueryResult, Statement, TransactionError, TransactionOptions,
-    TransactionStatus, TxIdentity,
+    BackendError, CancelToken, DbError, QueryResult, Statement, TransactionError,
+    TransactionOptions, TransactionStatus, TxIdentity,
 };
 use crate::lifecycle::BackendSource;
 use crate::telemetry::Metrics;
@@ -142,6 +142,26 @@ enum Broken {
     Final(ExecError),
 }
 
+/// The cancel token of the connection a batch is running on, so a
+/// transaction timeout can stop the statement on the server too.
+#[derive(Debug, Default)]
+struct CancelSlot(std::sync::Mutex<Option<CancelToken>>);
+
+impl CancelSlot {
+    fn set(&self, token: Option<CancelToken>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = token;
+    }
+
+    async fn cancel(&self) {
+        let token = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(token) = token
+            && let Err(error) = token.cancel().await
+        {
+            warn!(error = %error, "Cancel request failed.");
+        }
+    }
+}
+
 /// Runs requests through a guard over pgwarden's backend pool.
 #[derive(Clone, Debug)]
 pub struct Executor {
@@ -186,8 +206,10 @@ impl Executor {
             Class::Write
         };
         let statements = std::slice::from_ref(statement);
+        let options = TransactionOptions::default();
+        let running = CancelSlot::default();
         let mut results = self
-            .run(lease, class, &TransactionOptions::default(), statements)
+            .run(lease, class, &options, statements, &running)
             .await?;
         results
             .pop()
@@ -206,10 +228,19 @@ impl Executor {
             WriteSafety::Fast => Class::Bare,
         };
         let limit = self.settings.transaction_timeout;
-        let run = self.run(lease, class, options, statements);
-        tokio::time::timeout(limit, run)
-            .await
-            .unwrap_or(Err(ExecError::TransactionTimeout(limit)))
+        let running = CancelSlot::default();
+        let run = self.run(lease, class, options, statements, &running);
+        match tokio::time::timeout(limit, run).await {
+            Ok(result) => result,
+            Err(_) => {
+                warn!(
+                    timeout_ms = limit.as_millis() as u64,
+                    "Transaction timeout: cancelling the batch."
+                );
+                running.cancel().await;
+                Err(ExecError::TransactionTimeout(limit))
+            }
+        }
     }
 
     /// The replay loop: one attempt per generation until an answer, an
@@ -220,12 +251,14 @@ impl Executor {
         mut class: Class,
         options: &TransactionOptions,
         statements: &[Statement],
+        running: &CancelSlot,
     ) -> Result<Vec<QueryResult>, ExecError> {
         let deadline = lease.deadline();
         let mut lease = self.guard.refresh(lease).await?;
         let mut replays = 0u32;
         loop {
             let generation = lease.generation().id();
+            running.set(lease.conn().cancel_token());
             let attempt = self.attempt(&mut lease, class, options, statements).await;
             let broken = match attempt {
                 Ok(results) => return self.replayed(replays, Ok(results)),

@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod pg;
 pub mod process;
 pub mod proxy;
+pub mod stack;
 pub mod wait;
 
 pub use cluster::{Cluster, PgBin, users};
