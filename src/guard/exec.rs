@@ -417,7 +417,7 @@ impl Executor {
 /// (see the module doc of `replay`). `txid_status` fails with 22023 for an
 /// xid in the future, which also means it was never logged.
 const OUTCOME_SQL: &str = "SELECT txid_status($1::bigint), pg_postmaster_start_time()::text, \
-     c.checkpoint_time >= pg_postmaster_start_time() AND c.timeline_id = c.prev_timeline_id, \
+     c.checkpoint_time >= date_trunc('second', pg_postmaster_start_time()) AND c.timeline_id = c.prev_timeline_id, \
      $1::bigint >= (split_part(c.next_xid, ':', 1)::bigint << 32) + split_part(c.next_xid, ':', 2)::bigint \
      FROM pg_control_checkpoint() c";
 
