@@ -56,56 +56,82 @@ async fn client(executor: Executor, row: usize, stop: Arc<AtomicBool>) -> Client
     report
 }
 
+/// The clients of a load run.
+struct Load {
+    stop: Arc<AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<ClientReport>>,
+}
+
+impl Load {
+    fn start(executor: &Executor) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = (1..=CLIENTS)
+            .map(|row| tokio::spawn(client(executor.clone(), row, stop.clone())))
+            .collect();
+        Load { stop, clients }
+    }
+
+    /// Stops the clients and checks: no failure, and every row holds
+    /// exactly the writes acknowledged for it. Returns the acknowledged total.
+    async fn finish(self, cluster: &Cluster) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut reports = Vec::new();
+        for handle in self.clients {
+            reports.push(handle.await.unwrap());
+        }
+        let failures: Vec<_> = reports.iter().flat_map(|r| r.failures.iter()).collect();
+        assert!(
+            failures.is_empty(),
+            "{} requests failed: {failures:?}",
+            failures.len()
+        );
+        let stored = cluster.psql_rows("SELECT n FROM purchase_order ORDER BY id");
+        for (index, report) in reports.iter().enumerate() {
+            let row = index + 1;
+            let value = stored[index][0].as_deref().unwrap();
+            assert_eq!(
+                value,
+                report.acknowledged.to_string(),
+                "row {row}: stored vs acknowledged writes"
+            );
+            assert!(
+                report.reads > 0 && report.acknowledged > 0,
+                "client {row} made progress"
+            );
+        }
+        reports.iter().map(|r| r.acknowledged).sum()
+    }
+}
+
 /// Runs the load, applies `fault` after a second, and checks the outcome.
 async fn survives(cluster: Arc<Cluster>, stack: Stack, fault: impl FnOnce() + Send + 'static) {
     stack.ready(1).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (1..=CLIENTS)
-        .map(|row| tokio::spawn(client(stack.executor.clone(), row, stop.clone())))
-        .collect();
+    let load = Load::start(&stack.executor);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let faulted = Instant::now();
     tokio::task::spawn_blocking(fault).await.unwrap();
     stack.ready(2).await;
     let recovered = faulted.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-
-    let mut reports = Vec::new();
-    for handle in clients {
-        reports.push(handle.await.unwrap());
-    }
-    let failures: Vec<_> = reports.iter().flat_map(|r| r.failures.iter()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} requests failed: {failures:?}",
-        failures.len()
-    );
-    for (index, report) in reports.iter().enumerate() {
-        let row = index + 1;
-        let stored = cluster.psql(&format!("SELECT n FROM purchase_order WHERE id = {row}"));
-        assert_eq!(
-            stored.trim(),
-            report.acknowledged.to_string(),
-            "row {row}: acknowledged writes vs stored"
-        );
-        assert!(
-            report.reads > 0 && report.acknowledged > 0,
-            "client {row} made progress"
-        );
-    }
+    let writes = load.finish(&cluster).await;
     assert_eq!(
         stack.metric("pgwarden_reconnects_total", &[]),
         1.0,
         "one reconnect per fault"
     );
-    let status = stack.lifecycle.status();
-    let replays = stack.metric("pgwarden_replays_total", &[("result", "ok")]);
+    report(&stack, recovered, writes);
+}
+
+fn report(stack: &Stack, recovered: Duration, writes: u64) {
+    let reconnect = stack
+        .lifecycle
+        .status()
+        .last_reconnect
+        .and_then(|r| r.duration);
     let waits = stack.metric("pgwarden_guard_wait_seconds", &[]);
-    let writes: u64 = reports.iter().map(|r| r.acknowledged).sum();
+    let rules = stack.executor.rule_counts();
     println!(
-        "fault recovered in {recovered:?}; reconnect {:?}; replays ok {replays}; guard waits {waits}; acknowledged writes {writes}",
-        status.last_reconnect.and_then(|r| r.duration),
+        "recovered in {recovered:?}; last reconnect {reconnect:?}; guard waits {waits}; acknowledged writes {writes}; rules {rules:?}"
     );
 }
 
@@ -175,4 +201,30 @@ async fn no_request_fails_when_the_network_is_cut() {
         cut.cut_all();
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_crashes_under_load_lose_no_write_and_double_none() {
+    const CRASHES: u64 = 20;
+    let cluster = prepared_cluster();
+    let stack = stack_for(&cluster);
+    stack.ready(1).await;
+    let load = Load::start(&stack.executor);
+    let started = Instant::now();
+    for crash in 1..=CRASHES {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let kit = cluster.clone();
+        tokio::task::spawn_blocking(move || kit.crash_and_restart())
+            .await
+            .unwrap();
+        stack.ready(crash + 1).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let writes = load.finish(&cluster).await;
+    assert_eq!(
+        stack.metric("pgwarden_reconnects_total", &[]),
+        CRASHES as f64,
+        "one reconnect per crash"
+    );
+    report(&stack, started.elapsed(), writes);
 }

@@ -6,6 +6,8 @@
 //! results, or an [`ExecError`] whose `kind()` is the client-facing error
 //! kind and the metric label.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -142,6 +144,72 @@ enum Broken {
     Final(ExecError),
 }
 
+/// Which replay rule decided a broken request (for `/status` and tests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// Nothing had been sent: replayed.
+    NeverSent,
+    /// A read in a read-only transaction: replayed.
+    Read,
+    /// A write broken before COMMIT was sent: replayed.
+    BeforeCommit,
+    /// A write broken after COMMIT, found committed: answered from the result in hand.
+    Committed,
+    /// A write broken after COMMIT, found aborted: replayed.
+    Aborted,
+    /// A write broken after COMMIT whose xid was never logged before a crash: replayed.
+    NeverLogged,
+    /// A write still in progress when the budget ran out: 08007.
+    InProgress,
+    /// The database could not tell, or a bare statement broke after sending: 08007.
+    Unknown,
+}
+
+impl Rule {
+    const ALL: [Rule; 8] = [
+        Rule::NeverSent,
+        Rule::Read,
+        Rule::BeforeCommit,
+        Rule::Committed,
+        Rule::Aborted,
+        Rule::NeverLogged,
+        Rule::InProgress,
+        Rule::Unknown,
+    ];
+
+    fn of(class: Class, point: BreakPoint, outcome: Option<TxOutcome>) -> Rule {
+        match (class, point, outcome) {
+            (_, BreakPoint::BeforeSend, _) => Rule::NeverSent,
+            (Class::Read, _, _) => Rule::Read,
+            (Class::Write, BreakPoint::BeforeCommit, _) => Rule::BeforeCommit,
+            (_, _, Some(TxOutcome::Committed)) => Rule::Committed,
+            (_, _, Some(TxOutcome::Aborted)) => Rule::Aborted,
+            (_, _, Some(TxOutcome::NeverLogged)) => Rule::NeverLogged,
+            (_, _, Some(TxOutcome::InProgress)) => Rule::InProgress,
+            _ => Rule::Unknown,
+        }
+    }
+}
+
+/// One counter per [`Rule`].
+#[derive(Debug, Default)]
+struct RuleCounts([AtomicU64; 8]);
+
+impl RuleCounts {
+    fn count(&self, rule: Rule) {
+        let index = Rule::ALL.iter().position(|r| *r == rule).unwrap_or(0);
+        self.0[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Vec<(Rule, u64)> {
+        Rule::ALL
+            .iter()
+            .zip(&self.0)
+            .map(|(rule, n)| (*rule, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
 /// The cancel token of the connection a batch is running on, so a
 /// transaction timeout can stop the statement on the server too.
 #[derive(Debug, Default)]
@@ -168,6 +236,7 @@ pub struct Executor {
     guard: Guard<BackendSource>,
     settings: ExecSettings,
     metrics: Metrics,
+    rules: Arc<RuleCounts>,
 }
 
 impl Executor {
@@ -177,7 +246,13 @@ impl Executor {
             guard,
             settings,
             metrics,
+            rules: Arc::default(),
         }
+    }
+
+    /// How often each replay rule fired since start.
+    pub fn rule_counts(&self) -> Vec<(Rule, u64)> {
+        self.rules.snapshot()
     }
 
     /// The guard behind this executor.
@@ -285,9 +360,10 @@ impl Executor {
                     self.guard.report_connection_lost(generation);
                     warn!(generation, error = %message, "Connection lost under a request.");
                     drop(lease);
-                    let decision = self
+                    let (decision, outcome) = self
                         .resolve(class, point, done.as_ref().map(|(_, id)| id), deadline)
                         .await;
+                    self.rules.count(Rule::of(class, point, outcome));
                     match decision {
                         Decision::Answer => {
                             let results = done.map(|(results, _)| results).unwrap_or_default();
@@ -377,19 +453,19 @@ impl Executor {
         point: BreakPoint,
         identity: Option<&TxIdentity>,
         deadline: Instant,
-    ) -> Decision {
+    ) -> (Decision, Option<TxOutcome>) {
         if (class, point) != (Class::Write, BreakPoint::AfterCommit) {
-            return decide(class, point, None);
+            return (decide(class, point, None), None);
         }
         let Some(identity) = identity else {
-            return Decision::Unknown;
+            return (Decision::Unknown, None);
         };
         loop {
             let outcome = self.ask_outcome(identity, deadline).await;
             let decision = decide(class, point, Some(outcome));
             info!(xid = identity.xid, outcome = ?outcome, decision = ?decision, "Resolved a write broken after COMMIT was sent.");
             if decision != Decision::AskAgain || Instant::now() + ASK_AGAIN_AFTER >= deadline {
-                return decision;
+                return (decision, Some(outcome));
             }
             tokio::time::sleep(ASK_AGAIN_AFTER).await;
         }

@@ -13,7 +13,7 @@ pub mod replay;
 
 pub use admission::{DEFAULT_GUARD_TIMEOUT, Guard, Lease};
 pub use error::GuardError;
-pub use exec::{ExecError, ExecSettings, Executor, WriteSafety};
+pub use exec::{ExecError, ExecSettings, Executor, Rule, WriteSafety};
 
 #[cfg(test)]
 mod tests;
