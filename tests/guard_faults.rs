@@ -36,9 +36,10 @@ async fn client(executor: Executor, row: usize, stop: Arc<AtomicBool>) -> Client
     let mut turn = 0u64;
     while !stop.load(Ordering::Relaxed) {
         turn += 1;
-        let statement = if turn % 2 == 0 { &read } else { &write };
+        let reading = turn.is_multiple_of(2);
+        let statement = if reading { &read } else { &write };
         match executor.query(statement).await {
-            Ok(result) if turn % 2 == 0 => {
+            Ok(result) if reading => {
                 assert_eq!(result.rows.len(), 1);
                 report.reads += 1;
             }
