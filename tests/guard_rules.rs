@@ -1,0 +1,201 @@
+//! The guard's rules against a real server: an outage longer than the
+//! budget, the role check, hidden writes and statements that cannot run in
+//! a transaction block, and the strict transaction timeout.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgwarden::backend::{Statement, TransactionOptions};
+use pgwarden::guard::{ExecError, ExecSettings, Executor, Guard, Rule};
+use pgwarden::telemetry::labels::ClientErrorKind;
+use support::Cluster;
+use support::pg::superuser;
+use support::stack::{Stack, quick_settings};
+
+const BUDGET: Duration = Duration::from_secs(3);
+
+fn stack(cluster: &Cluster) -> Stack {
+    let mut settings = quick_settings();
+    settings.backoff_max = Duration::from_millis(500);
+    Stack::start(superuser(cluster), settings, BUDGET)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_budget_fails_fast_and_service_returns_by_itself() {
+    let cluster = Arc::new(Cluster::start());
+    let stack = stack(&cluster);
+    stack.ready(1).await;
+    cluster.stop();
+
+    let started = Instant::now();
+    let error = stack
+        .executor
+        .query(&Statement::new("SELECT 1"))
+        .await
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(error.kind(), ClientErrorKind::GuardTimeout, "{error}");
+    assert!(
+        waited >= BUDGET - Duration::from_millis(50),
+        "failed too early: {waited:?}"
+    );
+    assert!(
+        waited < BUDGET + Duration::from_secs(2),
+        "hung past the budget: {waited:?}"
+    );
+    assert_eq!(
+        stack.metric("pgwarden_guard_wait_seconds", &[("outcome", "timeout")]),
+        1.0
+    );
+
+    let kit = cluster.clone();
+    tokio::task::spawn_blocking(move || kit.start_again())
+        .await
+        .unwrap();
+    let returned = Instant::now();
+    stack.ready(2).await;
+    assert!(
+        returned.elapsed() < Duration::from_secs(5),
+        "slow recovery: {:?}",
+        returned.elapsed()
+    );
+    assert!(
+        stack
+            .executor
+            .query(&Statement::new("SELECT 1"))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_is_refused_as_primary_until_it_is_promoted() {
+    let primary = Cluster::start();
+    let standby = Arc::new(primary.start_standby());
+    let stack = stack(&standby);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = stack.lifecycle.status();
+    assert_eq!(status.generation, 0, "a standby must not be published");
+    let failure = status.last_failure.expect("the failed attempt says why");
+    assert!(failure.contains("in recovery"), "{failure}");
+    assert!(stack.metric("pgwarden_reconnect_attempts_total", &[("result", "failed")]) >= 1.0);
+    assert!(stack.metric("pgwarden_warmup_failures_total", &[("phase", "ping")]) >= 1.0);
+
+    let kit = standby.clone();
+    tokio::task::spawn_blocking(move || kit.promote())
+        .await
+        .unwrap();
+    stack.ready(1).await;
+    stack
+        .executor
+        .query(&Statement::new("CREATE TABLE promoted (x int)"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hidden_write_in_a_read_runs_as_a_write_and_vacuum_runs_bare() {
+    let cluster = Cluster::start();
+    cluster.psql("CREATE SEQUENCE ticket; CREATE TABLE t (x int)");
+    let stack = stack(&cluster);
+    stack.ready(1).await;
+    let next = stack
+        .executor
+        .query(&Statement::new("SELECT nextval('ticket')"))
+        .await
+        .unwrap();
+    assert_eq!(next.rows_as_strings(), [[Some("1".to_owned())]]);
+    assert_eq!(
+        cluster.psql("SELECT last_value FROM ticket").trim(),
+        "1",
+        "applied once"
+    );
+
+    let vacuum = stack
+        .executor
+        .query(&Statement::new("VACUUM t"))
+        .await
+        .unwrap();
+    assert_eq!(vacuum.command_tag, "VACUUM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_the_transaction_timeout_is_cancelled_with_its_own_error() {
+    let cluster = Cluster::start();
+    cluster.psql("CREATE TABLE t (x int)");
+    let stack = stack(&cluster);
+    stack.ready(1).await;
+    let settings = ExecSettings {
+        transaction_timeout: Duration::from_millis(500),
+        ..ExecSettings::default()
+    };
+    let registry = prometheus::Registry::new();
+    let metrics = pgwarden::telemetry::Metrics::new(&registry).unwrap();
+    let guard = Guard::new(stack.lifecycle.clone(), BUDGET, metrics.clone());
+    let strict = Executor::new(guard, settings, metrics);
+
+    let statements = [
+        Statement::new("INSERT INTO t VALUES (1)"),
+        Statement::new("SELECT pg_sleep(30)"),
+    ];
+    let started = Instant::now();
+    let error = strict
+        .batch(&TransactionOptions::default(), &statements)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ExecError::TransactionTimeout(_)), "{error}");
+    assert_eq!(error.kind(), ClientErrorKind::TransactionTimeout);
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let running = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.psql(running).trim() != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "the statement was not cancelled on the server"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        cluster.psql("SELECT count(*) FROM t").trim(),
+        "0",
+        "the batch did not commit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_broken_before_commit_is_replayed_and_commits_once() {
+    let cluster = Arc::new(Cluster::start());
+    cluster.psql("CREATE TABLE ledger (n int)");
+    let stack = stack(&cluster);
+    stack.ready(1).await;
+    let statements = [
+        Statement::new("INSERT INTO ledger VALUES (1)"),
+        Statement::new("SELECT pg_sleep(1)"),
+    ];
+    let kit = cluster.clone();
+    let killer = tokio::task::spawn_blocking(move || {
+        support::pg::wait_until_running(&kit, "SELECT pg_sleep(1)%");
+        kit.terminate_backends()
+    });
+    let results = stack
+        .executor
+        .batch(&TransactionOptions::default(), &statements)
+        .await
+        .unwrap();
+    assert!(killer.await.unwrap() >= 1);
+    assert_eq!(results.len(), 2);
+    assert_eq!(
+        cluster.psql("SELECT count(*) FROM ledger").trim(),
+        "1",
+        "committed exactly once"
+    );
+    let rules = stack.executor.rule_counts();
+    assert!(rules.contains(&(Rule::BeforeCommit, 1)), "{rules:?}");
+    assert_eq!(
+        stack.metric("pgwarden_replays_total", &[("result", "ok")]),
+        1.0
+    );
+}
