@@ -8,6 +8,7 @@
 //! state has been reset. The lifecycle above builds one pool per generation
 //! and closes the old one to drain it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
@@ -132,11 +133,49 @@ pub struct PoolStatus {
     pub waiting: usize,
 }
 
+/// Called when the pool finds that the server closed one of its idle
+/// connections: the first sign of a restart, a failover or a mass
+/// termination, often before any request notices.
+#[derive(Clone)]
+pub struct LossHook(Arc<dyn Fn() + Send + Sync>);
+
+impl LossHook {
+    /// Wraps the function to call.
+    pub fn new(hook: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(Arc::new(hook))
+    }
+}
+
+impl std::fmt::Debug for LossHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LossHook")
+    }
+}
+
+/// SQLSTATE of a session the server closed for idling (`idle_session_timeout`):
+/// routine, not a sign of trouble.
+const IDLE_SESSION_TIMEOUT: &str = "57P05";
+
 /// Opens and vets connections for deadpool.
 #[derive(Debug)]
 pub struct Manager {
     connector: Connector,
     reset_on_reuse: bool,
+    on_loss: Option<LossHook>,
+}
+
+impl Manager {
+    fn report(&self, error: &BackendError) {
+        let routine = error
+            .db_error()
+            .is_some_and(|e| e.code == IDLE_SESSION_TIMEOUT);
+        if let Some(hook) = &self.on_loss
+            && error.is_connection_level()
+            && !routine
+        {
+            (hook.0)();
+        }
+    }
 }
 
 impl managed::Manager for Manager {
@@ -148,7 +187,10 @@ impl managed::Manager for Manager {
     }
 
     async fn recycle(&self, conn: &mut Connection, _: &Metrics) -> RecycleResult<BackendError> {
-        conn.check_idle().map_err(RecycleError::Backend)?;
+        if let Err(error) = conn.check_idle() {
+            self.report(&error);
+            return Err(RecycleError::Backend(error));
+        }
         if conn.transaction_status() != TransactionStatus::Idle {
             return Err(RecycleError::message("left inside a transaction block"));
         }
@@ -172,9 +214,20 @@ pub struct Pool {
 impl Pool {
     /// Builds an empty pool; connections open on demand or with [`Pool::warm`].
     pub fn new(connector: Connector, config: PoolConfig) -> Result<Pool, PoolError> {
+        Self::with_loss_hook(connector, config, None)
+    }
+
+    /// Like [`Pool::new`], calling `on_loss` whenever an idle connection
+    /// turns out to have been closed by the server.
+    pub fn with_loss_hook(
+        connector: Connector,
+        config: PoolConfig,
+        on_loss: Option<LossHook>,
+    ) -> Result<Pool, PoolError> {
         let manager = Manager {
             connector,
             reset_on_reuse: config.reset_on_reuse,
+            on_loss,
         };
         let inner = managed::Pool::builder(manager)
             .max_size(config.max_connections)

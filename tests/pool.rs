@@ -195,3 +195,29 @@ async fn a_closed_pool_hands_out_nothing_and_drops_returned_connections() {
     drop(lent);
     assert_eq!(pool.status().size, 0);
 }
+
+#[tokio::test]
+async fn finding_an_idle_connection_closed_by_the_server_calls_the_loss_hook() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let cluster = Cluster::start();
+    let losses = Arc::new(AtomicUsize::new(0));
+    let counter = losses.clone();
+    let hook = pgwarden::pool::LossHook::new(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+    });
+    let connector = Connector::new(superuser(&cluster)).unwrap();
+    let pool = Pool::with_loss_hook(connector, PoolConfig::default(), Some(hook)).unwrap();
+    drop(pool.warm().await.unwrap());
+    assert_eq!(losses.load(Ordering::SeqCst), 0);
+
+    cluster.terminate_backends();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut conn = pool.get().await.unwrap();
+    assert!(conn.query(&Statement::new("SELECT 1")).await.is_ok());
+    assert!(
+        losses.load(Ordering::SeqCst) >= 1,
+        "the dead idle connections were reported"
+    );
+}

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::{Instrument, Span, field, info_span};
 
 use super::error::GuardError;
 use crate::lifecycle::{ConnectionSource, Generation, GenerationPool, Lifecycle, Snapshot};
@@ -103,11 +104,30 @@ impl<S: ConnectionSource> Guard<S> {
 
     /// Admits a request that must be served by `deadline`.
     pub async fn admit_until(&self, deadline: Instant) -> Result<Lease<S>, GuardError> {
-        if let Some(lease) = self.try_fast(deadline).await? {
-            return Ok(lease);
+        let span = info_span!(
+            "guard_admit",
+            "pool.generation" = field::Empty,
+            "guard.wait_ms" = field::Empty,
+            "guard.cause" = field::Empty,
+        );
+        let started = Instant::now();
+        let admitted = async {
+            if let Some(lease) = self.try_fast(deadline).await? {
+                return Ok(lease);
+            }
+            let cause = wait_cause(self.snapshot.borrow().state);
+            if let Some(cause) = cause {
+                Span::current().record("guard.cause", cause.as_str());
+            }
+            self.wait_and_admit(cause, deadline).await
         }
-        let cause = wait_cause(self.snapshot.borrow().state);
-        self.wait_and_admit(cause, deadline).await
+        .instrument(span.clone())
+        .await;
+        if let Ok(lease) = &admitted {
+            span.record("pool.generation", lease.generation.id());
+            span.record("guard.wait_ms", started.elapsed().as_millis() as u64);
+        }
+        admitted
     }
 
     /// Checks a held lease before use: if its generation was retired, counts

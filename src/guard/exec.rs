@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{Instrument, field, info, info_span, warn};
 
 use super::admission::{Guard, Lease};
 use super::error::GuardError;
@@ -406,6 +406,32 @@ impl Executor {
         options: &TransactionOptions,
         statements: &[Statement],
     ) -> Result<Vec<QueryResult>, Broken> {
+        let operation = statements.first().map_or("", |s| operation(&s.sql));
+        let span = info_span!(
+            "db_query",
+            "db.system" = "postgresql",
+            "db.operation" = operation,
+            "pool.generation" = lease.generation().id(),
+            "db.response.rows" = field::Empty,
+        );
+        let result = self
+            .attempt_inner(lease, class, options, statements)
+            .instrument(span.clone())
+            .await;
+        if let Ok(results) = &result {
+            let rows: usize = results.iter().map(|r| r.rows.len()).sum();
+            span.record("db.response.rows", rows as u64);
+        }
+        result
+    }
+
+    async fn attempt_inner(
+        &self,
+        lease: &mut Lease<BackendSource>,
+        class: Class,
+        options: &TransactionOptions,
+        statements: &[Statement],
+    ) -> Result<Vec<QueryResult>, Broken> {
         let conn = lease.conn();
         match class {
             Class::Read if statements.len() == 1 => {
@@ -486,6 +512,25 @@ impl Executor {
             }
         }
     }
+}
+
+/// The statement's leading keyword, upper-cased, for the `db.operation`
+/// span field (never the statement itself, which may hold values).
+fn operation(sql: &str) -> &'static str {
+    let word = sql
+        .trim_start()
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or("");
+    const KNOWN: [&str; 14] = [
+        "SELECT", "INSERT", "UPDATE", "DELETE", "WITH", "VALUES", "SHOW", "TABLE", "MERGE",
+        "CREATE", "ALTER", "DROP", "VACUUM", "CALL",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| k.eq_ignore_ascii_case(word))
+        .copied()
+        .unwrap_or("OTHER")
 }
 
 /// The status of a transaction, the server's start time, and whether the

@@ -79,7 +79,7 @@ fn down() -> SourceError {
 impl ConnectionSource for FakeSource {
     type Pool = FakePool;
 
-    fn open(&self) -> Result<FakePool, SourceError> {
+    fn open(&self, _on_loss: crate::pool::LossHook) -> Result<FakePool, SourceError> {
         let state = Arc::new(FakeState::default());
         self.pools.lock().unwrap().push(state.clone());
         Ok(FakePool {

@@ -24,7 +24,7 @@ use super::generation::Generation;
 use super::settings::LifecycleSettings;
 use super::source::{ConnectionSource, GenerationPool};
 use super::warmup::{WarmupError, WarmupTimings, warm_up};
-use crate::pool::PoolStatus;
+use crate::pool::{LossHook, PoolStatus};
 use crate::telemetry::Metrics;
 use crate::telemetry::labels::{
     AttemptResult, HealthResult, PoolState, ReconnectReason, WarmupPhase,
@@ -140,6 +140,7 @@ impl<S: ConnectionSource> Lifecycle<S> {
             metrics,
             snapshot: snapshot_tx,
             commands: command_rx,
+            command_tx: commands.clone(),
             history: history.clone(),
             stop: stop.clone(),
             current: None,
@@ -229,6 +230,8 @@ struct Driver<S: ConnectionSource> {
     metrics: Metrics,
     snapshot: watch::Sender<Snapshot<S::Pool>>,
     commands: mpsc::UnboundedReceiver<Command>,
+    /// For the pools' loss hooks: they report like requests do.
+    command_tx: mpsc::UnboundedSender<Command>,
     history: Arc<Mutex<History>>,
     stop: CancellationToken,
     current: Option<Arc<Generation<S::Pool>>>,
@@ -419,7 +422,11 @@ impl<S: ConnectionSource> Driver<S> {
     async fn attempt(&self) -> Result<Generation<S::Pool>, WarmupError> {
         let id = self.current.as_ref().map_or(0, |g| g.id()) + 1;
         let result = async {
-            let pool = self.source.open().map_err(|e| WarmupError {
+            let commands = self.command_tx.clone();
+            let on_loss = LossHook::new(move || {
+                let _ = commands.send(Command::ConnectionLost { generation: id });
+            });
+            let pool = self.source.open(on_loss).map_err(|e| WarmupError {
                 phase: WarmupPhase::Ping,
                 message: e.message,
             })?;

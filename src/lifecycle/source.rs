@@ -9,7 +9,7 @@
 use std::future::Future;
 
 use crate::backend::BackendError;
-use crate::pool::{Pool, PoolError, PoolStatus, PooledConnection};
+use crate::pool::{LossHook, Pool, PoolError, PoolStatus, PooledConnection};
 
 /// Whether a server accepts writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +54,9 @@ pub trait ConnectionSource: std::fmt::Debug + Send + Sync + 'static {
     type Pool: GenerationPool;
 
     /// Builds an empty pool; connections are opened by the warm-up.
-    fn open(&self) -> Result<Self::Pool, SourceError>;
+    /// `on_loss` is to be called when the pool finds a connection closed by
+    /// the server (passive detection without a request in flight).
+    fn open(&self, on_loss: LossHook) -> Result<Self::Pool, SourceError>;
 }
 
 /// The pool of one generation.
@@ -96,8 +98,9 @@ pub struct BackendSource {
 impl ConnectionSource for BackendSource {
     type Pool = Pool;
 
-    fn open(&self) -> Result<Pool, SourceError> {
-        Ok(Pool::new(self.connector.clone(), self.pool.clone())?)
+    fn open(&self, on_loss: LossHook) -> Result<Pool, SourceError> {
+        let (connector, config) = (self.connector.clone(), self.pool.clone());
+        Ok(Pool::with_loss_hook(connector, config, Some(on_loss))?)
     }
 }
 
