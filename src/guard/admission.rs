@@ -169,6 +169,8 @@ impl<S: ConnectionSource> Guard<S> {
                 deadline,
             })),
             Ok(Ok(_stale)) => Ok(None),
+            // Retired between the snapshot and `get`: its pool is closed; wait.
+            Ok(Err(_)) if generation.is_retired() => Ok(None),
             Ok(Err(error)) if error.connection_level => {
                 self.lifecycle.report_connection_lost(generation.id());
                 Ok(None)
