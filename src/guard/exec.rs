@@ -230,6 +230,25 @@ impl CancelSlot {
     }
 }
 
+/// Where and how an attempt broke.
+struct Break {
+    generation: u64,
+    class: Class,
+    point: BreakPoint,
+    message: String,
+}
+
+/// The class to rerun a statement as, when Postgres refused it as run:
+/// a hidden write in a read (25006) runs as a write; a statement that
+/// cannot run in a transaction block (25001) runs bare.
+fn reclassify(class: Class, error: &DbError, statements: usize) -> Option<Class> {
+    match (class, error.code.as_str()) {
+        (Class::Read, "25006") => Some(Class::Write),
+        (Class::Write, "25001") if statements == 1 => Some(Class::Bare),
+        _ => None,
+    }
+}
+
 /// Runs requests through a guard over pgwarden's backend pool.
 #[derive(Clone, Debug)]
 pub struct Executor {
@@ -340,16 +359,13 @@ impl Executor {
                 Err(broken) => broken,
             };
             match broken {
-                Broken::Sql(error, _) if class == Class::Read && error.code == "25006" => {
-                    class = Class::Write
-                }
-                Broken::Sql(error, _)
-                    if class == Class::Write && error.code == "25001" && statements.len() == 1 =>
-                {
-                    class = Class::Bare;
-                }
                 Broken::Sql(error, statement) => {
-                    return self.replayed(replays, Err(ExecError::Sql { error, statement }));
+                    match reclassify(class, &error, statements.len()) {
+                        Some(next) => class = next,
+                        None => {
+                            return self.replayed(replays, Err(ExecError::Sql { error, statement }));
+                        }
+                    }
                 }
                 Broken::Final(error) => return self.replayed(replays, Err(error)),
                 Broken::Connection {
@@ -357,32 +373,53 @@ impl Executor {
                     message,
                     done,
                 } => {
-                    self.guard.report_connection_lost(generation);
-                    warn!(generation, error = %message, "Connection lost under a request.");
                     drop(lease);
-                    let (decision, outcome) = self
-                        .resolve(class, point, done.as_ref().map(|(_, id)| id), deadline)
-                        .await;
-                    self.rules.count(Rule::of(class, point, outcome));
-                    match decision {
-                        Decision::Answer => {
-                            let results = done.map(|(results, _)| results).unwrap_or_default();
-                            return self.replayed(replays, Ok(results));
-                        }
-                        Decision::Replay => {
-                            replays += 1;
-                            info!(generation, class = ?class, "Replaying the request on a fresh connection.");
-                            lease = match self.guard.admit_until(deadline).await {
-                                Ok(lease) => lease,
-                                Err(e) => return self.replayed(replays, Err(e.into())),
-                            };
-                        }
-                        Decision::AskAgain | Decision::Unknown => {
-                            return self.replayed(replays, Err(ExecError::ResolutionUnknown));
-                        }
+                    let broke = Break {
+                        generation,
+                        class,
+                        point,
+                        message,
+                    };
+                    match self.after_break(broke, done, deadline).await {
+                        Ok(Some(results)) => return self.replayed(replays, Ok(results)),
+                        Ok(None) => replays += 1,
+                        Err(error) => return self.replayed(replays, Err(error)),
                     }
+                    lease = match self.guard.admit_until(deadline).await {
+                        Ok(lease) => lease,
+                        Err(e) => return self.replayed(replays, Err(e.into())),
+                    };
                 }
             }
+        }
+    }
+
+    /// Applies the replay rules to a broken attempt: `Some(results)` to
+    /// answer, `None` to replay, or the error to answer with.
+    async fn after_break(
+        &self,
+        broke: Break,
+        done: Option<(Vec<QueryResult>, TxIdentity)>,
+        deadline: Instant,
+    ) -> Result<Option<Vec<QueryResult>>, ExecError> {
+        let Break {
+            generation,
+            class,
+            point,
+            message,
+        } = broke;
+        self.guard.report_connection_lost(generation);
+        warn!(generation, error = %message, "Connection lost under a request.");
+        let identity = done.as_ref().map(|(_, id)| id);
+        let (decision, outcome) = self.resolve(class, point, identity, deadline).await;
+        self.rules.count(Rule::of(class, point, outcome));
+        match decision {
+            Decision::Answer => Ok(Some(done.map(|(results, _)| results).unwrap_or_default())),
+            Decision::Replay => {
+                info!(generation, class = ?class, "Replaying the request on a fresh connection.");
+                Ok(None)
+            }
+            Decision::AskAgain | Decision::Unknown => Err(ExecError::ResolutionUnknown),
         }
     }
 
@@ -502,10 +539,27 @@ impl Executor {
         let Ok(mut lease) = self.guard.admit_until(deadline).await else {
             return TxOutcome::Unknown;
         };
-        let probe = Statement::with_params(OUTCOME_SQL, vec![Some(identity.xid.to_string())]);
-        match lease.conn().query(&probe).await {
-            Ok(result) => read_outcome(&result, identity),
-            Err(BackendError::Sql { error, .. }) if error.code == "22023" => TxOutcome::NeverLogged,
+        let xid = vec![Some(identity.xid.to_string())];
+        let probe = Statement::with_params(OUTCOME_SQL, xid.clone());
+        let answer = match lease.conn().query(&probe).await {
+            Err(BackendError::Sql { error, .. }) if error.code == INSUFFICIENT_PRIVILEGE => {
+                // Without pg_control_checkpoint() only an answer from the
+                // same server run can be trusted.
+                let fallback = Statement::with_params(SAME_RUN_SQL, xid);
+                lease
+                    .conn()
+                    .query(&fallback)
+                    .await
+                    .map(|r| read_same_run(&r, identity))
+            }
+            other => other.map(|r| read_outcome(&r, identity)),
+        };
+        match answer {
+            Ok(outcome) => outcome,
+            // An xid in the future was never logged: not even a crash can have committed it.
+            Err(BackendError::Sql { error, .. }) if error.code == XID_IN_FUTURE => {
+                TxOutcome::NeverLogged
+            }
             Err(error) => {
                 warn!(xid = identity.xid, error = %error, "Cannot ask the outcome of a broken write.");
                 TxOutcome::Unknown
@@ -542,6 +596,32 @@ const OUTCOME_SQL: &str = "SELECT txid_status($1::bigint), pg_postmaster_start_t
      $1::bigint >= (split_part(c.next_xid, ':', 1)::bigint << 32) + split_part(c.next_xid, ':', 2)::bigint \
      FROM pg_control_checkpoint() c";
 
+/// The fallback of [`OUTCOME_SQL`] for roles that may not read the checkpoint.
+const SAME_RUN_SQL: &str = "SELECT txid_status($1::bigint), pg_postmaster_start_time()::text";
+/// SQLSTATE of `txid_status` for an xid that was never handed out.
+const XID_IN_FUTURE: &str = "22023";
+/// SQLSTATE of a missing privilege (here: EXECUTE on `pg_control_checkpoint()`).
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
+
+fn read_same_run(result: &QueryResult, identity: &TxIdentity) -> TxOutcome {
+    let row = result.rows.first();
+    let same_server_run =
+        row.and_then(|r| r.get(1)).as_deref() == Some(identity.server_started.as_str());
+    match row {
+        Some(row) if same_server_run => status_outcome(row.get(0).as_deref()),
+        _ => TxOutcome::Unknown,
+    }
+}
+
+fn status_outcome(status: Option<&str>) -> TxOutcome {
+    match status {
+        Some("committed") => TxOutcome::Committed,
+        Some("aborted") => TxOutcome::Aborted,
+        Some("in progress") => TxOutcome::InProgress,
+        _ => TxOutcome::Unknown,
+    }
+}
+
 fn read_outcome(result: &QueryResult, identity: &TxIdentity) -> TxOutcome {
     let Some(row) = result.rows.first() else {
         return TxOutcome::Unknown;
@@ -556,12 +636,7 @@ fn read_outcome(result: &QueryResult, identity: &TxIdentity) -> TxOutcome {
     if !same_server_run && recovered_since_start && never_logged {
         return TxOutcome::NeverLogged;
     }
-    match row.get(0).as_deref() {
-        Some("committed") => TxOutcome::Committed,
-        Some("aborted") => TxOutcome::Aborted,
-        Some("in progress") => TxOutcome::InProgress,
-        _ => TxOutcome::Unknown,
-    }
+    status_outcome(row.get(0).as_deref())
 }
 
 /// Turns a statement failure into a [`Broken`]. `prelude` is how many
