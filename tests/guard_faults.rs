@@ -130,9 +130,10 @@ fn report(stack: &Stack, recovered: Duration, writes: u64) {
         .last_reconnect
         .and_then(|r| r.duration);
     let waits = stack.metric("pgwarden_guard_wait_seconds", &[]);
+    let bounds = stack.histogram_bounds("pgwarden_guard_wait_seconds");
     let rules = stack.executor.rule_counts();
     println!(
-        "recovered in {recovered:?}; last reconnect {reconnect:?}; guard waits {waits}; acknowledged writes {writes}; rules {rules:?}"
+        "recovered in {recovered:?}; last reconnect {reconnect:?}; guard waits {waits} (median, max <= {bounds:?} s); acknowledged writes {writes}; rules {rules:?}"
     );
 }
 

@@ -59,10 +59,14 @@ pub struct TxIdentity {
     pub xid: u64,
     /// `pg_postmaster_start_time()` as text: changes when the server restarts.
     pub server_started: String,
+    /// The server's current timeline (from its WAL file name): changes when
+    /// a standby is promoted, so a failover is never mistaken for a restart.
+    pub timeline: String,
 }
 
 /// The statement that identifies a transaction (see [`TxIdentity`]).
-const IDENTIFY_SQL: &str = "SELECT txid_current(), pg_postmaster_start_time()::text";
+const IDENTIFY_SQL: &str = "SELECT txid_current(), pg_postmaster_start_time()::text, \
+     substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)";
 
 /// An authenticated session with a PostgreSQL server.
 #[derive(Debug)]
@@ -537,11 +541,12 @@ struct Progress {
 fn parse_identity(result: &Option<QueryResult>) -> Result<TxIdentity, BackendError> {
     let row = result.as_ref().and_then(|r| r.rows.first());
     let xid = row.and_then(|r| r.get(0)).and_then(|v| v.parse().ok());
-    let started = row.and_then(|r| r.get(1)).map(|v| v.into_owned());
-    match (xid, started) {
-        (Some(xid), Some(server_started)) => Ok(TxIdentity {
+    let text = |i: usize| row.and_then(|r| r.get(i)).map(|v| v.into_owned());
+    match (xid, text(1), text(2)) {
+        (Some(xid), Some(server_started), Some(timeline)) => Ok(TxIdentity {
             xid,
             server_started,
+            timeline,
         }),
         _ => Err(BackendError::Protocol(
             "unexpected answer to the transaction identity query".into(),

@@ -24,9 +24,13 @@
 //! end-of-recovery checkpoint, so: when the server restarted since the write
 //! was sent and its latest checkpoint was taken after that restart, an xid at
 //! or above the checkpoint's next xid was never logged and never committed
-//! (replay), and one below it is described truthfully. When that cannot be
-//! established (no permission to read `pg_control_checkpoint()`, or the xid
-//! is too old to have a status), the answer is 08007, never a guess.
+//! (replay), and one below it is described truthfully. After a **failover**
+//! (the server's timeline changed) the new primary's history may lack the
+//! write and reuse its xid: "aborted" still means the write is absent, but
+//! "committed" cannot be told from someone else's commit. When the answer
+//! cannot be established (a failover reporting "committed", a restart seen
+//! by a role without permission to read `pg_control_checkpoint()`, or an
+//! xid too old to have a status), the answer is 08007, never a guess.
 
 /// How a statement was run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -89,6 +89,35 @@ impl Stack {
             .unwrap();
     }
 
+    /// Upper bucket bounds holding the median and the largest observation of
+    /// histogram `name` (all series together), in seconds; `None` if empty.
+    pub fn histogram_bounds(&self, name: &str) -> Option<(f64, f64)> {
+        let family = self
+            .registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == name)?;
+        let mut cumulative: Vec<(f64, u64)> = Vec::new();
+        let mut count = 0;
+        for metric in family.get_metric() {
+            let histogram = metric.get_histogram();
+            count += histogram.get_sample_count();
+            for (i, bucket) in histogram.get_bucket().iter().enumerate() {
+                if cumulative.len() <= i {
+                    cumulative.push((bucket.upper_bound(), 0));
+                }
+                cumulative[i].1 += bucket.cumulative_count();
+            }
+        }
+        let bound = |target: u64| {
+            cumulative
+                .iter()
+                .find(|(_, c)| *c >= target)
+                .map_or(f64::INFINITY, |(b, _)| *b)
+        };
+        (count > 0).then(|| (bound(count.div_ceil(2)), bound(count)))
+    }
+
     /// A metric's value (summed over series matching `labels`).
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         pgwarden::telemetry::scrape::value(&self.registry, name, labels)
