@@ -13,11 +13,24 @@
 //! - [`pool`]: a `deadpool` pool of backend sessions that only reuses
 //!   sessions that are provably clean.
 //!
-//! A request will travel: front end (HTTP `/sql`) → guard (admission, replay)
-//! → lifecycle (current generation) → pool → backend session → PostgreSQL.
+//! - [`lifecycle`]: generations, health checks, reconnects, two-phase warm-up.
+//! - [`guard`]: admission (bounded waits, stale-client hits), the replay
+//!   rules, and the [`guard::Executor`] the front ends call.
+//! - [`api`]: the Neon-compatible SQL-over-HTTP front end.
+//! - [`ops`]: metrics, health, status and admin endpoints.
+//! - [`app`]: wires all of it from a [`config::Config`].
+//! - [`telemetry`] and [`config`] sit at the base and import nothing of ours.
+//!
+//! A request travels: `POST /sql` ([`api::http`]) → executor (replay rules)
+//! → guard (admission) → lifecycle (current generation) → pool → backend
+//! session → PostgreSQL.
 
+pub mod api;
+pub mod app;
 pub mod backend;
+pub mod config;
 pub mod guard;
 pub mod lifecycle;
+pub mod ops;
 pub mod pool;
 pub mod telemetry;

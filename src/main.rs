@@ -1,34 +1,82 @@
-//! The `pgwarden` binary: for now it checks that a database is reachable
-//! through pgwarden's own backend connections and pool.
+//! The `pgwarden` binary: parses the command line, loads the configuration,
+//! starts the daemon and shuts it down on SIGTERM or Ctrl-C (a second signal
+//! exits at once).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use anyhow::Context;
-use pgwarden::backend::{ConnectOptions, Connector};
-use pgwarden::pool::{Pool, PoolConfig};
+use clap::Parser;
+use pgwarden::config::{Config, Sources};
+use tokio::signal::unix::{SignalKind, signal};
 
-const DEFAULT_DATABASE_URL: &str = "postgresql://postgres@127.0.0.1:5432/postgres";
+/// A PostgreSQL connection-lifecycle daemon with a Neon-compatible HTTP API.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file (see pgwarden.example.toml); also PGWARDEN_CONFIG.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// PostgreSQL to connect to (overrides DATABASE_URL and the file).
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Address of the data API, e.g. 127.0.0.1:4444.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Address of the ops listener (metrics, health, status, admin).
+    #[arg(long)]
+    ops_listen: Option<String>,
+    /// Log format: text or json.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+impl Cli {
+    fn sources(self) -> Sources {
+        let mut env: BTreeMap<String, String> = std::env::vars().collect();
+        let file = self
+            .config
+            .or_else(|| env.remove("PGWARDEN_CONFIG").map(PathBuf::from));
+        let mut flags = BTreeMap::new();
+        let pairs = [
+            ("database_url", self.database_url),
+            ("listen", self.listen),
+            ("ops_listen", self.ops_listen),
+            ("log_format", self.log_format),
+        ];
+        for (key, value) in pairs {
+            if let Some(value) = value {
+                flags.insert(key.to_owned(), value);
+            }
+        }
+        Sources { file, env, flags }
+    }
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let url = std::env::args()
-        .nth(1)
-        .or_else(|| std::env::var("DATABASE_URL").ok())
-        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
-    let options = ConnectOptions::from_url(&url)?;
-    let target = options.describe_target();
-    let pool = Pool::new(Connector::new(options)?, PoolConfig::default())?;
-    let connections = pool
-        .warm()
+    let config = Config::load(&Cli::parse().sources())?;
+    pgwarden::telemetry::logging::init(&config.log_format);
+    let daemon = pgwarden::app::start(&config)
         .await
-        .with_context(|| format!("connecting to {target}"))?;
-    let version = connections[0]
-        .parameter("server_version")
-        .unwrap_or("unknown")
-        .to_owned();
-    drop(connections);
-    let status = pool.status();
-    println!(
-        "Connected to {target}: PostgreSQL {version}, {} warm connection(s).",
-        status.idle
-    );
+        .context("starting pgwarden")?;
+    println!("pgwarden {} is serving:", env!("CARGO_PKG_VERSION"));
+    println!("  data API   POST http://{}/sql", daemon.data_addr());
+    println!("  metrics    http://{}/metrics", daemon.ops_addr());
+    println!("  status     http://{}/status", daemon.ops_addr());
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        eprintln!("Second signal: exiting at once.");
+        std::process::exit(130);
+    });
+    daemon.shutdown().await;
     Ok(())
 }

@@ -46,6 +46,8 @@ pub struct ExecSettings {
     pub write_safety: WriteSafety,
     /// Strict bound on a transaction batch once it has a connection.
     pub transaction_timeout: Duration,
+    /// Largest result, in wire bytes of rows, a request may return.
+    pub result_limit: Option<usize>,
 }
 
 impl Default for ExecSettings {
@@ -53,6 +55,7 @@ impl Default for ExecSettings {
         Self {
             write_safety: WriteSafety::Resolve,
             transaction_timeout: DEFAULT_TRANSACTION_TIMEOUT,
+            result_limit: None,
         }
     }
 }
@@ -471,6 +474,7 @@ impl Executor {
         statements: &[Statement],
     ) -> Result<Vec<QueryResult>, Broken> {
         let conn = lease.conn();
+        conn.set_result_limit(self.settings.result_limit);
         match class {
             Class::Read if statements.len() == 1 => {
                 let read = [

@@ -4,6 +4,7 @@
 //! pgwarden's; the other modules speak its label vocabulary.
 
 pub mod labels;
+pub mod logging;
 pub mod metrics;
 pub mod scrape;
 

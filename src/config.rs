@@ -1,0 +1,540 @@
+//! Configuration: one documented TOML file, `PGWARDEN_*` environment
+//! overrides, `DATABASE_URL`, and CLI flags for the common keys.
+//!
+//! Every key is flat and carries its unit (`guard_timeout_ms`), so the file,
+//! the environment variable (`PGWARDEN_GUARD_TIMEOUT_MS`) and the docs all
+//! use the same name. Unknown keys are errors, and [`Config::validate`]
+//! reports every problem at once, naming each key. This module sits at the
+//! base of the crate: it knows nothing of the modules that use it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default PostgreSQL to connect to.
+pub const DEFAULT_DATABASE_URL: &str = "postgresql://postgres@127.0.0.1:5432/postgres";
+/// Default address of the data API.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4444";
+/// Default address of the ops listener (metrics, health, admin).
+pub const DEFAULT_OPS_LISTEN: &str = "127.0.0.1:9464";
+/// Default guard budget.
+pub const DEFAULT_GUARD_TIMEOUT_MS: u64 = 3000;
+/// Default strict timeout of a transaction batch.
+pub const DEFAULT_TRANSACTION_TIMEOUT_MS: u64 = 8000;
+/// Default pool size per generation.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10;
+/// Default number of connections warmed up per generation.
+pub const DEFAULT_MIN_CONNECTIONS: usize = 2;
+/// Default bound on waiting for a free pooled connection.
+pub const DEFAULT_POOL_WAIT_TIMEOUT_MS: u64 = 5000;
+/// Default bound on opening a connection.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5000;
+/// Default interval between health checks.
+pub const DEFAULT_HEALTH_CHECK_INTERVAL_MS: u64 = 5000;
+/// Default bound on one health check.
+pub const DEFAULT_HEALTH_CHECK_TIMEOUT_MS: u64 = 1000;
+/// Default first pause between failed attempts.
+pub const DEFAULT_BACKOFF_INITIAL_MS: u64 = 100;
+/// Default cap of the pause between failed attempts.
+pub const DEFAULT_BACKOFF_MAX_MS: u64 = 5000;
+/// Default bound on the warm-up's ping phase.
+pub const DEFAULT_WARMUP_PING_TIMEOUT_MS: u64 = 5000;
+/// Default bound on the warm-up's queries phase.
+pub const DEFAULT_WARMUP_QUERIES_TIMEOUT_MS: u64 = 10000;
+/// Default limit of a request body.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
+/// Default limit of a response.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 10 * 1024 * 1024;
+/// Default grace period for in-flight requests at shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10000;
+
+/// The whole configuration. See `pgwarden.example.toml` for every key.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The PostgreSQL pgwarden connects to (libpq URL; may hold the password).
+    pub database_url: String,
+    /// File holding the database password, instead of putting it in the URL.
+    pub database_password_file: Option<PathBuf>,
+    /// Address of the data API (`POST /sql`).
+    pub listen: String,
+    /// Address of the ops listener.
+    pub ops_listen: String,
+    /// How long a request may wait for a usable connection, in ms.
+    pub guard_timeout_ms: u64,
+    /// Strict bound on a transaction batch once it runs, in ms.
+    pub transaction_timeout_ms: u64,
+    /// `resolve` (never doubt a write) or `fast` (one round trip; 08007 on a break).
+    pub write_safety: String,
+    /// Connections per generation at most.
+    pub max_connections: usize,
+    /// Connections opened and warmed up per generation.
+    pub min_connections: usize,
+    /// Bound on waiting for a free pooled connection, in ms.
+    pub pool_wait_timeout_ms: u64,
+    /// Bound on opening one connection, in ms.
+    pub connect_timeout_ms: u64,
+    /// `DISCARD ALL` before a connection serves another request.
+    pub reset_sessions: bool,
+    /// Interval between health checks, in ms.
+    pub health_check_interval_ms: u64,
+    /// Bound on one health check, in ms.
+    pub health_check_timeout_ms: u64,
+    /// First pause after a failed connection attempt, in ms.
+    pub backoff_initial_ms: u64,
+    /// Cap of the pause between failed attempts, in ms.
+    pub backoff_max_ms: u64,
+    /// Bound on the warm-up's ping phase, in ms.
+    pub warmup_ping_timeout_ms: u64,
+    /// Bound on the warm-up's queries phase, in ms.
+    pub warmup_queries_timeout_ms: u64,
+    /// Statements run on every new connection before a generation serves.
+    pub warmup_queries: Vec<String>,
+    /// `primary` (refuse a standby) or `any`.
+    pub role: String,
+    /// Largest accepted request body, in bytes (413 beyond).
+    pub max_request_bytes: usize,
+    /// Largest response, in bytes (507 beyond).
+    pub max_response_bytes: usize,
+    /// User clients must name in their connection string (default: the database user).
+    pub client_user: Option<String>,
+    /// Password clients must present (default: the database password).
+    pub client_password: Option<String>,
+    /// File holding `client_password`.
+    pub client_password_file: Option<PathBuf>,
+    /// Bearer token for `/admin/*` (without one, only loopback peers may use them).
+    pub admin_token: Option<String>,
+    /// File holding `admin_token`.
+    pub admin_token_file: Option<PathBuf>,
+    /// Grace period for in-flight requests at shutdown, in ms.
+    pub shutdown_grace_ms: u64,
+    /// `text` or `json`.
+    pub log_format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database_url: DEFAULT_DATABASE_URL.into(),
+            database_password_file: None,
+            listen: DEFAULT_LISTEN.into(),
+            ops_listen: DEFAULT_OPS_LISTEN.into(),
+            guard_timeout_ms: DEFAULT_GUARD_TIMEOUT_MS,
+            transaction_timeout_ms: DEFAULT_TRANSACTION_TIMEOUT_MS,
+            write_safety: "resolve".into(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            min_connections: DEFAULT_MIN_CONNECTIONS,
+            pool_wait_timeout_ms: DEFAULT_POOL_WAIT_TIMEOUT_MS,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            reset_sessions: true,
+            health_check_interval_ms: DEFAULT_HEALTH_CHECK_INTERVAL_MS,
+            health_check_timeout_ms: DEFAULT_HEALTH_CHECK_TIMEOUT_MS,
+            backoff_initial_ms: DEFAULT_BACKOFF_INITIAL_MS,
+            backoff_max_ms: DEFAULT_BACKOFF_MAX_MS,
+            warmup_ping_timeout_ms: DEFAULT_WARMUP_PING_TIMEOUT_MS,
+            warmup_queries_timeout_ms: DEFAULT_WARMUP_QUERIES_TIMEOUT_MS,
+            warmup_queries: Vec::new(),
+            role: "primary".into(),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            client_user: None,
+            client_password: None,
+            client_password_file: None,
+            admin_token: None,
+            admin_token_file: None,
+            shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
+            log_format: "text".into(),
+        }
+    }
+}
+
+/// Every problem found, each naming its key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .problems.join("\n  - "))]
+pub struct ConfigError {
+    /// One line per problem.
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(problem: impl Into<String>) -> Self {
+        Self {
+            problems: vec![problem.into()],
+        }
+    }
+}
+
+/// Where settings come from, lowest precedence first.
+#[derive(Debug, Default)]
+pub struct Sources {
+    /// The TOML file (`--config`), if any.
+    pub file: Option<PathBuf>,
+    /// Environment variables (only `PGWARDEN_*` and `DATABASE_URL` are read).
+    pub env: BTreeMap<String, String>,
+    /// Keys set by CLI flags, highest precedence.
+    pub flags: BTreeMap<String, String>,
+}
+
+impl Config {
+    /// Loads from the file, then the environment, then the flags, and validates.
+    pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = &sources.file {
+            builder = builder
+                .add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
+        }
+        let env = env_overrides(&sources.env)?;
+        for (key, value) in env.iter().chain(&sources.flags) {
+            builder = set(builder, key, value)?;
+        }
+        let built = builder
+            .build()
+            .map_err(|e| ConfigError::one(e.to_string()))?;
+        let mut config: Config = built
+            .try_deserialize()
+            .map_err(|e| ConfigError::one(e.to_string()))?;
+        config.read_secret_files()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every setting, reporting all problems together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, problem: String| {
+            if !ok {
+                problems.push(problem);
+            }
+        };
+        check(
+            parse_url_ok(&self.database_url),
+            "database_url: not a postgres:// or postgresql:// URL".into(),
+        );
+        for (key, value) in [("listen", &self.listen), ("ops_listen", &self.ops_listen)] {
+            check(
+                value.parse::<SocketAddr>().is_ok(),
+                format!("{key}: {value:?} is not an address like 127.0.0.1:4444"),
+            );
+        }
+        check(
+            ["resolve", "fast"].contains(&self.write_safety.as_str()),
+            format!(
+                "write_safety: {:?} must be \"resolve\" or \"fast\"",
+                self.write_safety
+            ),
+        );
+        check(
+            ["primary", "any"].contains(&self.role.as_str()),
+            format!("role: {:?} must be \"primary\" or \"any\"", self.role),
+        );
+        check(
+            ["text", "json"].contains(&self.log_format.as_str()),
+            format!(
+                "log_format: {:?} must be \"text\" or \"json\"",
+                self.log_format
+            ),
+        );
+        check(
+            self.max_connections >= 1,
+            "max_connections: must be at least 1".into(),
+        );
+        check(
+            self.min_connections >= 1 && self.min_connections <= self.max_connections,
+            format!(
+                "min_connections: must be between 1 and max_connections ({})",
+                self.max_connections
+            ),
+        );
+        for (key, value) in self.durations() {
+            check(value > 0, format!("{key}: must be greater than 0"));
+        }
+        check(
+            self.backoff_initial_ms <= self.backoff_max_ms,
+            "backoff_initial_ms: must not exceed backoff_max_ms".into(),
+        );
+        check(
+            self.max_request_bytes > 0,
+            "max_request_bytes: must be greater than 0".into(),
+        );
+        check(
+            self.max_response_bytes > 0,
+            "max_response_bytes: must be greater than 0".into(),
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    fn durations(&self) -> [(&'static str, u64); 11] {
+        [
+            ("guard_timeout_ms", self.guard_timeout_ms),
+            ("transaction_timeout_ms", self.transaction_timeout_ms),
+            ("pool_wait_timeout_ms", self.pool_wait_timeout_ms),
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("health_check_interval_ms", self.health_check_interval_ms),
+            ("health_check_timeout_ms", self.health_check_timeout_ms),
+            ("backoff_initial_ms", self.backoff_initial_ms),
+            ("backoff_max_ms", self.backoff_max_ms),
+            ("warmup_ping_timeout_ms", self.warmup_ping_timeout_ms),
+            ("warmup_queries_timeout_ms", self.warmup_queries_timeout_ms),
+            ("shutdown_grace_ms", self.shutdown_grace_ms),
+        ]
+    }
+
+    /// Replaces `*_file` settings by the files' contents (trailing newline removed).
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut read = |key: &str, path: &Option<PathBuf>| -> Option<String> {
+            let path = path.as_ref()?;
+            match read_secret(path) {
+                Ok(secret) => Some(secret),
+                Err(e) => {
+                    problems.push(format!("{key}: cannot read {}: {e}", path.display()));
+                    None
+                }
+            }
+        };
+        let client = read("client_password_file", &self.client_password_file);
+        let admin = read("admin_token_file", &self.admin_token_file);
+        let database = read("database_password_file", &self.database_password_file);
+        self.client_password = client.or(self.client_password.take());
+        self.admin_token = admin.or(self.admin_token.take());
+        if let Some(password) = database {
+            self.database_url = with_password(&self.database_url, &password)
+                .unwrap_or_else(|| self.database_url.clone());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+}
+
+fn read_secret(path: &Path) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(path)?
+        .trim_end_matches(['\n', '\r'])
+        .to_owned())
+}
+
+fn parse_url_ok(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+fn with_password(database_url: &str, password: &str) -> Option<String> {
+    let mut url = url::Url::parse(&database_url.replacen("@/", "@localhost/", 1)).ok()?;
+    url.set_password(Some(password)).ok()?;
+    Some(url.to_string())
+}
+
+/// Maps `PGWARDEN_GUARD_TIMEOUT_MS` to `guard_timeout_ms` and
+/// `DATABASE_URL` to `database_url`; an unknown `PGWARDEN_*` is an error.
+fn env_overrides(env: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>, ConfigError> {
+    let known = known_keys();
+    let mut overrides = BTreeMap::new();
+    let mut problems = Vec::new();
+    if let Some(url) = env.get("DATABASE_URL") {
+        overrides.insert("database_url".to_owned(), url.clone());
+    }
+    for (name, value) in env {
+        let Some(key) = name.strip_prefix("PGWARDEN_") else {
+            continue;
+        };
+        let key = key.to_ascii_lowercase();
+        if known.contains(&key.as_str()) {
+            overrides.insert(key, value.clone());
+        } else {
+            problems.push(format!(
+                "{name}: no such setting (see pgwarden.example.toml)"
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(overrides)
+    } else {
+        Err(ConfigError { problems })
+    }
+}
+
+fn set(
+    builder: config::ConfigBuilder<config::builder::DefaultState>,
+    key: &str,
+    value: &str,
+) -> Result<config::ConfigBuilder<config::builder::DefaultState>, ConfigError> {
+    let result = if key == "warmup_queries" {
+        let list: Vec<String> = value
+            .split(';')
+            .map(str::trim)
+            .filter(|q| !q.is_empty())
+            .map(String::from)
+            .collect();
+        builder.set_override(key, list)
+    } else {
+        builder.set_override(key, value)
+    };
+    result.map_err(|e| ConfigError::one(format!("{key}: {e}")))
+}
+
+fn known_keys() -> Vec<&'static str> {
+    vec![
+        "database_url",
+        "database_password_file",
+        "listen",
+        "ops_listen",
+        "guard_timeout_ms",
+        "transaction_timeout_ms",
+        "write_safety",
+        "max_connections",
+        "min_connections",
+        "pool_wait_timeout_ms",
+        "connect_timeout_ms",
+        "reset_sessions",
+        "health_check_interval_ms",
+        "health_check_timeout_ms",
+        "backoff_initial_ms",
+        "backoff_max_ms",
+        "warmup_ping_timeout_ms",
+        "warmup_queries_timeout_ms",
+        "warmup_queries",
+        "role",
+        "max_request_bytes",
+        "max_response_bytes",
+        "client_user",
+        "client_password",
+        "client_password_file",
+        "admin_token",
+        "admin_token_file",
+        "shutdown_grace_ms",
+        "log_format",
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::load(&Sources::default()).unwrap();
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn file_then_environment_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pgwarden.toml");
+        std::fs::write(
+            &file,
+            "guard_timeout_ms = 1500\nmax_connections = 4\nwarmup_queries = [\"SELECT 1\"]\n",
+        )
+        .unwrap();
+        let sources = Sources {
+            file: Some(file),
+            env: env(&[
+                ("PGWARDEN_MAX_CONNECTIONS", "6"),
+                ("DATABASE_URL", "postgresql://app@db/app"),
+                ("HOME", "/root"),
+            ]),
+            flags: env(&[("listen", "0.0.0.0:8080")]),
+        };
+        let config = Config::load(&sources).unwrap();
+        assert_eq!(config.guard_timeout_ms, 1500);
+        assert_eq!(config.max_connections, 6);
+        assert_eq!(config.database_url, "postgresql://app@db/app");
+        assert_eq!(config.listen, "0.0.0.0:8080");
+        assert_eq!(config.warmup_queries, ["SELECT 1"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pgwarden.toml");
+        std::fs::write(&file, "guard_timeout = 3\n").unwrap();
+        let error = Config::load(&Sources {
+            file: Some(file),
+            ..Sources::default()
+        })
+        .unwrap_err();
+        assert!(error.to_string().contains("guard_timeout"), "{error}");
+
+        let sources = Sources {
+            env: env(&[("PGWARDEN_GAURD_TIMEOUT_MS", "1")]),
+            ..Sources::default()
+        };
+        let error = Config::load(&sources).unwrap_err();
+        assert!(
+            error.to_string().contains("PGWARDEN_GAURD_TIMEOUT_MS"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let sources = Sources {
+            flags: env(&[
+                ("listen", "nowhere"),
+                ("write_safety", "yolo"),
+                ("min_connections", "50"),
+                ("guard_timeout_ms", "0"),
+            ]),
+            ..Sources::default()
+        };
+        let error = Config::load(&sources).unwrap_err();
+        let keys: Vec<_> = error
+            .problems
+            .iter()
+            .map(|p| p.split(':').next().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "listen",
+                "write_safety",
+                "min_connections",
+                "guard_timeout_ms"
+            ],
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn secrets_can_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("token");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let password = dir.path().join("db");
+        std::fs::write(&password, "p@ss\n").unwrap();
+        let sources = Sources {
+            flags: env(&[
+                ("admin_token_file", secret.to_str().unwrap()),
+                ("database_password_file", password.to_str().unwrap()),
+            ]),
+            ..Sources::default()
+        };
+        let config = Config::load(&sources).unwrap();
+        assert_eq!(config.admin_token.as_deref(), Some("s3cret"));
+        assert!(
+            config.database_url.contains(":p%40ss@"),
+            "{}",
+            config.database_url
+        );
+
+        let missing = Sources {
+            flags: env(&[("admin_token_file", "/nonexistent/token")]),
+            ..Sources::default()
+        };
+        let error = Config::load(&missing).unwrap_err();
+        assert!(error.to_string().contains("admin_token_file"), "{error}");
+    }
+}
