@@ -6,78 +6,7 @@ mod support;
 use pgwarden::backend::{Connection, Statement};
 use support::Cluster;
 use support::pg::{connect, superuser};
-
-const SCHEMA: &str = "
-    CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
-    CREATE TYPE pair AS (n int, label text, note text);
-";
-
-/// One expression per line: each is selected on its own and compared.
-const EXPRESSIONS: &[&str] = &[
-    "true",
-    "false",
-    "NULL::bool",
-    "(-32768)::int2",
-    "(-2147483648)::int4",
-    "9223372036854775807::int8",
-    "123456789012345678901234567890.123456789::numeric",
-    "1.500::numeric",
-    "'NaN'::numeric",
-    "'Infinity'::numeric",
-    "1.5::float4",
-    "0.1::float4",
-    "'NaN'::float4",
-    "'Infinity'::float4",
-    "'-Infinity'::float8",
-    "0.1::float8",
-    "1e300::float8",
-    "(-0.0)::float8",
-    "2.0/3.0::float8",
-    "'plain'::text",
-    "''::text",
-    "E'line one\\nline two\\ttab'",
-    "'quote '' \" | , {braces}'::text",
-    "'ünïcødé ✓ 𝄞'::text",
-    "'x'::char(3)",
-    "'abc'::varchar(5)",
-    "'\\xdeadbeef'::bytea",
-    "E'\\\\x00ff'::bytea",
-    "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid",
-    "'{\"a\": [1, 2.50, null], \"b\":   \"x\"}'::json",
-    "'{\"b\": 1, \"a\": [true, null], \"c\": {\"d\": \"é\"}}'::jsonb",
-    "'2024-02-29'::date",
-    "'infinity'::date",
-    "'4713-01-01 BC'::date",
-    "'23:59:59.999999'::time",
-    "'12:00+05:30'::timetz",
-    "'2024-02-29 12:34:56.789'::timestamp",
-    "'2024-02-29 12:34:56.789+05:30'::timestamptz",
-    "'-infinity'::timestamptz",
-    "'1 year 2 mons 3 days 04:05:06.789'::interval",
-    "'-1 day -00:00:01'::interval",
-    "ARRAY[[1, 2], [3, NULL]]::int[]",
-    "ARRAY['a b', 'quo\"te', 'back\\slash', NULL, '', 'NULL', 'comma,x', '{brace}']",
-    "'{}'::int[]",
-    "ARRAY[1.5, 'NaN']::float8[]",
-    "ARRAY['2024-01-01'::date, 'infinity']",
-    "'happy'::mood",
-    "ARRAY['sad', 'ok']::mood[]",
-    "ROW(1, 'x y', NULL)::pair",
-    "ROW(NULL, '', 'quo\"te, (paren)')::pair",
-    "ARRAY[ROW(1, 'a', 'b')::pair, ROW(2, NULL, 'c,d')::pair]",
-    "'192.168.0.1/24'::inet",
-    "'10.0.0.0/8'::cidr",
-    "'08:00:2b:01:02:03'::macaddr",
-    "point(1.5, -2)",
-    "B'1010'::bit(4)",
-    "int4range(1, 10)",
-    "'[2024-01-01,2024-02-01)'::daterange",
-    "'a fat cat'::tsvector",
-    "12.34::money",
-    "'pg_class'::regclass",
-    "42::oid",
-    "'<a>x</a>'::xml",
-];
+use support::types::{EXPRESSIONS, SCHEMA};
 
 #[tokio::test]
 async fn every_type_prints_byte_for_byte_as_psql_prints_it() {

@@ -213,23 +213,32 @@ impl RuleCounts {
     }
 }
 
-/// The cancel token of the connection a batch is running on, so a
-/// transaction timeout can stop the statement on the server too.
-#[derive(Debug, Default)]
-struct CancelSlot(std::sync::Mutex<Option<CancelToken>>);
+/// Cancels the statement on the server if the request is abandoned while
+/// it runs: a client that went away, or a transaction timeout, drops the
+/// request's future, and with it this guard.
+struct CancelOnDrop(Option<CancelToken>);
 
-impl CancelSlot {
-    fn set(&self, token: Option<CancelToken>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = token;
+impl CancelOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
     }
+}
 
-    async fn cancel(&self) {
-        let token = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(token) = token
-            && let Err(error) = token.cancel().await
-        {
-            warn!(error = %error, "Cancel request failed.");
-        }
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some(token) = self.0.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            info!(
+                pid = token.process_id(),
+                "Request abandoned: cancelling its statement on the server."
+            );
+            if let Err(error) = token.cancel().await {
+                warn!(error = %error, "Cancel request failed.");
+            }
+        });
     }
 }
 
@@ -304,10 +313,7 @@ impl Executor {
         };
         let statements = std::slice::from_ref(statement);
         let options = TransactionOptions::default();
-        let running = CancelSlot::default();
-        let mut results = self
-            .run(lease, class, &options, statements, &running)
-            .await?;
+        let mut results = self.run(lease, class, &options, statements).await?;
         results
             .pop()
             .ok_or_else(|| ExecError::Internal("no result for the statement".into()))
@@ -325,16 +331,14 @@ impl Executor {
             WriteSafety::Fast => Class::Bare,
         };
         let limit = self.settings.transaction_timeout;
-        let running = CancelSlot::default();
-        let run = self.run(lease, class, options, statements, &running);
+        let run = self.run(lease, class, options, statements);
         match tokio::time::timeout(limit, run).await {
             Ok(result) => result,
             Err(_) => {
                 warn!(
                     timeout_ms = limit.as_millis() as u64,
-                    "Transaction timeout: cancelling the batch."
+                    "Transaction timeout: the batch was cancelled."
                 );
-                running.cancel().await;
                 Err(ExecError::TransactionTimeout(limit))
             }
         }
@@ -348,15 +352,15 @@ impl Executor {
         mut class: Class,
         options: &TransactionOptions,
         statements: &[Statement],
-        running: &CancelSlot,
     ) -> Result<Vec<QueryResult>, ExecError> {
         let deadline = lease.deadline();
         let mut lease = self.guard.refresh(lease).await?;
         let mut replays = 0u32;
         loop {
             let generation = lease.generation().id();
-            running.set(lease.conn().cancel_token());
+            let abandon = CancelOnDrop(lease.conn().cancel_token());
             let attempt = self.attempt(&mut lease, class, options, statements).await;
+            abandon.disarm();
             let broken = match attempt {
                 Ok(results) => return self.replayed(replays, Ok(results)),
                 Err(broken) => broken,

@@ -17,10 +17,12 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod cluster;
+pub mod daemon;
 pub mod pg;
 pub mod process;
 pub mod proxy;
 pub mod stack;
+pub mod types;
 pub mod wait;
 
 pub use cluster::{Cluster, PgBin, users};
