@@ -425,6 +425,24 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_valid_and_spells_every_default() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("pgwarden.example.toml");
+        let config = Config::load(&Sources {
+            file: Some(example.clone()),
+            ..Sources::default()
+        })
+        .unwrap();
+        assert_eq!(config, Config::default());
+        let text = std::fs::read_to_string(example).unwrap();
+        for key in known_keys() {
+            assert!(
+                text.contains(&format!("{key} =")),
+                "pgwarden.example.toml does not document {key}"
+            );
+        }
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let config = Config::load(&Sources::default()).unwrap();
         assert_eq!(config, Config::default());

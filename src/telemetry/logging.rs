@@ -9,7 +9,8 @@ pub fn init(format: &str) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,pgwarden=info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .with_writer(std::io::stderr);
     let installed = if format == "json" {
         builder.json().flatten_event(true).try_init()
     } else {
