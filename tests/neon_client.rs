@@ -1,0 +1,98 @@
+//! The real client: `@neondatabase/serverless`, unchanged, talks to
+//! pgwarden (tests/clients/neon.test.mjs), and keeps working across a
+//! database restart (tests/clients/neon.load.mjs).
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::Cluster;
+use support::daemon::{TestDaemon, config_for};
+
+fn clients_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients");
+    let driver = dir.join("node_modules/@neondatabase/serverless");
+    assert!(
+        driver.exists(),
+        "the Neon driver is not installed: run `npm ci --prefix tests/clients` (needs Node.js 20 and npm)"
+    );
+    dir
+}
+
+fn node(daemon: &TestDaemon, script: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new("node");
+    command
+        .current_dir(clients_dir())
+        .arg(script)
+        .env("PGWARDEN_FETCH_ENDPOINT", format!("{}/sql", daemon.data))
+        .env(
+            "PGWARDEN_CONNECTION_STRING",
+            "postgresql://postgres@db.example/postgres",
+        )
+        .kill_on_drop(true);
+    command
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_neon_serverless_driver_works_unchanged() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(config_for(&cluster)).await;
+    let mut command = node(&daemon, "--test");
+    command.arg("neon.test.mjs");
+    let output = command.output().await.expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the Neon driver tests failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("# pass 5"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_neon_driver_sees_no_failure_across_a_database_restart() {
+    let cluster = Arc::new(Cluster::start());
+    cluster.psql("CREATE TABLE client_load (id int PRIMARY KEY, n int); INSERT INTO client_load SELECT g, 0 FROM generate_series(1, 4) g");
+    let daemon = TestDaemon::start(config_for(&cluster)).await;
+    let mut command = node(&daemon, "neon.load.mjs");
+    command.env("PGWARDEN_LOAD_MS", "5000");
+    let load = command.output();
+    let kit = cluster.clone();
+    let restart = async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::task::spawn_blocking(move || kit.restart_fast())
+            .await
+            .unwrap();
+    };
+    let (output, ()) = tokio::join!(load, restart);
+    let output = output.expect("node runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON report line");
+    assert_eq!(
+        report["failed"], 0,
+        "queries failed across the restart: {report}"
+    );
+    assert!(report["ok"].as_u64().unwrap() > 20, "{report}");
+    let stored = cluster.psql("SELECT sum(n) FROM client_load");
+    assert_eq!(
+        stored.trim(),
+        report["writes"].to_string(),
+        "acknowledged writes vs stored"
+    );
+    assert_eq!(
+        daemon
+            .metric("pgwarden_reconnects_total{reason=\"connection_lost\"}")
+            .await
+            + daemon
+                .metric("pgwarden_reconnects_total{reason=\"health_check\"}")
+                .await,
+        1.0
+    );
+}
