@@ -3,6 +3,7 @@
 //! exits at once).
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -53,18 +54,32 @@ impl Cli {
     }
 }
 
+/// Prints where pgwarden serves. Best effort: a closed stdout must not
+/// take the daemon down.
+fn announce(daemon: &pgwarden::app::Daemon) {
+    let text = format!(
+        "pgwarden {} is serving:\n  data API   POST http://{}/sql\n  metrics    http://{}/metrics\n  status     http://{}/status\n",
+        env!("CARGO_PKG_VERSION"),
+        daemon.data_addr(),
+        daemon.ops_addr(),
+        daemon.ops_addr(),
+    );
+    let mut stdout = std::io::stdout();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Before anything else, so a signal during start-up is not fatal.
+    let mut terminate = signal(SignalKind::terminate())?;
     let config = Config::load(&Cli::parse().sources())?;
-    pgwarden::telemetry::logging::init(&config.log_format);
+    let telemetry = pgwarden::telemetry::logging::init(&config.log_format);
     let daemon = pgwarden::app::start(&config)
         .await
         .context("starting pgwarden")?;
-    println!("pgwarden {} is serving:", env!("CARGO_PKG_VERSION"));
-    println!("  data API   POST http://{}/sql", daemon.data_addr());
-    println!("  metrics    http://{}/metrics", daemon.ops_addr());
-    println!("  status     http://{}/status", daemon.ops_addr());
-    let mut terminate = signal(SignalKind::terminate())?;
+    announce(&daemon);
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -78,5 +93,6 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(130);
     });
     daemon.shutdown().await;
+    telemetry.shutdown();
     Ok(())
 }

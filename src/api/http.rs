@@ -22,6 +22,7 @@ use subtle::ConstantTimeEq;
 use tower_http::cors::{Any, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::{Instrument, field, info_span};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::neon::{BatchBody, ResultBody, SqlRequest, batch_options, error_body, parse_body};
 use crate::guard::{ExecError, Executor};
@@ -171,6 +172,9 @@ async fn sql(State(state): State<Arc<DataState>>, headers: HeaderMap, body: Body
         "url.path" = "/sql",
         "http.response.status_code" = field::Empty,
     );
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(&headers)));
+    let _ = span.set_parent(parent);
     let (kind, outcome) = handle(&state, &headers, body)
         .instrument(span.clone())
         .await;
@@ -284,6 +288,19 @@ fn respond(
         HeaderValue::from_static("application/json"),
     );
     Ok(response)
+}
+
+/// Reads W3C trace context (`traceparent`, `tracestate`) from request headers.
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
 }
 
 fn header_is(headers: &HeaderMap, name: &str, expected: &str) -> bool {

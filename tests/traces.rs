@@ -1,0 +1,192 @@
+//! Traces: the binary exports spans over OTLP (HTTP/protobuf and gRPC) to a
+//! receiver the test runs; a request's `traceparent` makes its span a child;
+//! a collector that is down changes nothing for clients.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::routing::post;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message;
+use support::Cluster;
+
+/// One received span: name, trace id, span id, parent span id (hex).
+#[derive(Clone, Debug)]
+struct Received {
+    name: String,
+    trace_id: String,
+    span_id: String,
+    parent: String,
+}
+
+const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
+const PARENT_ID: &str = "b7ad6b7169203331";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An OTLP/HTTP receiver on a free port; returns its address and the spans it got.
+async fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Received>>>) {
+    let spans = Arc::new(Mutex::new(Vec::new()));
+    let sink = spans.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        post(move |body: Bytes| {
+            let sink = sink.clone();
+            async move {
+                let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                let mut sink = sink.lock().unwrap();
+                for scope in request.resource_spans.iter().flat_map(|r| &r.scope_spans) {
+                    for span in &scope.spans {
+                        sink.push(Received {
+                            name: span.name.clone(),
+                            trace_id: hex(&span.trace_id),
+                            span_id: hex(&span.span_id),
+                            parent: hex(&span.parent_span_id),
+                        });
+                    }
+                }
+                ""
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (address, spans)
+}
+
+/// Starts the binary with `endpoint` as its collector; returns it and its data address.
+fn start_pgwarden(cluster: &Cluster, endpoint: &str) -> (Child, String) {
+    let url = format!("{}?sslmode=disable", cluster.url("postgres", None));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .args([
+            "--database-url",
+            &url,
+            "--listen",
+            "127.0.0.1:0",
+            "--ops-listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("DATABASE_URL")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let _banner = lines.next();
+    let data = lines.next().unwrap().unwrap();
+    let address = data.split("POST ").nth(1).unwrap().trim().to_owned();
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, address)
+}
+
+async fn traced_query(client: &reqwest::Client, url: &str) -> reqwest::StatusCode {
+    client
+        .post(url)
+        .header("Neon-Connection-String", "postgresql://postgres@x/postgres")
+        .header("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01"))
+        .body(r#"{"query":"SELECT 1"}"#)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+fn terminate(mut child: Child) -> Option<i32> {
+    // SAFETY: kill only sends a signal to the child we spawned.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    child.wait().unwrap().code()
+}
+
+async fn eventually_ready(client: &reqwest::Client, url: &str) {
+    for _ in 0..200 {
+        if traced_query(client, url).await == reqwest::StatusCode::OK {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("pgwarden never answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_traced_as_a_child_of_its_traceparent() {
+    let cluster = Cluster::start();
+    let (address, spans) = receiver().await;
+    let (child, url) = start_pgwarden(&cluster, &format!("http://{address}"));
+    let client = reqwest::Client::new();
+    eventually_ready(&client, &url).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let ours = loop {
+        let ours: Vec<Received> = spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.trace_id == TRACE_ID)
+            .cloned()
+            .collect();
+        let names: Vec<&str> = ours.iter().map(|s| s.name.as_str()).collect();
+        if ["http_request", "guard_admit", "db_query"]
+            .iter()
+            .all(|n| names.contains(n))
+        {
+            break ours;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "spans never arrived: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let request = ours.iter().find(|s| s.name == "http_request").unwrap();
+    assert_eq!(
+        request.parent, PARENT_ID,
+        "the request span is a child of the caller's span"
+    );
+    for name in ["guard_admit", "db_query"] {
+        let inner = ours
+            .iter()
+            .find(|s| s.name == name && s.parent == request.span_id);
+        assert!(
+            inner.is_some(),
+            "{name} is not a child of http_request: {ours:?}"
+        );
+    }
+    let lifecycle = spans.lock().unwrap().iter().any(|s| s.name == "db_warmup");
+    assert!(lifecycle, "the warm-up was traced too");
+    assert_eq!(terminate(child), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_down_changes_nothing_for_clients() {
+    let cluster = Cluster::start();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (child, url) = start_pgwarden(&cluster, &format!("http://{closed}"));
+    let client = reqwest::Client::new();
+    eventually_ready(&client, &url).await;
+    let started = std::time::Instant::now();
+    for _ in 0..50 {
+        assert_eq!(traced_query(&client, &url).await, reqwest::StatusCode::OK);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "requests slowed down: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        terminate(child),
+        Some(0),
+        "exits cleanly although the flush fails"
+    );
+}
