@@ -61,8 +61,60 @@ async fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Received>>>) {
     (address, spans)
 }
 
+/// An OTLP/gRPC receiver on a free port; returns its address and the spans it got.
+async fn grpc_receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Received>>>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+
+    struct Sink(Arc<Mutex<Vec<Received>>>);
+
+    #[tonic::async_trait]
+    impl TraceService for Sink {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let mut sink = self.0.lock().unwrap();
+            for scope in request
+                .into_inner()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+            {
+                for span in &scope.spans {
+                    sink.push(Received {
+                        name: span.name.clone(),
+                        trace_id: hex(&span.trace_id),
+                        span_id: hex(&span.span_id),
+                        parent: hex(&span.parent_span_id),
+                    });
+                }
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    let spans = Arc::new(Mutex::new(Vec::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let service = TraceServiceServer::new(Sink(spans.clone()));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming),
+    );
+    (address, spans)
+}
+
 /// Starts the binary with `endpoint` as its collector; returns it and its data address.
 fn start_pgwarden(cluster: &Cluster, endpoint: &str) -> (Child, String) {
+    start_pgwarden_with(cluster, endpoint, "http/protobuf")
+}
+
+fn start_pgwarden_with(cluster: &Cluster, endpoint: &str, protocol: &str) -> (Child, String) {
     let url = format!("{}?sslmode=disable", cluster.url("postgres", None));
     let mut child = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
         .args([
@@ -75,6 +127,7 @@ fn start_pgwarden(cluster: &Cluster, endpoint: &str) -> (Child, String) {
         ])
         .env_remove("DATABASE_URL")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -121,8 +174,21 @@ async fn a_request_is_traced_as_a_child_of_its_traceparent() {
     let cluster = Cluster::start();
     let (address, spans) = receiver().await;
     let (child, url) = start_pgwarden(&cluster, &format!("http://{address}"));
+    assert_traced(child, &url, spans).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_are_exported_over_grpc_too() {
+    let cluster = Cluster::start();
+    let (address, spans) = grpc_receiver().await;
+    let (child, url) = start_pgwarden_with(&cluster, &format!("http://{address}"), "grpc");
+    assert_traced(child, &url, spans).await;
+}
+
+/// Sends a traced request and checks the spans `spans` receives.
+async fn assert_traced(child: Child, url: &str, spans: Arc<Mutex<Vec<Received>>>) {
     let client = reqwest::Client::new();
-    eventually_ready(&client, &url).await;
+    eventually_ready(&client, url).await;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let ours = loop {
