@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use axum::routing::post;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use support::Cluster;
+use support::binary::{Running, spawn};
 
 /// One received span: name, trace id, span id, parent span id (hex).
 #[derive(Clone, Debug)]
@@ -30,6 +30,21 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Records every span of an export request.
+fn collect(sink: &Mutex<Vec<Received>>, request: ExportTraceServiceRequest) {
+    let mut sink = sink.lock().unwrap();
+    for scope in request.resource_spans.iter().flat_map(|r| &r.scope_spans) {
+        for span in &scope.spans {
+            sink.push(Received {
+                name: span.name.clone(),
+                trace_id: hex(&span.trace_id),
+                span_id: hex(&span.span_id),
+                parent: hex(&span.parent_span_id),
+            });
+        }
+    }
+}
+
 /// An OTLP/HTTP receiver on a free port; returns its address and the spans it got.
 async fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Received>>>) {
     let spans = Arc::new(Mutex::new(Vec::new()));
@@ -40,17 +55,7 @@ async fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Received>>>) {
             let sink = sink.clone();
             async move {
                 let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
-                let mut sink = sink.lock().unwrap();
-                for scope in request.resource_spans.iter().flat_map(|r| &r.scope_spans) {
-                    for span in &scope.spans {
-                        sink.push(Received {
-                            name: span.name.clone(),
-                            trace_id: hex(&span.trace_id),
-                            span_id: hex(&span.span_id),
-                            parent: hex(&span.parent_span_id),
-                        });
-                    }
-                }
+                collect(&sink, request);
                 ""
             }
         }),
@@ -109,36 +114,14 @@ async fn grpc_receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Received>>>) {
     (address, spans)
 }
 
-/// Starts the binary with `endpoint` as its collector; returns it and its data address.
-fn start_pgwarden(cluster: &Cluster, endpoint: &str) -> (Child, String) {
-    start_pgwarden_with(cluster, endpoint, "http/protobuf")
-}
-
-fn start_pgwarden_with(cluster: &Cluster, endpoint: &str, protocol: &str) -> (Child, String) {
-    let url = format!("{}?sslmode=disable", cluster.url("postgres", None));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
-        .args([
-            "--database-url",
-            &url,
-            "--listen",
-            "127.0.0.1:0",
-            "--ops-listen",
-            "127.0.0.1:0",
-        ])
-        .env_remove("DATABASE_URL")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-        .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
-    let _banner = lines.next();
-    let data = lines.next().unwrap().unwrap();
-    let address = data.split("POST ").nth(1).unwrap().trim().to_owned();
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, address)
+/// Starts the binary exporting to `endpoint` over `protocol`.
+fn start_pgwarden(cluster: &Cluster, endpoint: &str, protocol: &str) -> Running {
+    spawn(cluster, |command| {
+        command
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    })
 }
 
 async fn traced_query(client: &reqwest::Client, url: &str) -> reqwest::StatusCode {
@@ -153,10 +136,9 @@ async fn traced_query(client: &reqwest::Client, url: &str) -> reqwest::StatusCod
         .status()
 }
 
-fn terminate(mut child: Child) -> Option<i32> {
-    // SAFETY: kill only sends a signal to the child we spawned.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    child.wait().unwrap().code()
+fn terminate(mut pgwarden: Running) -> Option<i32> {
+    pgwarden.terminate();
+    pgwarden.exit_code(Duration::from_secs(20))
 }
 
 async fn eventually_ready(client: &reqwest::Client, url: &str) {
@@ -173,22 +155,23 @@ async fn eventually_ready(client: &reqwest::Client, url: &str) {
 async fn a_request_is_traced_as_a_child_of_its_traceparent() {
     let cluster = Cluster::start();
     let (address, spans) = receiver().await;
-    let (child, url) = start_pgwarden(&cluster, &format!("http://{address}"));
-    assert_traced(child, &url, spans).await;
+    let pgwarden = start_pgwarden(&cluster, &format!("http://{address}"), "http/protobuf");
+    assert_traced(pgwarden, spans).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traces_are_exported_over_grpc_too() {
     let cluster = Cluster::start();
     let (address, spans) = grpc_receiver().await;
-    let (child, url) = start_pgwarden_with(&cluster, &format!("http://{address}"), "grpc");
-    assert_traced(child, &url, spans).await;
+    let pgwarden = start_pgwarden(&cluster, &format!("http://{address}"), "grpc");
+    assert_traced(pgwarden, spans).await;
 }
 
 /// Sends a traced request and checks the spans `spans` receives.
-async fn assert_traced(child: Child, url: &str, spans: Arc<Mutex<Vec<Received>>>) {
+async fn assert_traced(pgwarden: Running, spans: Arc<Mutex<Vec<Received>>>) {
+    let url = format!("http://{}/sql", pgwarden.data);
     let client = reqwest::Client::new();
-    eventually_ready(&client, url).await;
+    eventually_ready(&client, &url).await;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let ours = loop {
@@ -228,7 +211,7 @@ async fn assert_traced(child: Child, url: &str, spans: Arc<Mutex<Vec<Received>>>
     }
     let lifecycle = spans.lock().unwrap().iter().any(|s| s.name == "db_warmup");
     assert!(lifecycle, "the warm-up was traced too");
-    assert_eq!(terminate(child), Some(0));
+    assert_eq!(terminate(pgwarden), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,7 +221,8 @@ async fn a_collector_that_is_down_changes_nothing_for_clients() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let (child, url) = start_pgwarden(&cluster, &format!("http://{closed}"));
+    let pgwarden = start_pgwarden(&cluster, &format!("http://{closed}"), "http/protobuf");
+    let url = format!("http://{}/sql", pgwarden.data);
     let client = reqwest::Client::new();
     eventually_ready(&client, &url).await;
     let started = std::time::Instant::now();
@@ -251,7 +235,7 @@ async fn a_collector_that_is_down_changes_nothing_for_clients() {
         started.elapsed()
     );
     assert_eq!(
-        terminate(child),
+        terminate(pgwarden),
         Some(0),
         "exits cleanly although the flush fails"
     );

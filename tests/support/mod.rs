@@ -16,6 +16,7 @@
 //! unused re-exports are expected there.
 #![allow(dead_code, unused_imports)]
 
+pub mod binary;
 pub mod cluster;
 pub mod daemon;
 pub mod pg;
