@@ -108,7 +108,7 @@ pub async fn start(config: &Config) -> Result<Daemon, AppError> {
         executor,
         registry,
         metrics,
-        admin_token: config.admin_token.clone(),
+        admin_token: config.admin_token.clone().map(crate::backend::Secret::new),
         settings: public_settings(config),
     };
     let data_listener = bind(&config.listen).await?;

@@ -51,7 +51,7 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 10 * 1024 * 1024;
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10000;
 
 /// The whole configuration. See `pgwarden.example.toml` for every key.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The PostgreSQL pgwarden connects to (libpq URL; may hold the password).
@@ -147,6 +147,29 @@ impl Default for Config {
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
             log_format: "text".into(),
         }
+    }
+}
+
+/// Shows the settings but never the database URL (it may hold a password),
+/// passwords or tokens.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |value: bool| if value { "***" } else { "none" };
+        f.debug_struct("Config")
+            .field("database_url", &"***")
+            .field("listen", &self.listen)
+            .field("ops_listen", &self.ops_listen)
+            .field("guard_timeout_ms", &self.guard_timeout_ms)
+            .field("transaction_timeout_ms", &self.transaction_timeout_ms)
+            .field("write_safety", &self.write_safety)
+            .field("max_connections", &self.max_connections)
+            .field("min_connections", &self.min_connections)
+            .field("warmup_queries", &self.warmup_queries.len())
+            .field("role", &self.role)
+            .field("client_user", &self.client_user)
+            .field("client_password", &hidden(self.client_password.is_some()))
+            .field("admin_token", &hidden(self.admin_token.is_some()))
+            .finish_non_exhaustive()
     }
 }
 
@@ -439,6 +462,20 @@ mod tests {
                 text.contains(&format!("{key} =")),
                 "pgwarden.example.toml does not document {key}"
             );
+        }
+    }
+
+    #[test]
+    fn debug_output_hides_every_secret() {
+        let config = Config {
+            database_url: "postgresql://u:db-secret@h/d".into(),
+            client_password: Some("client-secret".into()),
+            admin_token: Some("token-secret".into()),
+            ..Config::default()
+        };
+        let text = format!("{config:?}");
+        for secret in ["db-secret", "client-secret", "token-secret"] {
+            assert!(!text.contains(secret), "{text}");
         }
     }
 

@@ -22,6 +22,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use tracing::info;
 
+use crate::backend::Secret;
 use crate::guard::Executor;
 use crate::lifecycle::{BackendSource, Lifecycle};
 use crate::telemetry::Metrics;
@@ -39,7 +40,7 @@ pub struct OpsState {
     /// To refresh pool gauges per scrape.
     pub metrics: Metrics,
     /// Bearer token for `/admin/*`, if configured.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// Settings shown in `/status`.
     pub settings: serde_json::Value,
 }
@@ -160,7 +161,7 @@ fn refuse(state: &OpsState, peer: SocketAddr, headers: &HeaderMap) -> Option<Res
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+    if bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes())) {
         None
     } else {
         Some(
