@@ -192,8 +192,14 @@ async fn a_batch_broken_before_commit_is_replayed_and_commits_once() {
         "1",
         "committed exactly once"
     );
+    // Only the before-COMMIT rule may have decided (more than once if the
+    // replay met another connection the termination had not reached yet).
     let rules = stack.executor.rule_counts();
-    assert!(rules.contains(&(Rule::BeforeCommit, 1)), "{rules:?}");
+    let decided: Vec<_> = rules.iter().filter(|(_, n)| *n > 0).collect();
+    assert!(
+        matches!(decided[..], [(Rule::BeforeCommit, _)]),
+        "{rules:?}"
+    );
     assert_eq!(
         stack.metric("pgwarden_replays_total", &[("result", "ok")]),
         1.0
