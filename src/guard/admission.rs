@@ -112,14 +112,14 @@ impl<S: ConnectionSource> Guard<S> {
         );
         let started = Instant::now();
         let admitted = async {
-            if let Some(lease) = self.try_fast(deadline).await? {
+            if let Some(lease) = self.try_fast(deadline, 0).await? {
                 return Ok(lease);
             }
             let cause = wait_cause(self.snapshot.borrow().state);
             if let Some(cause) = cause {
                 Span::current().record("guard.cause", cause.as_str());
             }
-            self.wait_and_admit(cause, deadline).await
+            self.wait_and_admit(cause, deadline, 0).await
         }
         .instrument(span.clone())
         .await;
@@ -143,7 +143,23 @@ impl<S: ConnectionSource> Guard<S> {
         tracing::info!(
             "Stale-client hit: the request's connection belongs to a retired generation."
         );
-        self.wait_and_admit(Some(GuardCause::Stale), deadline).await
+        self.wait_and_admit(Some(GuardCause::Stale), deadline, 0)
+            .await
+    }
+
+    /// Admits from a generation newer than `broken`, after a connection of
+    /// `broken` failed: its siblings are suspect and the lifecycle is
+    /// already replacing it, so a replay waits for the replacement.
+    pub async fn admit_after(
+        &self,
+        broken: u64,
+        deadline: Instant,
+    ) -> Result<Lease<S>, GuardError> {
+        if let Some(lease) = self.try_fast(deadline, broken).await? {
+            return Ok(lease);
+        }
+        self.wait_and_admit(Some(GuardCause::Reconnecting), deadline, broken)
+            .await
     }
 
     /// Reports that a connection of `generation` failed at the connection level.
@@ -151,12 +167,17 @@ impl<S: ConnectionSource> Guard<S> {
         self.lifecycle.report_connection_lost(generation);
     }
 
-    /// The fast path: `Some` when the pool is ready and a connection was had.
-    async fn try_fast(&self, deadline: Instant) -> Result<Option<Lease<S>>, GuardError> {
+    /// The fast path: `Some` when the pool is ready with a generation newer
+    /// than `newer_than` and a connection was had.
+    async fn try_fast(
+        &self,
+        deadline: Instant,
+        newer_than: u64,
+    ) -> Result<Option<Lease<S>>, GuardError> {
         let generation = {
             let snapshot = self.snapshot.borrow();
             match (&snapshot.state, &snapshot.generation) {
-                (PoolState::Ready, Some(g)) if !g.is_retired() => g.clone(),
+                (PoolState::Ready, Some(g)) if !g.is_retired() && g.id() > newer_than => g.clone(),
                 _ => return Ok(None),
             }
         };
@@ -184,6 +205,7 @@ impl<S: ConnectionSource> Guard<S> {
         &self,
         cause: Option<GuardCause>,
         deadline: Instant,
+        newer_than: u64,
     ) -> Result<Lease<S>, GuardError> {
         let started = Instant::now();
         let mut cause = cause;
@@ -192,7 +214,9 @@ impl<S: ConnectionSource> Guard<S> {
             let waited = rx.wait_for(|s| {
                 s.state == PoolState::Stopping
                     || (s.state == PoolState::Ready
-                        && s.generation.as_ref().is_some_and(|g| !g.is_retired()))
+                        && s.generation
+                            .as_ref()
+                            .is_some_and(|g| !g.is_retired() && g.id() > newer_than))
             });
             let state = match tokio::time::timeout_at(deadline, waited).await {
                 Ok(Ok(snapshot)) => snapshot.state,
@@ -209,7 +233,7 @@ impl<S: ConnectionSource> Guard<S> {
             if state == PoolState::Stopping {
                 return Err(GuardError::Stopping);
             }
-            if let Some(lease) = self.try_fast(deadline).await? {
+            if let Some(lease) = self.try_fast(deadline, newer_than).await? {
                 if let Some(cause) = cause {
                     self.metrics
                         .guard_wait(cause, GuardOutcome::Admitted, started.elapsed());

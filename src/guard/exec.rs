@@ -393,7 +393,7 @@ impl Executor {
                         Ok(None) => replays += 1,
                         Err(error) => return self.replayed(replays, Err(error)),
                     }
-                    lease = match self.guard.admit_until(deadline).await {
+                    lease = match self.guard.admit_after(generation, deadline).await {
                         Ok(lease) => lease,
                         Err(e) => return self.replayed(replays, Err(e.into())),
                     };
@@ -419,7 +419,9 @@ impl Executor {
         self.guard.report_connection_lost(generation);
         warn!(generation, error = %message, "Connection lost under a request.");
         let identity = done.as_ref().map(|(_, id)| id);
-        let (decision, outcome) = self.resolve(class, point, identity, deadline).await;
+        let (decision, outcome) = self
+            .resolve(class, point, identity, generation, deadline)
+            .await;
         self.rules.count(Rule::of(class, point, outcome));
         match decision {
             Decision::Answer => Ok(Some(done.map(|(results, _)| results).unwrap_or_default())),
@@ -524,6 +526,7 @@ impl Executor {
         class: Class,
         point: BreakPoint,
         identity: Option<&TxIdentity>,
+        broken: u64,
         deadline: Instant,
     ) -> (Decision, Option<TxOutcome>) {
         if (class, point) != (Class::Write, BreakPoint::AfterCommit) {
@@ -533,7 +536,7 @@ impl Executor {
             return (Decision::Unknown, None);
         };
         loop {
-            let outcome = self.ask_outcome(identity, deadline).await;
+            let outcome = self.ask_outcome(identity, broken, deadline).await;
             let decision = decide(class, point, Some(outcome));
             info!(xid = identity.xid, outcome = ?outcome, decision = ?decision, "Resolved a write broken after COMMIT was sent.");
             if decision != Decision::AskAgain || Instant::now() + ASK_AGAIN_AFTER >= deadline {
@@ -543,9 +546,14 @@ impl Executor {
         }
     }
 
-    /// Asks a connection of the current generation about `identity`.
-    async fn ask_outcome(&self, identity: &TxIdentity, deadline: Instant) -> TxOutcome {
-        let Ok(mut lease) = self.guard.admit_until(deadline).await else {
+    /// Asks a connection of a generation newer than `broken` about `identity`.
+    async fn ask_outcome(
+        &self,
+        identity: &TxIdentity,
+        broken: u64,
+        deadline: Instant,
+    ) -> TxOutcome {
+        let Ok(mut lease) = self.guard.admit_after(broken, deadline).await else {
             return TxOutcome::Unknown;
         };
         let xid = vec![Some(identity.xid.to_string())];
