@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod error;
 pub mod exec;
+pub mod outcome;
 pub mod replay;
 
 pub use admission::{DEFAULT_GUARD_TIMEOUT, Guard, Lease};
