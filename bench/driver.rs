@@ -158,9 +158,11 @@ impl Sender {
             Target::Postgres { dsn } => {
                 let options = ConnectOptions::from_url(dsn).map_err(|e| e.to_string())?;
                 let connector = Connector::new(options).map_err(|e| e.to_string())?;
+                // Like an application's pool: no session reset between uses.
                 let config = PoolConfig {
                     max_connections: clients,
                     min_connections: 1,
+                    reset_on_reuse: false,
                     ..PoolConfig::default()
                 };
                 Sender::Postgres {

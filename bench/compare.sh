@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Side by side in one run: every fault against direct PostgreSQL, PgBouncer
+# (transaction pooling, defaults otherwise) and pgwarden, on one private
+# PostgreSQL cluster, with the same load driver (pgwarden-bench).
+#
+# Direct PostgreSQL and PgBouncer are driven over the Postgres protocol;
+# pgwarden over its HTTP API (its wire front end does not exist yet).
+#
+# Usage: bench/compare.sh [duration_s] [clients]   (defaults: 12 s, 16 clients)
+# Writes bench/results/<time>/*.json, *.svg and summary.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${1:-12}
+CLIENTS=${2:-16}
+FAULT_AT=4
+OUT="bench/results/$(date -u +%Y%m%dT%H%M%SZ)"
+mkdir -p "$OUT"
+
+need=()
+command -v pgbouncer >/dev/null || need+=(pgbouncer)
+command -v pg_config >/dev/null || need+=(postgresql)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "Installing ${need[*]}"
+    sudo_or_not=""; [ "$(id -u)" = 0 ] || sudo_or_not=sudo
+    $sudo_or_not apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_or_not apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+echo "== Building (release)"
+cargo build --release --quiet --bin pgwarden --example pgwarden-bench
+BENCH=target/release/examples/pgwarden-bench
+PGWARDEN=target/release/pgwarden
+PGBIN=$(pg_config --bindir)
+
+WORK=$(mktemp -d /tmp/pgwarden-compare.XXXXXX)
+# Server binaries refuse to run as root: when root, run them as `postgres`.
+RUNAS=""; [ "$(id -u)" = 0 ] && RUNAS="runuser -u postgres --"
+as_pg() { $RUNAS "$@"; }
+[ "$(id -u)" = 0 ] && chown postgres "$WORK"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PGPORT=$(free_port); BPORT=$(free_port); WPORT=$(free_port); OPORT=$(free_port)
+DATA="$WORK/data"
+
+cleanup() {
+    [ -n "${PGWARDEN_PID:-}" ] && kill "$PGWARDEN_PID" 2>/dev/null || true
+    [ -f "$WORK/pgbouncer.pid" ] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null || true
+    postmaster && kill -CONT "$(postmaster)" 2>/dev/null || true
+    as_pg "$PGBIN/pg_ctl" -D "$DATA" stop -m immediate >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+postmaster() { head -1 "$DATA/postmaster.pid" 2>/dev/null; }
+
+echo "== PostgreSQL on port $PGPORT"
+as_pg "$PGBIN/initdb" -D "$DATA" -A trust -U postgres >/dev/null
+cat >> "$DATA/postgresql.conf" <<CONF
+port = $PGPORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$WORK'
+max_connections = 300
+fsync = off
+synchronous_commit = on
+CONF
+as_pg "$PGBIN/pg_ctl" -D "$DATA" -l "$WORK/postgres.log" -w start >/dev/null
+
+echo "== PgBouncer on port $BPORT (transaction pooling)"
+echo '"postgres" ""' > "$WORK/userlist.txt"
+cat > "$WORK/pgbouncer.ini" <<INI
+[databases]
+postgres = host=127.0.0.1 port=$PGPORT dbname=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BPORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
+INI
+[ "$(id -u)" = 0 ] && chown postgres "$WORK"/pgbouncer.ini "$WORK"/userlist.txt
+as_pg pgbouncer -d "$WORK/pgbouncer.ini"
+
+echo "== pgwarden on port $WPORT (ops $OPORT)"
+"$PGWARDEN" --database-url "postgresql://postgres@127.0.0.1:$PGPORT/postgres?sslmode=disable" \
+    --listen "127.0.0.1:$WPORT" --ops-listen "127.0.0.1:$OPORT" > "$WORK/pgwarden.out" 2> "$WORK/pgwarden.log" &
+PGWARDEN_PID=$!
+
+wait_ready() {
+    for _ in $(seq 1 300); do
+        if as_pg "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PGPORT" \
+            && curl -sf "http://127.0.0.1:$OPORT/readyz" >/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    echo "not ready" >&2; return 1
+}
+wait_ready
+
+PGCTL="$PGBIN/pg_ctl"
+# Each fault is a shell command the driver runs once (with sh -c).
+declare -A FAULTS=(
+    [restart]="$RUNAS $PGCTL -D $DATA -l $WORK/postgres.log -w restart -m fast >/dev/null"
+    [crash]="$RUNAS $PGCTL -D $DATA stop -m immediate >/dev/null; $RUNAS $PGCTL -D $DATA -l $WORK/postgres.log -w start >/dev/null"
+    [terminate]="$PGBIN/psql -X -q -h 127.0.0.1 -p $PGPORT -U postgres -d postgres -c \"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()\" >/dev/null"
+    [stall]="P=\$(head -1 $DATA/postmaster.pid); pkill -STOP -P \$P; kill -STOP \$P; sleep 2; kill -CONT \$P; pkill -CONT -P \$P"
+    [outage5]="$RUNAS $PGCTL -D $DATA stop -m fast >/dev/null; sleep 5; $RUNAS $PGCTL -D $DATA -l $WORK/postgres.log -w start >/dev/null"
+)
+ADMIN="postgresql://postgres@127.0.0.1:$PGPORT/postgres?sslmode=disable"
+declare -A TARGETS=(
+    [direct]="postgresql://postgres@127.0.0.1:$PGPORT/postgres?sslmode=disable"
+    [pgbouncer]="postgresql://postgres@127.0.0.1:$BPORT/postgres?sslmode=disable"
+    [pgwarden]="http://127.0.0.1:$WPORT/sql"
+)
+
+for fault in restart crash terminate stall outage5; do
+    for target in direct pgbouncer pgwarden; do
+        echo "== $fault against $target"
+        wait_ready
+        "$BENCH" --target "${TARGETS[$target]}" --admin-dsn "$ADMIN" --clients "$CLIENTS" \
+            --duration-s "$DURATION" --fault "$fault" --fault-at-s "$FAULT_AT" --fault-cmd "${FAULTS[$fault]}" \
+            --json "$OUT/$fault-$target.json" --svg "$OUT/$fault-$target.svg" > "$OUT/$fault-$target.txt"
+    done
+done
+
+python3 - "$OUT" "$CLIENTS" "$DURATION" > "$OUT/summary.md" <<'PY'
+import json, os, sys
+out, clients, duration = sys.argv[1], sys.argv[2], sys.argv[3]
+print(f"Faults at 4 s into a {duration} s run of {clients} clients (point reads and single-row UPDATEs); window = 5 s after the fault.")
+print("Direct PostgreSQL and PgBouncer over the Postgres protocol, pgwarden over HTTP.\n")
+print("| fault | target | success (window) | errors | fault → last error | p99 window (ms) | max window (ms) | writes acked | lost | doubled | no answer |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for fault in ["restart", "crash", "terminate", "stall", "outage5"]:
+    for target in ["direct", "pgbouncer", "pgwarden"]:
+        path = os.path.join(out, f"{fault}-{target}.json")
+        if not os.path.exists(path):
+            continue
+        r = json.load(open(path))
+        w = r["window"]; l = r["ledger"]
+        errors = sum(r["errors"].values())
+        last = r["last_error_after_fault_ms"]
+        print(f"| {fault} | {target} | {w['success_rate']:.4f} | {errors} | {'-' if last is None else str(last) + ' ms'} | "
+              f"{w['latency']['p99_ms']:.1f} | {w['latency']['max_ms']:.1f} | {l['acknowledged']} | {l['lost']} | {l['doubled']} | {l['ambiguous'] + l['unknown_08007']} |")
+PY
+cat "$OUT/summary.md"
+echo "Results in $OUT"
