@@ -55,6 +55,33 @@ pub struct Plan {
     pub window: Duration,
     /// Direct DSN for setting up the table and reading the ledger.
     pub admin_dsn: String,
+    /// What the clients send.
+    pub mix: Mix,
+}
+
+/// What the clients send.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mix {
+    /// Point reads and single-row UPDATEs, alternately (with the write ledger).
+    #[default]
+    Orders,
+    /// Point reads only.
+    Reads,
+    /// `SELECT 1` only: the cost of the path itself.
+    Select1,
+}
+
+impl Mix {
+    /// The statement for a client's `turn`, and whether it is a write.
+    fn statement(self, turn: u64) -> (&'static str, bool) {
+        const READ: &str = "SELECT n, note FROM purchase_order WHERE id = $1";
+        const WRITE: &str = "UPDATE purchase_order SET n = n + 1 WHERE id = $1";
+        match self {
+            Mix::Orders if turn.is_multiple_of(2) => (WRITE, true),
+            Mix::Orders | Mix::Reads => (READ, false),
+            Mix::Select1 => ("SELECT 1 WHERE $1::int IS NOT NULL", false),
+        }
+    }
 }
 
 /// How a request ended, from the client's point of view.
@@ -228,11 +255,10 @@ fn classify_http(status: u16, code: Option<&str>) -> Outcome {
 async fn client_loop(
     sender: Arc<Sender>,
     row: usize,
+    mix: Mix,
     start: Instant,
     stop: Arc<AtomicBool>,
 ) -> Client {
-    let read = "SELECT n, note FROM purchase_order WHERE id = $1";
-    let write = "UPDATE purchase_order SET n = n + 1 WHERE id = $1";
     let mut client = Client {
         row,
         samples: Vec::new(),
@@ -243,11 +269,9 @@ async fn client_loop(
     let mut turn = 0u64;
     while !stop.load(Ordering::Relaxed) {
         turn += 1;
-        let is_write = turn.is_multiple_of(2);
+        let (sql, is_write) = mix.statement(turn);
         let began = Instant::now();
-        let outcome = sender
-            .send(if is_write { write } else { read }, row.to_string())
-            .await;
+        let outcome = sender.send(sql, row.to_string()).await;
         let sample = Sample {
             started_ms: began.duration_since(start).as_millis() as u64,
             latency_us: began.elapsed().as_micros() as u64,
@@ -274,7 +298,15 @@ pub async fn run(plan: &Plan) -> Result<Report, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let clients: Vec<_> = (1..=plan.clients)
-        .map(|row| tokio::spawn(client_loop(sender.clone(), row, start, stop.clone())))
+        .map(|row| {
+            tokio::spawn(client_loop(
+                sender.clone(),
+                row,
+                plan.mix,
+                start,
+                stop.clone(),
+            ))
+        })
         .collect();
     let fault = match &plan.fault {
         Some(fault) => Some(inject(fault, start).await?),

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use driver::{Fault, Plan, Target};
+use driver::{Fault, Mix, Plan, Target};
 
 /// Load and fault driver with a write ledger.
 #[derive(Debug, Parser)]
@@ -46,6 +46,9 @@ struct Args {
     /// Length of the window after the fault, in seconds.
     #[arg(long, default_value_t = 5.0)]
     window_s: f64,
+    /// What the clients send: orders (reads and UPDATEs), reads, or select1.
+    #[arg(long, default_value = "orders")]
+    mix: String,
     /// Write the JSON report here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -72,7 +75,14 @@ async fn main() -> anyhow::Result<()> {
         at: Duration::from_secs_f64(args.fault_at_s),
         command: command.clone(),
     });
+    let mix = match args.mix.as_str() {
+        "orders" => Mix::Orders,
+        "reads" => Mix::Reads,
+        "select1" => Mix::Select1,
+        other => anyhow::bail!("--mix {other:?}: use orders, reads or select1"),
+    };
     let plan = Plan {
+        mix,
         target,
         clients: args.clients,
         duration: Duration::from_secs_f64(args.duration_s),

@@ -9,7 +9,7 @@ mod support;
 
 use std::time::Duration;
 
-use driver::{Fault, Plan, Target};
+use driver::{Fault, Mix, Plan, Target};
 use support::Cluster;
 use support::daemon::{TestDaemon, config_for};
 
@@ -46,6 +46,7 @@ async fn the_driver_sees_no_failure_and_no_lost_write_across_a_mass_termination(
         }),
         window: Duration::from_secs(2),
         admin_dsn: admin_dsn(&cluster),
+        mix: Mix::Orders,
     };
     let report = driver::run(&plan).await.expect("the run completes");
     println!("{}", driver::table(&report));
@@ -87,6 +88,7 @@ async fn against_postgres_directly_the_same_fault_reaches_the_clients_and_the_le
         }),
         window: Duration::from_secs(2),
         admin_dsn: admin_dsn(&cluster),
+        mix: Mix::Orders,
     };
     let report = driver::run(&plan).await.expect("the run completes");
     println!("{}", driver::table(&report));
