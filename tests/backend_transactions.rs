@@ -212,3 +212,34 @@ async fn an_identified_batch_reports_its_xid_and_the_server_incarnation() {
     let status = cluster.psql(&format!("SELECT txid_status({})", identity.xid));
     assert_eq!(status.trim(), "aborted");
 }
+
+#[tokio::test]
+async fn a_read_only_statement_runs_in_one_read_only_transaction() {
+    let cluster = Cluster::start();
+    cluster.psql("CREATE TABLE ledger (n int); CREATE SEQUENCE ticket");
+    let mut conn = connect(superuser(&cluster)).await;
+    let probe = Statement::new("SELECT current_setting('transaction_read_only')");
+    let result = conn.read_only(&probe).await.unwrap();
+    assert_eq!(result.rows_as_strings(), [[Some("on".to_owned())]]);
+    assert_eq!(conn.transaction_status(), TransactionStatus::Idle);
+
+    let hidden_write = conn
+        .read_only(&Statement::new("SELECT nextval('ticket')"))
+        .await
+        .unwrap_err();
+    let BackendError::Sql { error, statement } = &hidden_write else {
+        panic!("expected an SQL error, got {hidden_write}");
+    };
+    assert_eq!((error.code.as_str(), *statement), ("25006", 0));
+    assert_eq!(
+        conn.transaction_status(),
+        TransactionStatus::Idle,
+        "rolled back"
+    );
+    assert_eq!(cluster.psql("SELECT last_value FROM ticket").trim(), "1");
+    assert_eq!(
+        cluster.psql("SELECT is_called FROM ticket").trim(),
+        "f",
+        "nothing was applied"
+    );
+}

@@ -3,14 +3,12 @@
 //! exists, every service another one talks to is defined under that name,
 //! and the dashboards are importable as they are.
 
-use std::path::{Path, PathBuf};
+mod support;
+
 use std::process::Command;
 
 use serde_json::Value;
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
+use support::repo::{dashboards, repo};
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
@@ -132,13 +130,7 @@ fn the_image_is_multi_stage_and_runs_as_a_non_root_user() {
 #[test]
 fn dashboards_are_importable_and_every_panel_says_what_to_look_for() {
     let mut uids = Vec::new();
-    for entry in std::fs::read_dir(repo("dashboards")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "json") {
-            continue;
-        }
-        let dashboard: Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (path, dashboard) in dashboards() {
         let name = path.display().to_string();
         assert!(
             dashboard["uid"].as_str().is_some_and(|u| !u.is_empty()),

@@ -109,11 +109,14 @@ async fn admin_operations_need_the_token_when_one_is_configured() {
         .await
         .unwrap();
     assert_eq!(pause.status(), StatusCode::ACCEPTED);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        daemon.ops_get("/readyz").await.status,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while daemon.ops_get("/readyz").await.status != StatusCode::SERVICE_UNAVAILABLE {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pause never showed in /readyz"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let resume = daemon
         .client
         .post(format!("{}/admin/resume", daemon.ops))

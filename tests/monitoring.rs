@@ -1,12 +1,11 @@
 //! The monitoring plan as code: the shipped alert rules are valid, their
 //! unit tests pass with `promtool`, and every alert has a runbook.
 
-use std::path::{Path, PathBuf};
+mod support;
+
 use std::process::Command;
 
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
+use support::repo::repo;
 
 fn promtool(args: &[&str]) -> String {
     let output = Command::new("promtool")

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pgwarden::backend::{Connector, ErrorKind, Statement};
 use pgwarden::pool::{Pool, PoolConfig, PoolError, PoolErrorKind, PoolStatus};
-use support::pg::{options, scalar, superuser};
+use support::pg::{options, scalar, superuser, wait_until_sessions_gone};
 use support::{Cluster, FaultProxy, ProxyMode};
 
 fn pool(options: pgwarden::backend::ConnectOptions, max: usize) -> Pool {
@@ -67,8 +67,7 @@ async fn terminated_idle_connections_are_never_handed_out() {
     let pool = pool(superuser(&cluster), 2);
     drop(pool.warm().await.unwrap());
     cluster.terminate_backends();
-    // The server's FATAL reaches the idle sockets asynchronously; give it a moment.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until_sessions_gone(&cluster);
     for _ in 0..4 {
         let mut conn = pool.get().await.unwrap();
         let result = conn.query(&Statement::new("SELECT 1")).await;
@@ -213,7 +212,7 @@ async fn finding_an_idle_connection_closed_by_the_server_calls_the_loss_hook() {
     assert_eq!(losses.load(Ordering::SeqCst), 0);
 
     cluster.terminate_backends();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until_sessions_gone(&cluster);
     let mut conn = pool.get().await.unwrap();
     assert!(conn.query(&Statement::new("SELECT 1")).await.is_ok());
     assert!(

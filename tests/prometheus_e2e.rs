@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +13,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::Cluster;
 use support::daemon::{TestDaemon, config_for};
+use support::repo::{dashboards, repo};
 
 /// A private Prometheus, stopped when dropped.
 struct Prometheus {
@@ -27,10 +27,6 @@ impl Drop for Prometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
 fn free_port() -> u16 {
@@ -137,22 +133,56 @@ impl Prometheus {
             .collect()
     }
 
-    /// Waits until Prometheus has scraped and evaluated at least twice more.
-    async fn settle(&self) {
-        tokio::time::sleep(Duration::from_millis(3500)).await;
+    /// Waits (30 s at most) until `expr` evaluates to `value`.
+    async fn wait_for_value(&self, expr: &str, value: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let data = self
+                .api("/api/v1/query", &[("query", expr.to_owned())])
+                .await;
+            if data["result"][0]["value"][1] == value {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{expr} never became {value}: {data}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits (30 s at most) until the rule groups have been evaluated twice
+    /// more after now, so alerts reflect what the recording rules show.
+    async fn two_more_evaluations(&self) {
+        let last = |data: &Value| {
+            data["groups"][1]["lastEvaluation"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        };
+        let mut seen = last(&self.api("/api/v1/rules", &[]).await);
+        for _ in 0..2 {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let now = last(&self.api("/api/v1/rules", &[]).await);
+                if now != seen {
+                    seen = now;
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the rules are not evaluated"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
     }
 }
 
 /// Every PromQL expression of every panel, and the annotation, with Grafana's variables filled in.
 fn dashboard_expressions() -> Vec<(String, String)> {
     let mut expressions = Vec::new();
-    for entry in std::fs::read_dir(repo("dashboards")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "json") {
-            continue;
-        }
-        let dashboard: Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (_, dashboard) in dashboards() {
         for panel in dashboard["panels"].as_array().unwrap() {
             for target in panel["targets"].as_array().unwrap() {
                 let title = format!("{} / {}", panel["title"].as_str().unwrap(), target["refId"]);
@@ -220,7 +250,12 @@ async fn dashboards_recording_rules_and_the_reconnect_alert_work_on_real_data() 
 
     // Normal traffic first, so "normal window" expressions have data.
     traffic(&daemon, 200).await;
-    prometheus.settle().await;
+    prometheus
+        .wait_for_value(
+            "sum(pgwarden_requests_duration_seconds_count{outcome=\"ok\"}) >= bool 200",
+            "1",
+        )
+        .await;
     traffic(&daemon, 50).await;
 
     // Five admin reconnects with traffic running, so requests wait in the guard.
@@ -230,7 +265,10 @@ async fn dashboards_recording_rules_and_the_reconnect_alert_work_on_real_data() 
         reconnect(&daemon, generation).await;
     }
     load.await.unwrap();
-    prometheus.settle().await;
+    prometheus
+        .wait_for_value("pgwarden:reconnects:increase24h", "5")
+        .await;
+    prometheus.two_more_evaluations().await;
     assert_eq!(
         prometheus.alert_states("PgwardenTooManyReconnects").await,
         Vec::<String>::new(),
@@ -244,7 +282,10 @@ async fn dashboards_recording_rules_and_the_reconnect_alert_work_on_real_data() 
         .unwrap();
     wait_generation(&daemon, 7).await;
     traffic(&daemon, 50).await;
-    prometheus.settle().await;
+    prometheus
+        .wait_for_value("pgwarden:reconnects:increase24h", "6")
+        .await;
+    prometheus.two_more_evaluations().await;
     let states = prometheus.alert_states("PgwardenTooManyReconnects").await;
     assert!(
         states.iter().any(|s| s == "firing" || s == "pending"),

@@ -215,7 +215,31 @@ impl Connection {
     ) -> Result<Vec<QueryResult>, BackendError> {
         self.begin_request()?;
         self.dirty = true;
-        let result = self.pipeline_inner(statements).await;
+        let result = self
+            .pipeline_inner(statements.iter().map(Part::Statement))
+            .await;
+        self.end_request(result)
+    }
+
+    /// Runs one statement inside `BEGIN READ ONLY` … `COMMIT`, pipelined in
+    /// one round trip, and returns its result. Postgres guarantees such a
+    /// transaction changed nothing; a statement that writes fails with 25006.
+    /// On an SQL error the transaction is rolled back.
+    pub async fn read_only(&mut self, statement: &Statement) -> Result<QueryResult, BackendError> {
+        self.begin_request()?;
+        self.dirty = true;
+        let parts = [
+            Part::Sql("BEGIN READ ONLY"),
+            Part::Statement(statement),
+            Part::Sql("COMMIT"),
+        ];
+        let result = match self.pipeline_inner(parts).await {
+            Ok(mut results) if results.len() == 3 => Ok(results.swap_remove(1)),
+            Ok(_) => Err(BackendError::Protocol(
+                "missing result in a read-only pipeline".into(),
+            )),
+            Err(error) => Err(self.roll_back_after(error, 1).await),
+        };
         self.end_request(result)
     }
 
@@ -310,12 +334,12 @@ impl Connection {
         self.collect_results(Protocol::Simple).await
     }
 
-    async fn pipeline_inner(
+    async fn pipeline_inner<'a>(
         &mut self,
-        statements: &[Statement],
+        parts: impl IntoIterator<Item = Part<'a>>,
     ) -> Result<Vec<QueryResult>, BackendError> {
-        for statement in statements {
-            self.encode_statement(statement)?;
+        for part in parts {
+            self.encode(part)?;
         }
         frontend::sync(&mut self.write_buf);
         self.flush(Stage::Sending).await?;
@@ -328,14 +352,13 @@ impl Connection {
         statements: &[Statement],
         progress: &mut Progress,
     ) -> Result<Vec<QueryResult>, BackendError> {
-        let mut all = Vec::with_capacity(statements.len() + 2);
-        all.push(Statement::new(options.start_sql()));
-        if options.identify {
-            all.push(Statement::new(IDENTIFY_SQL));
-        }
-        let prelude = all.len();
-        all.extend_from_slice(statements);
-        let mut results = match self.pipeline_inner(&all).await {
+        let start = options.start_sql();
+        let identify = options.identify.then_some(Part::Sql(IDENTIFY_SQL));
+        let prelude = 1 + usize::from(options.identify);
+        let parts = std::iter::once(Part::Sql(&start))
+            .chain(identify)
+            .chain(statements.iter().map(Part::Statement));
+        let mut results = match self.pipeline_inner(parts).await {
             Ok(results) => results,
             Err(error) => return Err(self.roll_back_after(error, prelude).await),
         };
@@ -376,14 +399,18 @@ impl Connection {
         }
     }
 
-    fn encode_statement(&mut self, statement: &Statement) -> Result<(), BackendError> {
+    fn encode(&mut self, part: Part<'_>) -> Result<(), BackendError> {
+        let (sql, params) = match part {
+            Part::Sql(sql) => (sql, &[][..]),
+            Part::Statement(statement) => (statement.sql.as_str(), statement.params.as_slice()),
+        };
         let buf = &mut self.write_buf;
-        frontend::parse("", &statement.sql, std::iter::empty(), buf).map_err(invalid_sql)?;
+        frontend::parse("", sql, std::iter::empty(), buf).map_err(invalid_sql)?;
         frontend::bind(
             "",
             "",
             std::iter::empty(),
-            statement.params.iter(),
+            params.iter(),
             |param, buf| match param {
                 Some(text) => {
                     buf.extend_from_slice(text.as_bytes());
@@ -528,6 +555,17 @@ impl Connection {
         };
         Ok(())
     }
+}
+
+/// One statement of a pipeline, borrowed: the caller's, or one the
+/// connection adds around it (transaction control), so that wrapping a
+/// request never copies it.
+#[derive(Clone, Copy, Debug)]
+enum Part<'a> {
+    /// SQL without parameters.
+    Sql(&'a str),
+    /// A caller's statement.
+    Statement(&'a Statement),
 }
 
 /// How far a transaction batch got, for [`TransactionError`].

@@ -18,7 +18,7 @@ use super::error::GuardError;
 use super::replay::{BreakPoint, Class, Decision, TxOutcome, decide, is_read};
 use crate::backend::{
     BackendError, CancelToken, DbError, QueryResult, Statement, TransactionError,
-    TransactionOptions, TransactionStatus, TxIdentity,
+    TransactionOptions, TxIdentity,
 };
 use crate::lifecycle::BackendSource;
 use crate::telemetry::Metrics;
@@ -482,24 +482,10 @@ impl Executor {
         let conn = lease.conn();
         conn.set_result_limit(self.settings.result_limit);
         match class {
-            Class::Read if statements.len() == 1 => {
-                let read = [
-                    Statement::new("BEGIN READ ONLY"),
-                    statements[0].clone(),
-                    Statement::new("COMMIT"),
-                ];
-                let result = conn.pipeline(&read).await;
-                if result.is_err()
-                    && !conn.is_broken()
-                    && conn.transaction_status() != TransactionStatus::Idle
-                {
-                    let _ = conn.simple_query("ROLLBACK").await;
-                }
-                match result {
-                    Ok(mut results) => Ok(vec![results.swap_remove(1)]),
-                    Err(error) => Err(classify(error, 1, BreakPoint::BeforeCommit)),
-                }
-            }
+            Class::Read if statements.len() == 1 => match conn.read_only(&statements[0]).await {
+                Ok(result) => Ok(vec![result]),
+                Err(error) => Err(classify(error, 0, BreakPoint::BeforeCommit)),
+            },
             Class::Bare if statements.len() == 1 => match conn.query(&statements[0]).await {
                 Ok(result) => Ok(vec![result]),
                 Err(error) => Err(classify(error, 0, BreakPoint::AfterCommit)),

@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod pg;
 pub mod process;
 pub mod proxy;
+pub mod repo;
 pub mod stack;
 pub mod types;
 pub mod wait;

@@ -56,3 +56,18 @@ pub fn wait_until_running(cluster: &Cluster, like: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Waits until no session of pgwarden's (application_name `pgwarden`) is
+/// left on the server: a terminated backend sends its FATAL before it exits,
+/// so afterwards every idle socket of the pool holds its goodbye.
+pub fn wait_until_sessions_gone(cluster: &Cluster) {
+    let probe = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgwarden'";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.psql(probe).trim() != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "terminated sessions never went away"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
