@@ -245,6 +245,10 @@ async fn dashboards_recording_rules_and_the_reconnect_alert_work_on_real_data() 
     let cluster = Arc::new(Cluster::start());
     let mut config = config_for(&cluster);
     config.warmup_queries = vec!["SELECT pg_sleep(0.2)".into()];
+    // Reconnects here are made on purpose; a health check timing out on a
+    // loaded machine must not add one of its own.
+    config.health_check_interval_ms = 2_000;
+    config.health_check_timeout_ms = 10_000;
     let daemon = Arc::new(TestDaemon::start(config).await);
     let prometheus = Prometheus::start(daemon.ops.trim_start_matches("http://")).await;
 
@@ -258,6 +262,13 @@ async fn dashboards_recording_rules_and_the_reconnect_alert_work_on_real_data() 
         .await;
     traffic(&daemon, 50).await;
 
+    // Twenty seconds of history first: increase() extrapolates a series only
+    // a few samples old by up to a whole scrape interval, which would round
+    // five reconnects up to six.
+    prometheus
+        .wait_for_value("count_over_time(pgwarden_build_info[1m]) >= bool 20", "1")
+        .await;
+
     // Five admin reconnects with traffic running, so requests wait in the guard.
     let busy = daemon.clone();
     let load = tokio::spawn(async move { traffic(&busy, 400).await });
@@ -265,6 +276,16 @@ async fn dashboards_recording_rules_and_the_reconnect_alert_work_on_real_data() 
         reconnect(&daemon, generation).await;
     }
     load.await.unwrap();
+    let made = daemon.metrics().await;
+    let reconnects: f64 = made
+        .lines()
+        .filter(|l| l.starts_with("pgwarden_reconnects_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(
+        reconnects, 5.0,
+        "exactly the five admin reconnects happened"
+    );
     prometheus
         .wait_for_value("pgwarden:reconnects:increase24h", "5")
         .await;
@@ -280,8 +301,8 @@ async fn dashboards_recording_rules_and_the_reconnect_alert_work_on_real_data() 
     tokio::task::spawn_blocking(move || kit.restart_fast())
         .await
         .unwrap();
-    wait_generation(&daemon, 7).await;
     traffic(&daemon, 50).await;
+    wait_generation(&daemon, 7).await;
     prometheus
         .wait_for_value("pgwarden:reconnects:increase24h", "6")
         .await;
