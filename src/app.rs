@@ -211,6 +211,7 @@ fn lifecycle_settings(config: &Config) -> LifecycleSettings {
         health_check_timeout: ms(config.health_check_timeout_ms),
         backoff_initial: ms(config.backoff_initial_ms),
         backoff_max: ms(config.backoff_max_ms),
+        backoff_max_with_waiters: ms(config.backoff_max_with_waiters_ms),
         ping_timeout: ms(config.warmup_ping_timeout_ms),
         queries_timeout: ms(config.warmup_queries_timeout_ms),
         warmup_queries: config.warmup_queries.clone(),

@@ -39,6 +39,8 @@ pub const DEFAULT_HEALTH_CHECK_TIMEOUT_MS: u64 = 1000;
 pub const DEFAULT_BACKOFF_INITIAL_MS: u64 = 100;
 /// Default cap of the pause between failed attempts.
 pub const DEFAULT_BACKOFF_MAX_MS: u64 = 5000;
+/// Default cap of that pause while requests wait for the reconnect.
+pub const DEFAULT_BACKOFF_MAX_WITH_WAITERS_MS: u64 = 500;
 /// Default bound on the warm-up's ping phase.
 pub const DEFAULT_WARMUP_PING_TIMEOUT_MS: u64 = 5000;
 /// Default bound on the warm-up's queries phase.
@@ -86,6 +88,9 @@ pub struct Config {
     pub backoff_initial_ms: u64,
     /// Cap of the pause between failed attempts, in ms.
     pub backoff_max_ms: u64,
+    /// Cap of that pause while requests are waiting for the reconnect, in ms,
+    /// so they are served soon after the database returns.
+    pub backoff_max_with_waiters_ms: u64,
     /// Bound on the warm-up's ping phase, in ms.
     pub warmup_ping_timeout_ms: u64,
     /// Bound on the warm-up's queries phase, in ms.
@@ -133,6 +138,7 @@ impl Default for Config {
             health_check_timeout_ms: DEFAULT_HEALTH_CHECK_TIMEOUT_MS,
             backoff_initial_ms: DEFAULT_BACKOFF_INITIAL_MS,
             backoff_max_ms: DEFAULT_BACKOFF_MAX_MS,
+            backoff_max_with_waiters_ms: DEFAULT_BACKOFF_MAX_WITH_WAITERS_MS,
             warmup_ping_timeout_ms: DEFAULT_WARMUP_PING_TIMEOUT_MS,
             warmup_queries_timeout_ms: DEFAULT_WARMUP_QUERIES_TIMEOUT_MS,
             warmup_queries: Vec::new(),
@@ -292,7 +298,7 @@ impl Config {
         }
     }
 
-    fn durations(&self) -> [(&'static str, u64); 11] {
+    fn durations(&self) -> [(&'static str, u64); 12] {
         [
             ("guard_timeout_ms", self.guard_timeout_ms),
             ("transaction_timeout_ms", self.transaction_timeout_ms),
@@ -302,6 +308,10 @@ impl Config {
             ("health_check_timeout_ms", self.health_check_timeout_ms),
             ("backoff_initial_ms", self.backoff_initial_ms),
             ("backoff_max_ms", self.backoff_max_ms),
+            (
+                "backoff_max_with_waiters_ms",
+                self.backoff_max_with_waiters_ms,
+            ),
             ("warmup_ping_timeout_ms", self.warmup_ping_timeout_ms),
             ("warmup_queries_timeout_ms", self.warmup_queries_timeout_ms),
             ("shutdown_grace_ms", self.shutdown_grace_ms),
@@ -420,6 +430,7 @@ fn known_keys() -> Vec<&'static str> {
         "health_check_timeout_ms",
         "backoff_initial_ms",
         "backoff_max_ms",
+        "backoff_max_with_waiters_ms",
         "warmup_ping_timeout_ms",
         "warmup_queries_timeout_ms",
         "warmup_queries",

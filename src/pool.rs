@@ -24,7 +24,7 @@ pub const DEFAULT_MIN_CONNECTIONS: usize = 2;
 pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default bound on opening a connection.
 pub const DEFAULT_CREATE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default bound on the reuse checks (including the session reset).
+/// Default bound on the reuse checks.
 pub const DEFAULT_RECYCLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Sizes and time limits of a pool.
@@ -39,11 +39,12 @@ pub struct PoolConfig {
     pub wait_timeout: Duration,
     /// Bound on opening a new connection.
     pub create_timeout: Duration,
-    /// Bound on checking (and resetting) a connection before reuse.
+    /// Bound on checking a connection before reuse.
     pub recycle_timeout: Duration,
     /// Run `DISCARD ALL` before reusing a connection that ran caller
     /// statements, so one request's `SET`s, temp tables and advisory locks
-    /// never leak into another's.
+    /// never leak into another's. It is sent in front of the next request,
+    /// in the same write, so it adds no round trip.
     pub reset_on_reuse: bool,
 }
 
@@ -194,8 +195,8 @@ impl managed::Manager for Manager {
         if conn.transaction_status() != TransactionStatus::Idle {
             return Err(RecycleError::message("left inside a transaction block"));
         }
-        if self.reset_on_reuse && conn.is_dirty() {
-            conn.reset().await.map_err(RecycleError::Backend)?;
+        if self.reset_on_reuse {
+            conn.reset_before_next_use();
         }
         Ok(())
     }

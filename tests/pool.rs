@@ -122,6 +122,41 @@ async fn session_state_is_reset_between_users_of_the_same_connection() {
 }
 
 #[tokio::test]
+async fn a_statement_that_cannot_be_sent_sends_nothing_and_the_owed_reset_still_happens() {
+    let cluster = Cluster::start();
+    let pool = pool(superuser(&cluster), 1);
+    let pid = {
+        let mut conn = pool.get().await.unwrap();
+        conn.simple_query("SET statement_timeout = '1234ms'")
+            .await
+            .unwrap();
+        scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap()
+    };
+    let mut conn = pool.get().await.unwrap();
+    let refused = conn
+        .query(&Statement::new("SELECT 'nul \0 inside'"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
+    let refused = conn
+        .simple_query("SELECT 'nul \0 inside'")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
+
+    assert_eq!(
+        scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap(),
+        pid,
+        "the session is still usable"
+    );
+    assert_eq!(
+        scalar(&mut conn, "SHOW statement_timeout").await.as_deref(),
+        Some("0"),
+        "the reset owed by the previous user ran first"
+    );
+}
+
+#[tokio::test]
 async fn a_connection_abandoned_mid_request_is_discarded() {
     let cluster = Cluster::start();
     let pool = pool(superuser(&cluster), 1);

@@ -91,6 +91,8 @@ pub struct Connection {
     closed: bool,
     /// Caller statements ran since the last reset, so session state may linger.
     dirty: bool,
+    /// A `DISCARD ALL` is owed: it goes out in front of the next request.
+    reset_owed: bool,
     /// Largest result, in wire bytes of rows, a request may return.
     result_limit: Option<usize>,
     /// When the session was established.
@@ -110,6 +112,7 @@ impl Connection {
             in_flight: false,
             closed: false,
             dirty: false,
+            reset_owed: false,
             result_limit: None,
             created_at: Instant::now(),
         }
@@ -136,9 +139,21 @@ impl Connection {
         self.closed || self.in_flight
     }
 
-    /// True when caller statements ran since the last [`Connection::reset`].
+    /// True when caller statements ran since the last reset (done with
+    /// [`Connection::reset`] or scheduled with [`Connection::reset_before_next_use`]).
     pub fn is_dirty(&self) -> bool {
         self.dirty
+    }
+
+    /// Schedules a reset of a dirty session: `DISCARD ALL` goes out in front
+    /// of the next request, in the same write, and the server runs it before
+    /// anything the next user sent. Reusing a connection thus costs no round
+    /// trip of its own. Only for a session outside any transaction block.
+    pub fn reset_before_next_use(&mut self) {
+        if self.dirty {
+            self.reset_owed = true;
+            self.dirty = false;
+        }
     }
 
     /// When the session was established.
@@ -278,6 +293,7 @@ impl Connection {
         let result = self.reset_inner().await;
         self.end_request(result)?;
         self.dirty = false;
+        self.reset_owed = false;
         Ok(())
     }
 
@@ -287,6 +303,41 @@ impl Connection {
         }
         self.simple_query_inner("DISCARD ALL").await?;
         Ok(())
+    }
+
+    /// Puts an owed `DISCARD ALL` in the write buffer, ahead of a request.
+    fn queue_owed_reset(&mut self) -> Result<bool, BackendError> {
+        if !std::mem::take(&mut self.reset_owed) {
+            return Ok(false);
+        }
+        frontend::query("DISCARD ALL", &mut self.write_buf).map_err(invalid_sql)?;
+        Ok(true)
+    }
+
+    /// Drops a request that could not be encoded (nothing was sent), so no
+    /// half-written message precedes the next one; a queued reset stays owed.
+    fn unsend(&mut self, reset_queued: bool, error: BackendError) -> BackendError {
+        self.write_buf.clear();
+        self.reset_owed |= reset_queued;
+        error
+    }
+
+    /// Reads the answer to a queued `DISCARD ALL`. Should the server refuse
+    /// it, the request behind it still runs (it was sent in the same write)
+    /// and its answer stands, but the session is never lent again.
+    async fn read_owed_reset(&mut self, queued: bool) -> Result<(), BackendError> {
+        if !queued {
+            return Ok(());
+        }
+        match self.collect_results(Protocol::Simple).await {
+            Ok(_) => Ok(()),
+            Err(BackendError::Sql { error, .. }) => {
+                tracing::warn!(code = %error.code, "The server refused to reset a session; it will be closed after this request.");
+                self.closed = true;
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Checks, without waiting, whether the server has closed this idle
@@ -329,8 +380,12 @@ impl Connection {
     }
 
     async fn simple_query_inner(&mut self, sql: &str) -> Result<Vec<QueryResult>, BackendError> {
-        frontend::query(sql, &mut self.write_buf).map_err(invalid_sql)?;
+        let reset = self.queue_owed_reset()?;
+        if let Err(e) = frontend::query(sql, &mut self.write_buf) {
+            return Err(self.unsend(reset, invalid_sql(e)));
+        }
         self.flush(Stage::Sending).await?;
+        self.read_owed_reset(reset).await?;
         self.collect_results(Protocol::Simple).await
     }
 
@@ -338,11 +393,15 @@ impl Connection {
         &mut self,
         parts: impl IntoIterator<Item = Part<'a>>,
     ) -> Result<Vec<QueryResult>, BackendError> {
+        let reset = self.queue_owed_reset()?;
         for part in parts {
-            self.encode(part)?;
+            if let Err(error) = self.encode(part) {
+                return Err(self.unsend(reset, error));
+            }
         }
         frontend::sync(&mut self.write_buf);
         self.flush(Stage::Sending).await?;
+        self.read_owed_reset(reset).await?;
         self.collect_results(Protocol::Extended).await
     }
 

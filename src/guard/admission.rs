@@ -8,7 +8,9 @@
 //! *stale-client hit*) gives it back and is admitted again from the current
 //! generation, within the same budget.
 
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -99,18 +101,26 @@ impl<S: ConnectionSource> Guard<S> {
 
     /// Admits a request with a fresh budget.
     pub async fn admit(&self) -> Result<Lease<S>, GuardError> {
-        self.admit_until(Instant::now() + self.budget).await
+        let now = Instant::now();
+        self.admit_between(now, now + self.budget).await
     }
 
     /// Admits a request that must be served by `deadline`.
     pub async fn admit_until(&self, deadline: Instant) -> Result<Lease<S>, GuardError> {
+        self.admit_between(Instant::now(), deadline).await
+    }
+
+    async fn admit_between(
+        &self,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<Lease<S>, GuardError> {
         let span = info_span!(
             "guard_admit",
             "pool.generation" = field::Empty,
             "guard.wait_ms" = field::Empty,
             "guard.cause" = field::Empty,
         );
-        let started = Instant::now();
         let admitted = async {
             if let Some(lease) = self.try_fast(deadline, 0).await? {
                 return Ok(lease);
@@ -123,7 +133,9 @@ impl<S: ConnectionSource> Guard<S> {
         }
         .instrument(span.clone())
         .await;
-        if let Ok(lease) = &admitted {
+        if let Ok(lease) = &admitted
+            && !span.is_disabled()
+        {
             span.record("pool.generation", lease.generation.id());
             span.record("guard.wait_ms", started.elapsed().as_millis() as u64);
         }
@@ -181,7 +193,15 @@ impl<S: ConnectionSource> Guard<S> {
                 _ => return Ok(None),
             }
         };
-        let got = tokio::time::timeout_at(deadline, generation.pool().get()).await;
+        // A ready pool usually has a connection at hand: try once before
+        // arming the budget's timer, which costs more than the rest.
+        let got = {
+            let mut get = pin!(generation.pool().get());
+            match poll_once(get.as_mut()).await {
+                Some(got) => Ok(got),
+                None => tokio::time::timeout_at(deadline, get).await,
+            }
+        };
         match got {
             Err(_) => Err(GuardError::PoolExhausted),
             Ok(Ok(conn)) if !generation.is_retired() => Ok(Some(Lease {
@@ -208,6 +228,7 @@ impl<S: ConnectionSource> Guard<S> {
         newer_than: u64,
     ) -> Result<Lease<S>, GuardError> {
         let started = Instant::now();
+        let _waiting = self.lifecycle.wait_begins();
         let mut cause = cause;
         let mut rx = self.snapshot.clone();
         loop {
@@ -245,6 +266,18 @@ impl<S: ConnectionSource> Guard<S> {
                 .or(Some(GuardCause::Reconnecting));
         }
     }
+}
+
+/// Polls `future` once: its output if it is ready at once, else `None`
+/// (the future stays registered with the task's waker and can be polled on).
+async fn poll_once<F: Future>(mut future: Pin<&mut F>) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        Poll::Ready(match future.as_mut().poll(cx) {
+            Poll::Ready(output) => Some(output),
+            Poll::Pending => None,
+        })
+    })
+    .await
 }
 
 /// Why a request in `state` has to wait; `None` when it need not.

@@ -116,6 +116,29 @@ async fn an_outage_longer_than_the_budget_fails_with_guard_timeout_after_the_bud
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_waiting_request_is_served_soon_after_a_long_outage_ends() {
+    let h = Harness::start(slow_warmup());
+    h.reach(PoolState::Ready, 1).await;
+    h.source.set(|s| s.up = false);
+    h.retired(1).await;
+    // Long enough for the pauses between attempts to reach their 5 s cap.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+
+    let source = h.source.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        source.set(|s| s.up = true);
+    });
+    let started = Instant::now();
+    guard(&h).admit().await.unwrap();
+    assert!(
+        started.elapsed() <= Duration::from_millis(1500),
+        "admitted {:?} after the request arrived, 1 s after the database returned",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_paused_pool_holds_requests_until_resumed() {
     let h = Harness::start(slow_warmup());
     h.reach(PoolState::Ready, 1).await;

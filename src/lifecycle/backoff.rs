@@ -36,9 +36,14 @@ impl Backoff {
     pub fn next_pause(&mut self) -> Duration {
         let ceiling = self.ceiling();
         self.failures = self.failures.saturating_add(1);
-        let half = ceiling / 2;
-        half + rand::rng().random_range(Duration::ZERO..=half)
+        jittered(ceiling)
     }
+}
+
+/// A pause drawn uniformly from the upper half of `ceiling`.
+pub fn jittered(ceiling: Duration) -> Duration {
+    let half = ceiling / 2;
+    half + rand::rng().random_range(Duration::ZERO..=half)
 }
 
 #[cfg(test)]

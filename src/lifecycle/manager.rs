@@ -8,18 +8,19 @@
 //! is published on a `watch` channel, so waiters are woken by the change
 //! itself, never by polling.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::backoff::Backoff;
+use super::backoff::{Backoff, jittered};
 use super::generation::Generation;
 use super::settings::LifecycleSettings;
 use super::source::{ConnectionSource, GenerationPool};
@@ -85,6 +86,34 @@ struct History {
     last_failure: Option<String>,
 }
 
+/// Requests waiting in the guard for a ready generation. While there are
+/// any, the pause between failed attempts is capped lower, so they are
+/// served soon after the database returns.
+#[derive(Debug, Default)]
+struct Demand {
+    waiting: AtomicUsize,
+    arrived: Notify,
+}
+
+impl Demand {
+    fn is_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) > 0
+    }
+}
+
+/// Held by a request while it waits for a ready generation; see
+/// [`Lifecycle::wait_begins`].
+#[derive(Debug)]
+pub struct Waiting {
+    demand: Arc<Demand>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.demand.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 #[derive(Debug)]
 enum Command {
     /// A connection of `generation` failed at the connection level.
@@ -120,6 +149,7 @@ struct Inner<P> {
     history: Arc<Mutex<History>>,
     stop: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
+    demand: Arc<Demand>,
 }
 
 impl<S: ConnectionSource> Lifecycle<S> {
@@ -133,6 +163,7 @@ impl<S: ConnectionSource> Lifecycle<S> {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let history = Arc::new(Mutex::new(History::default()));
         let stop = CancellationToken::new();
+        let demand = Arc::new(Demand::default());
         metrics.set_state(PoolState::Starting);
         let driver = Driver {
             source,
@@ -145,6 +176,7 @@ impl<S: ConnectionSource> Lifecycle<S> {
             stop: stop.clone(),
             current: None,
             paused: false,
+            demand: demand.clone(),
         };
         let task = tokio::spawn(driver.run());
         let inner = Inner {
@@ -153,6 +185,7 @@ impl<S: ConnectionSource> Lifecycle<S> {
             history,
             stop,
             task: Mutex::new(Some(task)),
+            demand,
         };
         Self {
             inner: Arc::new(inner),
@@ -177,6 +210,19 @@ impl<S: ConnectionSource> Lifecycle<S> {
             .inner
             .commands
             .send(Command::ConnectionLost { generation });
+    }
+
+    /// A request starts waiting for a ready generation; until the returned
+    /// handle is dropped, reconnect attempts are at most
+    /// `backoff_max_with_waiters` apart.
+    pub fn wait_begins(&self) -> Waiting {
+        let demand = &self.inner.demand;
+        if demand.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
+            demand.arrived.notify_one();
+        }
+        Waiting {
+            demand: demand.clone(),
+        }
     }
 
     /// Forces a reconnect of the current generation (reason `admin`).
@@ -236,6 +282,7 @@ struct Driver<S: ConnectionSource> {
     stop: CancellationToken,
     current: Option<Arc<Generation<S::Pool>>>,
     paused: bool,
+    demand: Arc<Demand>,
 }
 
 /// The task was asked to stop.
@@ -481,14 +528,21 @@ impl<S: ConnectionSource> Driver<S> {
         info!(generation = generation.id(), "Generation published.");
     }
 
-    /// Waits out a backoff pause; pause/resume still apply, reconnect
-    /// requests are absorbed (a reconnect is already under way).
+    /// Waits out a backoff pause, cut short to the lower cap as soon as
+    /// requests are waiting; pause/resume still apply, reconnect requests
+    /// are absorbed (a reconnect is already under way).
     async fn pause_between_attempts(&mut self, pause: Duration) -> Result<(), Stopped> {
-        let deadline = tokio::time::Instant::now() + pause;
+        let started = Instant::now();
+        let with_waiters = started + pause.min(jittered(self.settings.backoff_max_with_waiters));
+        let mut deadline = started + pause;
         loop {
+            if self.demand.is_waiting() {
+                deadline = deadline.min(with_waiters);
+            }
             tokio::select! {
                 _ = self.stop.cancelled() => return Err(Stopped),
                 _ = tokio::time::sleep_until(deadline) => return Ok(()),
+                _ = self.demand.arrived.notified() => {}
                 command = self.commands.recv() => match command {
                     None => return Err(Stopped),
                     Some(Command::Pause) => self.paused = true,

@@ -17,7 +17,7 @@ pub mod source;
 pub mod warmup;
 
 pub use generation::Generation;
-pub use manager::{Lifecycle, LifecycleStatus, ReconnectRecord, Snapshot};
+pub use manager::{Lifecycle, LifecycleStatus, ReconnectRecord, Snapshot, Waiting};
 pub use settings::{LifecycleSettings, RequiredRole};
 pub use source::{BackendSource, ConnectionSource, GenerationPool, ServerRole, SourceError};
 pub use warmup::{WarmupError, WarmupTimings};

@@ -10,6 +10,8 @@ pub const DEFAULT_HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 /// Default cap of the exponential backoff.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Default cap of the pause while requests are waiting for the reconnect.
+pub const DEFAULT_BACKOFF_MAX_WITH_WAITERS: Duration = Duration::from_millis(500);
 /// Default bound on the warm-up's ping phase.
 pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default bound on the warm-up's queries phase.
@@ -36,6 +38,11 @@ pub struct LifecycleSettings {
     pub backoff_initial: Duration,
     /// Cap of the pause between attempts.
     pub backoff_max: Duration,
+    /// Cap of the pause while requests are waiting in the guard. The long
+    /// cap spares a database nobody is asking for; with requests waiting, a
+    /// connection attempt or two per second is cheap, and the database's
+    /// return is noticed within this bound instead of `backoff_max`.
+    pub backoff_max_with_waiters: Duration,
     /// Bound on the ping phase (open `min_connections`, `SELECT 1`, role check).
     pub ping_timeout: Duration,
     /// Bound on the queries phase (every warm-up query on every connection).
@@ -53,6 +60,7 @@ impl Default for LifecycleSettings {
             health_check_timeout: DEFAULT_HEALTH_CHECK_TIMEOUT,
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
+            backoff_max_with_waiters: DEFAULT_BACKOFF_MAX_WITH_WAITERS,
             ping_timeout: DEFAULT_PING_TIMEOUT,
             queries_timeout: DEFAULT_QUERIES_TIMEOUT,
             warmup_queries: Vec::new(),

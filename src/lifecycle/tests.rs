@@ -205,3 +205,44 @@ async fn stop_publishes_stopping_and_drains_the_pool() {
         1.0
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_requests_waiting_a_long_outage_is_retried_at_the_lower_cap() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    h.source.set(|s| s.up = false);
+    h.retired(1).await;
+    // Nobody waits: the pauses grow to the 5 s cap.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let failed = || h.metric("pgwarden_reconnect_attempts_total", &[("result", "failed")]);
+    let before = failed();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle_attempts = failed() - before;
+    assert!(idle_attempts <= 2.0, "{idle_attempts} attempts in 5 s");
+
+    // A request waits: the current long pause is cut short, and the next
+    // ones are at most 500 ms.
+    let waiting = h.lifecycle.wait_begins();
+    let before = failed();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let busy_attempts = failed() - before;
+    assert!(busy_attempts >= 10.0, "{busy_attempts} attempts in 5 s");
+
+    h.source.set(|s| s.up = true);
+    let returned = tokio::time::Instant::now();
+    h.reach(PoolState::Ready, 2).await;
+    assert!(
+        returned.elapsed() <= Duration::from_millis(500),
+        "ready {:?} after the database returned",
+        returned.elapsed()
+    );
+    drop(waiting);
+
+    // Without waiters the long cap applies again.
+    h.source.set(|s| s.up = false);
+    h.retired(2).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let before = failed();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(failed() - before <= 2.0);
+}
