@@ -18,7 +18,9 @@ use tokio::time::Instant;
 use tracing::{Instrument, Span, field, info_span};
 
 use super::error::GuardError;
-use crate::lifecycle::{ConnectionSource, Generation, GenerationPool, Lifecycle, Snapshot};
+use crate::lifecycle::{
+    ConnectionSource, Generation, GenerationPool, Lifecycle, Snapshot, SourceError,
+};
 use crate::telemetry::Metrics;
 use crate::telemetry::labels::{GuardCause, GuardOutcome, PoolState};
 
@@ -100,14 +102,17 @@ impl<S: ConnectionSource> Guard<S> {
     }
 
     /// Admits a request with a fresh budget.
-    pub async fn admit(&self) -> Result<Lease<S>, GuardError> {
+    pub fn admit(&self) -> impl Future<Output = Result<Lease<S>, GuardError>> + Send + '_ {
         let now = Instant::now();
-        self.admit_between(now, now + self.budget).await
+        self.admit_between(now, now + self.budget)
     }
 
     /// Admits a request that must be served by `deadline`.
-    pub async fn admit_until(&self, deadline: Instant) -> Result<Lease<S>, GuardError> {
-        self.admit_between(Instant::now(), deadline).await
+    pub fn admit_until(
+        &self,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Lease<S>, GuardError>> + Send + '_ {
+        self.admit_between(Instant::now(), deadline)
     }
 
     async fn admit_between(
@@ -121,25 +126,27 @@ impl<S: ConnectionSource> Guard<S> {
             "guard.wait_ms" = field::Empty,
             "guard.cause" = field::Empty,
         );
-        let admitted = async {
-            if let Some(lease) = self.try_fast(deadline, 0).await? {
-                return Ok(lease);
-            }
-            let cause = wait_cause(self.snapshot.borrow().state);
-            if let Some(cause) = cause {
-                Span::current().record("guard.cause", cause.as_str());
-            }
-            self.wait_and_admit(cause, deadline, 0).await
+        if span.is_disabled() {
+            return self.admit_in_span(deadline).await;
         }
-        .instrument(span.clone())
-        .await;
-        if let Ok(lease) = &admitted
-            && !span.is_disabled()
-        {
+        let admitted = self.admit_in_span(deadline).instrument(span.clone()).await;
+        if let Ok(lease) = &admitted {
             span.record("pool.generation", lease.generation.id());
             span.record("guard.wait_ms", started.elapsed().as_millis() as u64);
         }
         admitted
+    }
+
+    async fn admit_in_span(&self, deadline: Instant) -> Result<Lease<S>, GuardError> {
+        if let Some(lease) = self.try_fast(deadline, 0).await? {
+            return Ok(lease);
+        }
+        let cause = wait_cause(self.snapshot.borrow().state);
+        if let Some(cause) = cause {
+            Span::current().record("guard.cause", cause.as_str());
+        }
+        // Boxed: the waiting machinery stays out of the fast path's future.
+        Box::pin(self.wait_and_admit(cause, deadline, 0)).await
     }
 
     /// Checks a held lease before use: if its generation was retired, counts
@@ -212,11 +219,14 @@ impl<S: ConnectionSource> Guard<S> {
             Ok(Ok(_stale)) => Ok(None),
             // Retired between the snapshot and `get`: its pool is closed; wait.
             Ok(Err(_)) if generation.is_retired() => Ok(None),
-            Ok(Err(error)) if error.connection_level => {
+            Ok(Err(error)) => {
+                let error: SourceError = error.into();
+                if !error.connection_level {
+                    return Err(GuardError::Pool(error));
+                }
                 self.lifecycle.report_connection_lost(generation.id());
                 Ok(None)
             }
-            Ok(Err(error)) => Err(GuardError::Pool(error)),
         }
     }
 

@@ -91,6 +91,7 @@ impl ConnectionSource for FakeSource {
 
 impl GenerationPool for FakePool {
     type Conn = FakeConn;
+    type Error = SourceError;
 
     async fn get(&self) -> Result<FakeConn, SourceError> {
         if !self.script.lock().unwrap().up || self.state.closed.load(Ordering::SeqCst) {

@@ -23,7 +23,7 @@ use tracing::{Instrument, info, info_span, warn};
 use super::backoff::{Backoff, jittered};
 use super::generation::Generation;
 use super::settings::LifecycleSettings;
-use super::source::{ConnectionSource, GenerationPool};
+use super::source::{ConnectionSource, GenerationPool, SourceError};
 use super::warmup::{WarmupError, WarmupTimings, warm_up};
 use crate::pool::{LossHook, PoolStatus};
 use crate::telemetry::Metrics;
@@ -370,8 +370,10 @@ impl<S: ConnectionSource> Driver<S> {
         self.update_pool_gauges(&generation);
         let started = Instant::now();
         let check = async {
-            let mut conn = generation.pool().get().await?;
-            <S::Pool as GenerationPool>::ping(&mut conn).await
+            let mut conn = generation.pool().get().await.map_err(Into::into)?;
+            <S::Pool as GenerationPool>::ping(&mut conn)
+                .await
+                .map_err(Into::<SourceError>::into)
         };
         let span = info_span!("db_health_check", "pool.generation" = generation.id());
         let outcome = tokio::time::timeout(self.settings.health_check_timeout, check)

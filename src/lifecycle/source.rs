@@ -64,20 +64,24 @@ pub trait GenerationPool: std::fmt::Debug + Send + Sync + 'static {
     /// A lent connection; it returns to the pool when dropped.
     type Conn: std::fmt::Debug + Send + 'static;
 
+    /// The pool's own failure. Converted only when one happens, so lending
+    /// a connection needs no wrapper around the pool's future.
+    type Error: Into<SourceError> + Send + 'static;
+
     /// Lends a connection.
-    fn get(&self) -> impl Future<Output = Result<Self::Conn, SourceError>> + Send;
+    fn get(&self) -> impl Future<Output = Result<Self::Conn, Self::Error>> + Send;
 
     /// Opens the configured minimum of connections together and lends them all.
-    fn warm(&self) -> impl Future<Output = Result<Vec<Self::Conn>, SourceError>> + Send;
+    fn warm(&self) -> impl Future<Output = Result<Vec<Self::Conn>, Self::Error>> + Send;
 
     /// `SELECT 1`-grade round trip that also reports the server's role.
-    fn ping(conn: &mut Self::Conn) -> impl Future<Output = Result<ServerRole, SourceError>> + Send;
+    fn ping(conn: &mut Self::Conn) -> impl Future<Output = Result<ServerRole, Self::Error>> + Send;
 
     /// Runs one warm-up statement, discarding its rows.
     fn run(
         conn: &mut Self::Conn,
         sql: &str,
-    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
     /// Current sizes.
     fn status(&self) -> PoolStatus;
@@ -106,23 +110,24 @@ impl ConnectionSource for BackendSource {
 
 impl GenerationPool for Pool {
     type Conn = PooledConnection;
+    type Error = PoolError;
 
-    async fn get(&self) -> Result<PooledConnection, SourceError> {
-        Ok(Pool::get(self).await?)
+    fn get(&self) -> impl Future<Output = Result<PooledConnection, PoolError>> + Send {
+        Pool::get(self)
     }
 
-    async fn warm(&self) -> Result<Vec<PooledConnection>, SourceError> {
-        Ok(Pool::warm(self).await?)
+    fn warm(&self) -> impl Future<Output = Result<Vec<PooledConnection>, PoolError>> + Send {
+        Pool::warm(self)
     }
 
-    async fn ping(conn: &mut PooledConnection) -> Result<ServerRole, SourceError> {
+    async fn ping(conn: &mut PooledConnection) -> Result<ServerRole, PoolError> {
         match conn.is_in_recovery().await? {
             false => Ok(ServerRole::Primary),
             true => Ok(ServerRole::Standby),
         }
     }
 
-    async fn run(conn: &mut PooledConnection, sql: &str) -> Result<(), SourceError> {
+    async fn run(conn: &mut PooledConnection, sql: &str) -> Result<(), PoolError> {
         conn.simple_query(sql).await?;
         Ok(())
     }

@@ -75,9 +75,9 @@ async fn ping<P: GenerationPool>(
     settings: &LifecycleSettings,
 ) -> Result<Vec<P::Conn>, WarmupError> {
     let phase = async {
-        let mut connections = pool.warm().await?;
+        let mut connections = pool.warm().await.map_err(Into::into)?;
         for conn in &mut connections {
-            let role = P::ping(conn).await?;
+            let role = P::ping(conn).await.map_err(Into::into)?;
             if settings.role == RequiredRole::Primary && role == ServerRole::Standby {
                 return Err(SourceError {
                     connection_level: false,
@@ -104,7 +104,7 @@ async fn run_queries<P: GenerationPool>(
             let queries = queries.clone();
             tasks.spawn(async move {
                 for sql in queries.iter() {
-                    P::run(&mut conn, sql).await?;
+                    P::run(&mut conn, sql).await.map_err(Into::into)?;
                 }
                 Ok::<_, SourceError>(conn)
             });
