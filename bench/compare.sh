@@ -46,7 +46,8 @@ DATA="$WORK/data"
 cleanup() {
     [ -n "${PGWARDEN_PID:-}" ] && kill "$PGWARDEN_PID" 2>/dev/null || true
     [ -f "$WORK/pgbouncer.pid" ] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null || true
-    postmaster && kill -CONT "$(postmaster)" 2>/dev/null || true
+    local pid; pid=$(postmaster) || true
+    [ -n "$pid" ] && kill -CONT "$pid" 2>/dev/null || true
     as_pg "$PGBIN/pg_ctl" -D "$DATA" stop -m immediate >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
@@ -129,8 +130,8 @@ import json, os, sys
 out, clients, duration = sys.argv[1], sys.argv[2], sys.argv[3]
 print(f"Faults at 4 s into a {duration} s run of {clients} clients (point reads and single-row UPDATEs); window = 5 s after the fault.")
 print("Direct PostgreSQL and PgBouncer over the Postgres protocol, pgwarden over HTTP.\n")
-print("| fault | target | success (window) | errors | fault → last error | p99 window (ms) | max window (ms) | writes acked | lost | doubled | no answer |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| fault | target | success (window) | errors | fault → last error | fault end → first success | p99 window (ms) | max window (ms) | writes acked | lost | doubled | no answer |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for fault in ["restart", "crash", "terminate", "stall", "outage5"]:
     for target in ["direct", "pgbouncer", "pgwarden"]:
         path = os.path.join(out, f"{fault}-{target}.json")
@@ -140,7 +141,9 @@ for fault in ["restart", "crash", "terminate", "stall", "outage5"]:
         w = r["window"]; l = r["ledger"]
         errors = sum(r["errors"].values())
         last = r["last_error_after_fault_ms"]
+        back = r["first_success_after_fault_end_ms"]
         print(f"| {fault} | {target} | {w['success_rate']:.4f} | {errors} | {'-' if last is None else str(last) + ' ms'} | "
+              f"{'-' if back is None else str(back) + ' ms'} | "
               f"{w['latency']['p99_ms']:.1f} | {w['latency']['max_ms']:.1f} | {l['acknowledged']} | {l['lost']} | {l['doubled']} | {l['ambiguous'] + l['unknown_08007']} |")
 PY
 cat "$OUT/summary.md"

@@ -418,6 +418,9 @@ pub struct Report {
     pub window: serde_json::Value,
     pub first_success_after_fault_ms: Option<u64>,
     pub last_error_after_fault_ms: Option<u64>,
+    /// From the end of the fault command (the database is back) to the
+    /// first success that completed after it: the recovery time.
+    pub first_success_after_fault_end_ms: Option<u64>,
     pub ledger: Ledger,
     pub timeline: Vec<Slice>,
 }
@@ -479,6 +482,15 @@ impl Report {
             window,
             first_success_after_fault_ms: fault.and(after(true)),
             last_error_after_fault_ms: fault.and(after(false)),
+            first_success_after_fault_end_ms: fault.and_then(|(_, end)| {
+                samples
+                    .iter()
+                    .map(|s| s.started_ms + s.latency_us / 1000)
+                    .zip(samples.iter().map(|s| answered(s)))
+                    .filter(|&(done, ok)| ok && done >= end)
+                    .map(|(done, _)| done - end)
+                    .min()
+            }),
             ledger: ledger(clients, stored),
             timeline: timeline(&samples),
         }
@@ -591,6 +603,10 @@ pub fn table(report: &Report) -> String {
                 "{:?} / {:?} ms",
                 report.first_success_after_fault_ms, report.last_error_after_fault_ms
             ),
+        ),
+        (
+            "fault end → first success",
+            format!("{:?} ms", report.first_success_after_fault_end_ms),
         ),
         (
             "writes acknowledged / stored",
