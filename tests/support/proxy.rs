@@ -51,7 +51,7 @@ pub struct FaultProxy {
 
 /// State shared between the proxy handle and its tasks.
 struct Shared {
-    target: SocketAddr,
+    target: Mutex<SocketAddr>,
     mode: Mutex<ProxyMode>,
     latency_nanos: AtomicU64,
     next_id: AtomicU64,
@@ -76,7 +76,7 @@ impl FaultProxy {
             .expect("bind the proxy to 127.0.0.1:0");
         let addr = listener.local_addr().expect("proxy local address");
         let shared = Arc::new(Shared {
-            target,
+            target: Mutex::new(target),
             mode: Mutex::new(ProxyMode::PassThrough),
             latency_nanos: AtomicU64::new(0),
             next_id: AtomicU64::new(0),
@@ -102,7 +102,13 @@ impl FaultProxy {
 
     /// Address the proxy forwards to.
     pub fn target(&self) -> SocketAddr {
-        self.shared.target
+        *lock(&self.shared.target)
+    }
+
+    /// Forwards connections accepted from now on to `target` (a failover
+    /// behind a stable address); live ones are unaffected.
+    pub fn set_target(&self, target: SocketAddr) {
+        *lock(&self.shared.target) = target;
     }
 
     /// Sets how connections accepted from now on are treated; live ones are unaffected.
@@ -252,7 +258,8 @@ async fn swallow(mut client: TcpStream) {
 
 /// Connects upstream and forwards bytes both ways until either side closes.
 async fn forward(shared: Arc<Shared>, id: u64, client: TcpStream) {
-    let Ok(upstream) = TcpStream::connect(shared.target).await else {
+    let target = *lock(&shared.target);
+    let Ok(upstream) = TcpStream::connect(target).await else {
         refuse(client);
         return;
     };
