@@ -1,6 +1,7 @@
-//! The real client: `@neondatabase/serverless`, unchanged, talks to
+//! The real clients: `@neondatabase/serverless`, unchanged, talks to
 //! pgwarden (tests/clients/neon.test.mjs), and keeps working across a
-//! database restart (tests/clients/neon.load.mjs).
+//! database restart (tests/clients/neon.load.mjs); Drizzle ORM's
+//! `neon-http` driver on top of it works too (tests/clients/drizzle.test.mjs).
 
 mod support;
 
@@ -49,6 +50,22 @@ async fn the_neon_serverless_driver_works_unchanged() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("# pass 5"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drizzle_orm_over_the_neon_driver_works_unchanged() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(config_for(&cluster)).await;
+    let mut command = node(&daemon, "--test");
+    command.arg("drizzle.test.mjs");
+    let output = command.output().await.expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the Drizzle tests failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("# pass 4"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
