@@ -1,7 +1,8 @@
 //! The real clients: `@neondatabase/serverless`, unchanged, talks to
 //! pgwarden (tests/clients/neon.test.mjs), and keeps working across a
 //! database restart (tests/clients/neon.load.mjs); Drizzle ORM's
-//! `neon-http` driver on top of it works too (tests/clients/drizzle.test.mjs).
+//! `neon-http` driver (tests/clients/drizzle.test.mjs) and Prisma ORM with
+//! its Neon HTTP adapter (tests/clients/prisma.test.mts) work on top of it.
 
 mod support;
 
@@ -63,6 +64,44 @@ async fn drizzle_orm_over_the_neon_driver_works_unchanged() {
     assert!(
         output.status.success(),
         "the Drizzle tests failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("# pass 4"), "{stdout}");
+}
+
+/// Generates the Prisma client for tests/clients/prisma/schema.prisma.
+/// `prisma generate` needs no schema engine, but the CLI insists on having
+/// one and would download it from outside the package registry; pointing it
+/// at `true` lets generation run offline.
+async fn generate_prisma_client() {
+    let output = tokio::process::Command::new("node")
+        .current_dir(clients_dir())
+        .args(["node_modules/prisma/build/index.js", "generate"])
+        .env("PRISMA_SCHEMA_ENGINE_BINARY", "/bin/true")
+        .env("PRISMA_HIDE_UPDATE_MESSAGE", "1")
+        .output()
+        .await
+        .expect("node runs");
+    assert!(
+        output.status.success(),
+        "prisma generate failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prisma_with_its_neon_http_adapter_works_unchanged() {
+    generate_prisma_client().await;
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(config_for(&cluster)).await;
+    let mut command = node(&daemon, "node_modules/tsx/dist/cli.mjs");
+    command.args(["--test", "prisma.test.mts"]);
+    let output = command.output().await.expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the Prisma tests failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("# pass 4"), "{stdout}");
