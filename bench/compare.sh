@@ -7,6 +7,7 @@
 # pgwarden over its HTTP API (its wire front end does not exist yet).
 #
 # Usage: bench/compare.sh [duration_s] [clients]   (defaults: 12 s, 16 clients)
+# COMPARE_FAULTS picks faults (default: "restart crash terminate stall outage5 failover").
 # Writes bench/results/<time>/*.json, *.svg and summary.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ cd "$(dirname "$0")/.."
 DURATION=${1:-12}
 CLIENTS=${2:-16}
 FAULT_AT=4
+ONLY=${COMPARE_FAULTS:-restart crash terminate stall outage5 failover}
 OUT="bench/results/$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$OUT"
 
@@ -21,6 +23,7 @@ need=()
 command -v pgbouncer >/dev/null || need+=(pgbouncer)
 command -v pg_config >/dev/null || need+=(postgresql)
 command -v python3 >/dev/null || need+=(python3)
+command -v socat >/dev/null || need+=(socat)
 if [ ${#need[@]} -gt 0 ]; then
     echo "Installing ${need[*]}"
     sudo_or_not=""; [ "$(id -u)" = 0 ] || sudo_or_not=sudo
@@ -45,6 +48,7 @@ DATA="$WORK/data"
 
 cleanup() {
     [ -n "${PGWARDEN_PID:-}" ] && kill "$PGWARDEN_PID" 2>/dev/null || true
+    [ -n "${PAIR:-}" ] && { failover_down 2>/dev/null || true; }
     [ -f "$WORK/pgbouncer.pid" ] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null || true
     local pid; pid=$(postmaster) || true
     [ -n "$pid" ] && kill -CONT "$pid" 2>/dev/null || true
@@ -116,6 +120,7 @@ declare -A TARGETS=(
 )
 
 for fault in restart crash terminate stall outage5; do
+    [[ " $ONLY " == *" $fault "* ]] || continue
     for target in direct pgbouncer pgwarden; do
         echo "== $fault against $target"
         wait_ready
@@ -125,14 +130,94 @@ for fault in restart crash terminate stall outage5; do
     done
 done
 
+# Failover: a primary with a synchronous standby, behind one stable address
+# (a socat forwarder standing in for a virtual IP or a DNS name). The fault
+# crashes the primary, points the address at the standby and promotes it.
+# Every target gets a fresh pair, since a failover cannot be undone; each
+# target reaches the database through the forwarder, so all pay for it.
+VIP=$(free_port); PPORT=$(free_port); SPORT=$(free_port)
+FB_PORT=$(free_port); FW_PORT=$(free_port); FO_PORT=$(free_port)
+PAIR="$WORK/pair"
+forward_to() {
+    (socat "TCP-LISTEN:$VIP,bind=127.0.0.1,reuseaddr,fork,nodelay" "TCP:127.0.0.1:$1,nodelay" >/dev/null 2>&1 &
+     echo $! > "$PAIR/socat.pid")
+}
+failover_up() {
+    rm -rf "$PAIR"; mkdir -p "$PAIR"; [ "$(id -u)" = 0 ] && chown postgres "$PAIR"
+    as_pg "$PGBIN/initdb" -D "$PAIR/primary" -A trust -U postgres >/dev/null
+    cat >> "$PAIR/primary/postgresql.conf" <<CONF
+port = $PPORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$PAIR'
+max_connections = 300
+fsync = off
+synchronous_standby_names = '*'
+CONF
+    as_pg "$PGBIN/pg_ctl" -D "$PAIR/primary" -l "$PAIR/primary.log" -w start >/dev/null
+    as_pg "$PGBIN/pg_basebackup" -D "$PAIR/standby" -R -X stream -c fast -h 127.0.0.1 -p "$PPORT" -U postgres
+    printf "port = %s\nsynchronous_standby_names = ''\n" "$SPORT" >> "$PAIR/standby/postgresql.conf"
+    as_pg "$PGBIN/pg_ctl" -D "$PAIR/standby" -l "$PAIR/standby.log" -w start >/dev/null
+    for _ in $(seq 1 100); do
+        state=$("$PGBIN/psql" -X -Atq -h 127.0.0.1 -p "$PPORT" -U postgres -d postgres \
+            -c "SELECT sync_state FROM pg_stat_replication")
+        [ "$state" = sync ] && break; sleep 0.1
+    done
+    [ "$state" = sync ] || { echo "the standby did not become synchronous" >&2; return 1; }
+    forward_to "$PPORT"
+    cat > "$PAIR/failover.sh" <<SCRIPT
+#!/usr/bin/env bash
+$RUNAS $PGCTL -D $PAIR/primary stop -m immediate >/dev/null
+kill \$(cat $PAIR/socat.pid)
+while (exec 3<>/dev/tcp/127.0.0.1/$VIP) 2>/dev/null; do sleep 0.01; done
+(socat TCP-LISTEN:$VIP,bind=127.0.0.1,reuseaddr,fork,nodelay TCP:127.0.0.1:$SPORT,nodelay >/dev/null 2>&1 & echo \$! > $PAIR/socat.pid)
+$RUNAS $PGCTL -D $PAIR/standby promote -w >/dev/null
+SCRIPT
+}
+failover_down() {
+    [ -n "${FW_PID:-}" ] && kill "$FW_PID" 2>/dev/null; FW_PID=""
+    [ -f "$PAIR/pgbouncer.pid" ] && kill "$(cat "$PAIR/pgbouncer.pid")" 2>/dev/null
+    [ -f "$PAIR/socat.pid" ] && kill "$(cat "$PAIR/socat.pid")" 2>/dev/null
+    for node in primary standby; do
+        as_pg "$PGBIN/pg_ctl" -D "$PAIR/$node" stop -m immediate >/dev/null 2>&1 || true
+    done
+    sleep 0.5
+}
+VIP_DSN="postgresql://postgres@127.0.0.1:$VIP/postgres?sslmode=disable"
+for target in direct pgbouncer pgwarden; do
+    [[ " $ONLY " == *" failover "* ]] || continue
+    echo "== failover against $target"
+    failover_up
+    url=$VIP_DSN
+    case $target in
+    pgbouncer)
+        sed -e "s/port=$PGPORT/port=$VIP/" -e "s/listen_port = $BPORT/listen_port = $FB_PORT/" \
+            -e "s#$WORK/pgbouncer#$PAIR/pgbouncer#g" "$WORK/pgbouncer.ini" > "$PAIR/pgbouncer.ini"
+        [ "$(id -u)" = 0 ] && chown postgres "$PAIR/pgbouncer.ini"
+        as_pg pgbouncer -d "$PAIR/pgbouncer.ini"
+        url="postgresql://postgres@127.0.0.1:$FB_PORT/postgres?sslmode=disable" ;;
+    pgwarden)
+        "$PGWARDEN" --database-url "$VIP_DSN" --listen "127.0.0.1:$FW_PORT" --ops-listen "127.0.0.1:$FO_PORT" \
+            > /dev/null 2> "$PAIR/pgwarden.log" &
+        FW_PID=$!
+        for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$FO_PORT/readyz" >/dev/null && break; sleep 0.1; done
+        url="http://127.0.0.1:$FW_PORT/sql" ;;
+    esac
+    "$BENCH" --target "$url" --admin-dsn "$VIP_DSN" --clients "$CLIENTS" \
+        --duration-s "$DURATION" --fault failover --fault-at-s "$FAULT_AT" --fault-cmd "bash $PAIR/failover.sh" \
+        --json "$OUT/failover-$target.json" --svg "$OUT/failover-$target.svg" > "$OUT/failover-$target.txt"
+    failover_down
+done
+
 python3 - "$OUT" "$CLIENTS" "$DURATION" > "$OUT/summary.md" <<'PY'
 import json, os, sys
 out, clients, duration = sys.argv[1], sys.argv[2], sys.argv[3]
 print(f"Faults at 4 s into a {duration} s run of {clients} clients (point reads and single-row UPDATEs); window = 5 s after the fault.")
-print("Direct PostgreSQL and PgBouncer over the Postgres protocol, pgwarden over HTTP.\n")
+print("Direct PostgreSQL and PgBouncer over the Postgres protocol, pgwarden over HTTP.")
+print("failover: a fresh primary with a synchronous standby per target, all reached through one socat forwarder;")
+print("the fault crashes the primary, points the forwarder at the standby and promotes it.\n")
 print("| fault | target | success (window) | errors | fault → last error | fault end → first success | p99 window (ms) | max window (ms) | writes acked | lost | doubled | no answer |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-for fault in ["restart", "crash", "terminate", "stall", "outage5"]:
+for fault in ["restart", "crash", "terminate", "stall", "outage5", "failover"]:
     for target in ["direct", "pgbouncer", "pgwarden"]:
         path = os.path.join(out, f"{fault}-{target}.json")
         if not os.path.exists(path):
