@@ -6,7 +6,10 @@
 //! commands tagged with the generation they saw, and only a report about the
 //! *current, ready* generation starts a reconnect. Everything the guard needs
 //! is published on a `watch` channel, so waiters are woken by the change
-//! itself, never by polling.
+//! itself, never by polling. Waiters are also counted: while any wait, the
+//! pauses between failed attempts are capped lower, so a database that
+//! returns is noticed quickly by those who need it, and a database nobody
+//! asks for is spared.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
