@@ -1,6 +1,7 @@
 //! Traces: the binary exports spans over OTLP (HTTP/protobuf and gRPC) to a
-//! receiver the test runs; a request's `traceparent` makes its span a child;
-//! a collector that is down changes nothing for clients.
+//! receiver the test runs, in the clear or over TLS with a private CA; a
+//! request's `traceparent` makes its span a child; a collector that is down
+//! changes nothing for clients.
 
 mod support;
 
@@ -13,6 +14,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use support::Cluster;
 use support::binary::{Running, spawn};
+use support::cluster::certs::{self, TlsFiles};
 
 /// One received span: name, trace id, span id, parent span id (hex).
 #[derive(Clone, Debug)]
@@ -67,7 +69,9 @@ async fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Received>>>) {
 }
 
 /// An OTLP/gRPC receiver on a free port; returns its address and the spans it got.
-async fn grpc_receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Received>>>) {
+async fn grpc_receiver(
+    tls: Option<&TlsFiles>,
+) -> (std::net::SocketAddr, Arc<Mutex<Vec<Received>>>) {
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
         TraceService, TraceServiceServer,
@@ -106,11 +110,14 @@ async fn grpc_receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Received>>>) {
     let address = listener.local_addr().unwrap();
     let service = TraceServiceServer::new(Sink(spans.clone()));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(incoming),
-    );
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+        server = server
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .unwrap();
+    }
+    tokio::spawn(server.add_service(service).serve_with_incoming(incoming));
     (address, spans)
 }
 
@@ -122,6 +129,100 @@ fn start_pgwarden(cluster: &Cluster, endpoint: &str, protocol: &str) -> Running 
             .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
             .env("OTEL_BSP_SCHEDULE_DELAY", "100");
     })
+}
+
+/// A TLS server configuration with the certificate of `tls`.
+fn server_tls(tls: &TlsFiles) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let certs = CertificateDer::pem_slice_iter(tls.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(tls.key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// Accepts TLS connections for `axum::serve`; failed handshakes are skipped.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((stream, peer)) = self.tcp.accept().await else {
+                continue;
+            };
+            if let Ok(tls) = self.acceptor.accept(stream).await {
+                return (tls, peer);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// An OTLP/HTTP receiver behind TLS, with a certificate of a private CA.
+async fn https_receiver(tls: &TlsFiles) -> (u16, Arc<Mutex<Vec<Received>>>) {
+    let spans = Arc::new(Mutex::new(Vec::new()));
+    let sink = spans.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        post(move |body: Bytes| {
+            let sink = sink.clone();
+            async move {
+                let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                collect(&sink, request);
+                ""
+            }
+        }),
+    );
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let listener = TlsListener {
+        tcp,
+        acceptor: tokio_rustls::TlsAcceptor::from(server_tls(tls)),
+    };
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, spans)
+}
+
+/// Starts the binary exporting to an `https://localhost` collector on
+/// `port` over `protocol`, trusting the CA of `tls`.
+fn start_pgwarden_tls(
+    cluster: &Cluster,
+    port: u16,
+    protocol: &str,
+    tls: &TlsFiles,
+) -> (Running, tempfile::NamedTempFile) {
+    let ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca.path(), &tls.ca_pem).unwrap();
+    let pgwarden = spawn(cluster, |command| {
+        command
+            .env(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("https://localhost:{port}"),
+            )
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+            .env("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.path())
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    });
+    (pgwarden, ca)
 }
 
 async fn traced_query(client: &reqwest::Client, url: &str) -> reqwest::StatusCode {
@@ -162,8 +263,26 @@ async fn a_request_is_traced_as_a_child_of_its_traceparent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traces_are_exported_over_grpc_too() {
     let cluster = Cluster::start();
-    let (address, spans) = grpc_receiver().await;
+    let (address, spans) = grpc_receiver(None).await;
     let pgwarden = start_pgwarden(&cluster, &format!("http://{address}"), "grpc");
+    assert_traced(pgwarden, spans).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_reach_an_https_collector_with_a_private_ca() {
+    let cluster = Cluster::start();
+    let tls = certs::generate();
+    let (port, spans) = https_receiver(&tls).await;
+    let (pgwarden, _ca) = start_pgwarden_tls(&cluster, port, "http/protobuf", &tls);
+    assert_traced(pgwarden, spans).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_reach_a_grpc_collector_over_tls_with_a_private_ca() {
+    let cluster = Cluster::start();
+    let tls = certs::generate();
+    let (address, spans) = grpc_receiver(Some(&tls)).await;
+    let (pgwarden, _ca) = start_pgwarden_tls(&cluster, address.port(), "grpc", &tls);
     assert_traced(pgwarden, spans).await;
 }
 

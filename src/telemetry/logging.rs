@@ -6,14 +6,18 @@
 //! (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`),
 //! over HTTP/protobuf (default) or gRPC (`OTEL_EXPORTER_OTLP_PROTOCOL=grpc`);
 //! `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER*`
-//! and `OTEL_BSP_*` apply as the specification says. Export runs on the
+//! and `OTEL_BSP_*` apply as the specification says. An `https://`
+//! collector is verified against the bundled web PKI roots (HTTP also
+//! against the system's), plus the PEM file that
+//! `OTEL_EXPORTER_OTLP_CERTIFICATE` (or `…_TRACES_CERTIFICATE`) names, for
+//! a collector with a private CA. Export runs on the
 //! batch processor, off the request path, so a collector that is down only
 //! loses spans: it never slows or crashes the daemon.
 
 use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig};
+use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -79,13 +83,10 @@ fn otlp_provider() -> Option<SdkTracerProvider> {
     }
     let protocol =
         env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"));
-    let exporter = match protocol.as_deref() {
-        Some("grpc") => SpanExporter::builder().with_tonic().build(),
-        _ => SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .build(),
-    };
+    let exporter = collector_ca().and_then(|ca| match protocol.as_deref() {
+        Some("grpc") => grpc_exporter(&endpoint, ca),
+        _ => http_exporter(ca),
+    });
     let exporter = match exporter {
         Ok(exporter) => exporter,
         Err(error) => {
@@ -102,4 +103,70 @@ fn otlp_provider() -> Option<SdkTracerProvider> {
         .with_resource(resource.build())
         .build();
     Some(provider)
+}
+
+/// The collector's private CA, as PEM, when the environment names one.
+fn collector_ca() -> Result<Option<Vec<u8>>, String> {
+    let Some(path) = env("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+        .or_else(|| env("OTEL_EXPORTER_OTLP_CERTIFICATE"))
+    else {
+        return Ok(None);
+    };
+    std::fs::read(&path)
+        .map(Some)
+        .map_err(|e| format!("cannot read the collector's CA certificate {path}: {e}"))
+}
+
+/// OTLP over HTTP/protobuf. With a private CA the HTTP client is built
+/// here (on its own thread: a blocking client must not be built inside the
+/// runtime), trusting that CA on top of the usual roots.
+fn http_exporter(ca: Option<Vec<u8>>) -> Result<SpanExporter, String> {
+    let builder = SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary);
+    let Some(pem) = ca else {
+        return builder.build().map_err(|e| e.to_string());
+    };
+    let timeout = export_timeout();
+    let client = std::thread::spawn(move || {
+        let roots = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("the collector's CA certificate is not valid PEM: {e}"))?;
+        reqwest::blocking::Client::builder()
+            .timeout(timeout)
+            .tls_certs_merge(roots)
+            .build()
+            .map_err(|e| format!("cannot build the OTLP HTTP client: {e}"))
+    })
+    .join()
+    .map_err(|_| "building the OTLP HTTP client panicked".to_string())??;
+    builder
+        .with_http_client(client)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// OTLP over gRPC; `https://` endpoints use TLS with the web PKI roots and
+/// the private CA, if any.
+fn grpc_exporter(endpoint: &str, ca: Option<Vec<u8>>) -> Result<SpanExporter, String> {
+    use opentelemetry_otlp::WithTonicConfig;
+
+    use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
+
+    let mut builder = SpanExporter::builder().with_tonic();
+    if endpoint.starts_with("https://") || ca.is_some() {
+        let mut tls = ClientTlsConfig::new().with_webpki_roots();
+        if let Some(pem) = ca {
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        builder = builder.with_tls_config(tls);
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
+/// The export timeout of the specification's variables (default 10 s).
+fn export_timeout() -> Duration {
+    env("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+        .or_else(|| env("OTEL_EXPORTER_OTLP_TIMEOUT"))
+        .and_then(|ms| ms.parse().ok())
+        .map_or(Duration::from_secs(10), Duration::from_millis)
 }

@@ -11,7 +11,7 @@
 //! `initdb` is slow, so clusters are copies of a template data directory that
 //! is built once and cached (see `template`).
 
-mod certs;
+pub mod certs;
 mod config;
 mod faults;
 mod os;
