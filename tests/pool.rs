@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use pgwarden::backend::{Connector, ErrorKind, Statement};
+use pgwarden::backend::{Connector, ErrorKind, SslMode, Statement};
 use pgwarden::pool::{Pool, PoolConfig, PoolError, PoolErrorKind, PoolStatus};
 use support::pg::{options, scalar, superuser, wait_until_sessions_gone};
 use support::{Cluster, FaultProxy, ProxyMode};
@@ -154,6 +154,60 @@ async fn a_statement_that_cannot_be_sent_sends_nothing_and_the_owed_reset_still_
         Some("0"),
         "the reset owed by the previous user ran first"
     );
+}
+
+/// `sessions` and `sessions_abandoned` of database `name`: a session that
+/// ends without a Terminate message counts as abandoned.
+fn session_counts(cluster: &Cluster, name: &str) -> (u64, u64) {
+    let row = cluster.psql_rows(&format!(
+        "SELECT sessions, sessions_abandoned FROM pg_stat_database WHERE datname = '{name}'"
+    ));
+    let number = |i: usize| row[0][i].as_deref().unwrap().parse().unwrap();
+    (number(0), number(1))
+}
+
+/// Lets a pool open, use, discard and close sessions over `ssl_mode`, and
+/// checks that the server saw every one of them end with a Terminate.
+async fn sessions_end_politely(ssl_mode: SslMode) {
+    let cluster = Cluster::start();
+    cluster.psql("CREATE DATABASE pool_sessions");
+    let mut options = superuser(&cluster);
+    options.database = "pool_sessions".into();
+    options.ssl_mode = ssl_mode;
+    let pool = pool(options, 3);
+    drop(pool.warm().await.unwrap());
+    let mut conn = pool.get().await.unwrap();
+    scalar(&mut conn, "SELECT 1").await.unwrap();
+    drop(Pool::discard(conn));
+    pool.close();
+    drop(pool);
+
+    // Wait for the sessions to end, then give their statistics time to land.
+    let gone = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'pool_sessions'";
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while cluster.psql(gone).trim() != "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sessions never ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..10 {
+        let (sessions, abandoned) = session_counts(&cluster, "pool_sessions");
+        assert_eq!(sessions, 2, "the pool opened two sessions");
+        assert_eq!(abandoned, 0, "sessions ended without a Terminate message");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test]
+async fn sessions_the_pool_lets_go_of_end_politely() {
+    sessions_end_politely(SslMode::Disable).await;
+}
+
+#[tokio::test]
+async fn tls_sessions_the_pool_lets_go_of_end_politely_too() {
+    sessions_end_politely(SslMode::Require).await;
 }
 
 #[tokio::test]

@@ -356,9 +356,11 @@ impl Connection {
 
     /// Ends the session politely (Terminate), ignoring errors.
     pub async fn close(mut self) {
+        self.write_buf.clear();
         frontend::terminate(&mut self.write_buf);
         let _ = self.socket.write_all(&self.write_buf).await;
         let _ = self.socket.shutdown().await;
+        self.closed = true;
     }
 
     fn begin_request(&mut self) -> Result<(), BackendError> {
@@ -633,6 +635,21 @@ struct Progress {
     commit_sent: bool,
     identity: Option<TxIdentity>,
     results: Vec<QueryResult>,
+}
+
+/// A session the pool lets go of says goodbye: a Terminate message, sent
+/// if the socket takes it at once, so the server ends the session as a
+/// normal disconnect instead of counting it abandoned. A broken session
+/// (mid-request, or already failed) is simply closed.
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if self.closed || self.in_flight {
+            return;
+        }
+        let mut goodbye = BytesMut::with_capacity(5);
+        frontend::terminate(&mut goodbye);
+        self.socket.write_now(&goodbye);
+    }
 }
 
 fn parse_identity(result: &Option<QueryResult>) -> Result<TxIdentity, BackendError> {

@@ -79,6 +79,48 @@ impl Socket {
     }
 }
 
+impl Socket {
+    /// Writes `message` now if the socket takes it without waiting, for
+    /// goodbyes from synchronous code (`Drop`); over TLS the message is
+    /// followed by a close_notify. Anything that would block is dropped.
+    pub(crate) fn write_now(&mut self, message: &[u8]) {
+        match self {
+            Socket::Tcp(s) => {
+                let _ = s.try_write(message);
+            }
+            Socket::Unix(s) => {
+                let _ = s.try_write(message);
+            }
+            Socket::Tls(s) => {
+                let (tcp, tls) = s.get_mut();
+                if io::Write::write_all(&mut tls.writer(), message).is_err() {
+                    return;
+                }
+                tls.send_close_notify();
+                let mut sink = TryWriter(tcp);
+                while tls.wants_write() {
+                    if !matches!(tls.write_tls(&mut sink), Ok(n) if n > 0) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `io::Write` over a tokio TCP stream that never waits.
+struct TryWriter<'a>(&'a TcpStream);
+
+impl io::Write for TryWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 impl AsyncRead for Socket {
     fn poll_read(
         self: Pin<&mut Self>,
