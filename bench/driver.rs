@@ -643,7 +643,7 @@ pub fn svg(report: &Report) -> String {
         .max(1) as f64;
     let max_p99 = slices.iter().map(|s| s.p99_ms).fold(1.0, f64::max);
     let x = |i: usize| 40.0 + i as f64 / n * (width - 60.0);
-    let y = |v: f64, max: f64| height - 30.0 - v / max * (height - 50.0);
+    let y = |v: f64, max: f64| height - 30.0 - v / max * (height - 75.0);
     let line = |f: &dyn Fn(&Slice) -> f64, max: f64| {
         slices
             .iter()
@@ -652,9 +652,23 @@ pub fn svg(report: &Report) -> String {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let fault = report.fault.as_ref().and_then(|f| f["at_ms"].as_u64()).map(|at| {
-        let fx = x((at / 100) as usize);
-        format!("<line x1=\"{fx:.1}\" y1=\"20\" x2=\"{fx:.1}\" y2=\"{:.1}\" stroke=\"black\" stroke-dasharray=\"4\"/><text x=\"{fx:.1}\" y=\"15\" font-size=\"11\">fault</text>", height - 30.0)
+    let marker = |at_ms: u64, label: &str, row: f64| {
+        let fx = x((at_ms / 100) as usize);
+        format!(
+            "<line x1=\"{fx:.1}\" y1=\"{:.1}\" x2=\"{fx:.1}\" y2=\"{:.1}\" stroke=\"black\" stroke-dasharray=\"4\"/><text x=\"{:.1}\" y=\"{row:.1}\" font-size=\"11\">{label}</text>",
+            row - 9.0,
+            height - 30.0,
+            fx + 3.0
+        )
+    };
+    let fault = report.fault.as_ref().map(|f| {
+        let at = f["at_ms"].as_u64().unwrap_or(0);
+        let end = at + f["took_ms"].as_u64().unwrap_or(0);
+        let mut marks = marker(at, "fault", 32.0);
+        if end / 100 > at / 100 {
+            marks.push_str(&marker(end, "fault ends", 44.0));
+        }
+        marks
     });
     format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\">\
