@@ -188,6 +188,10 @@ impl managed::Manager for Manager {
     }
 
     async fn recycle(&self, conn: &mut Connection, _: &Metrics) -> RecycleResult<BackendError> {
+        if conn.is_retired() {
+            // Alive, but its reset was refused: not a sign of a server problem.
+            return Err(RecycleError::message("its session reset was refused"));
+        }
         if let Err(error) = conn.check_idle() {
             self.report(&error);
             return Err(RecycleError::Backend(error));

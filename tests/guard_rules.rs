@@ -205,3 +205,67 @@ async fn a_batch_broken_before_commit_is_replayed_and_commits_once() {
         1.0
     );
 }
+
+/// Through a one-statement executor (no transaction around it), leaves
+/// session state that `DISCARD ALL` cannot clear in time: a thousand temp
+/// tables, a 1 ms statement timeout and a search path for nobody else.
+async fn leave_state_that_resists_reset(stack: &Stack) {
+    use pgwarden::guard::WriteSafety;
+    let bare = Executor::new(
+        stack.guard.clone(),
+        ExecSettings {
+            write_safety: WriteSafety::Fast,
+            ..ExecSettings::default()
+        },
+        pgwarden::telemetry::Metrics::new(&prometheus::Registry::new()).unwrap(),
+    );
+    bare.query(&Statement::new(
+        "DO $$ BEGIN
+           CREATE SCHEMA IF NOT EXISTS leaked;
+           FOR i IN 1..1000 LOOP EXECUTE format('CREATE TEMP TABLE t%s (x int)', i); END LOOP;
+           PERFORM set_config('search_path', 'leaked, public', false);
+           PERFORM set_config('statement_timeout', '1ms', false);
+         END $$",
+    ))
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_refuses_its_reset_is_retired_and_requests_run_elsewhere() {
+    let cluster = Cluster::start();
+    let mut settings = quick_settings();
+    settings.health_check_interval = Duration::from_secs(3600);
+    let stack = Stack::start(superuser(&cluster), settings, BUDGET);
+    stack.ready(1).await;
+    leave_state_that_resists_reset(&stack).await;
+
+    for _ in 0..6 {
+        let path = stack
+            .executor
+            .query(&Statement::new("SELECT current_setting('search_path')"))
+            .await
+            .unwrap();
+        assert_eq!(path.rows[0].get(0).as_deref(), Some("\"$user\", public"));
+    }
+    assert_eq!(stack.metric("pgwarden_reconnects_total", &[]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_refuses_its_reset_does_not_fail_a_health_check() {
+    let cluster = Cluster::start();
+    let stack = Stack::start(superuser(&cluster), quick_settings(), BUDGET);
+    stack.ready(1).await;
+    leave_state_that_resists_reset(&stack).await;
+    let checked = stack.metric("pgwarden_health_checks_total", &[("result", "ok")]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stack.metric("pgwarden_health_checks_total", &[("result", "ok")]) < checked + 8.0 {
+        assert!(Instant::now() < deadline, "health checks stopped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        stack.metric("pgwarden_health_checks_total", &[("result", "failed")]),
+        0.0
+    );
+    assert_eq!(stack.metric("pgwarden_reconnects_total", &[]), 0.0);
+}

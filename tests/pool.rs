@@ -105,13 +105,17 @@ async fn session_state_is_reset_between_users_of_the_same_connection() {
         scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap()
     };
     let mut conn = pool.get().await.unwrap();
+    // The first request after reuse carries the reset in its own pipeline.
+    let timeout = conn
+        .query(&Statement::new(
+            "SELECT current_setting('statement_timeout')",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(timeout.rows[0].get(0).as_deref(), Some("0"));
     assert_eq!(
         scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap(),
         pid
-    );
-    assert_eq!(
-        scalar(&mut conn, "SHOW statement_timeout").await.as_deref(),
-        Some("0")
     );
     let temp = scalar(
         &mut conn,
@@ -119,6 +123,58 @@ async fn session_state_is_reset_between_users_of_the_same_connection() {
     )
     .await;
     assert_eq!(temp.as_deref(), Some("0"));
+}
+
+/// Leaves session state that `DISCARD ALL` cannot clear in time: a
+/// thousand temp tables to drop, a 1 ms statement timeout, and a search
+/// path that must not reach the next user.
+async fn leave_state_that_resists_reset(pool: &Pool) -> String {
+    let mut conn = pool.get().await.unwrap();
+    conn.simple_query(
+        "CREATE SCHEMA IF NOT EXISTS leaked;
+         DO $$ BEGIN FOR i IN 1..1000 LOOP EXECUTE format('CREATE TEMP TABLE t%s (x int)', i); END LOOP; END $$;
+         SET search_path = leaked, public;
+         SET statement_timeout = '1ms'",
+    )
+    .await
+    .unwrap();
+    conn.process_id().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_refused_reset_fails_closed_and_retires_the_session() {
+    let cluster = Cluster::start();
+    let pool = pool(superuser(&cluster), 1);
+    let first = leave_state_that_resists_reset(&pool).await;
+
+    let mut conn = pool.get().await.unwrap();
+    let refused = conn
+        .query(&Statement::new("SELECT current_setting('search_path')"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::ResetRefused, "{refused}");
+    assert!(conn.is_retired());
+    drop(conn);
+
+    let mut next = pool.get().await.unwrap();
+    let path = scalar(&mut next, "SELECT current_setting('search_path')").await;
+    assert_eq!(
+        path.as_deref(),
+        Some("\"$user\", public"),
+        "a fresh session"
+    );
+    assert_ne!(next.process_id().unwrap().to_string(), first);
+}
+
+#[tokio::test]
+async fn a_refused_reset_before_a_health_check_fails_closed_too() {
+    let cluster = Cluster::start();
+    let pool = pool(superuser(&cluster), 1);
+    leave_state_that_resists_reset(&pool).await;
+    let mut conn = pool.get().await.unwrap();
+    let refused = conn.is_in_recovery().await.unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::ResetRefused, "{refused}");
+    assert!(!refused.is_connection_level(), "the server is fine");
 }
 
 #[tokio::test]

@@ -133,6 +133,7 @@ impl Connection {
         conn.flush(Stage::Connecting).await?;
         conn.authenticate().await?;
         conn.await_ready_for_query().await?;
+        conn.startup_done();
         Ok(conn)
     }
 

@@ -93,6 +93,8 @@ pub struct Connection {
     dirty: bool,
     /// A `DISCARD ALL` is owed: it goes out in front of the next request.
     reset_owed: bool,
+    /// The session is alive but must not be lent again (its reset was refused).
+    retired: bool,
     /// Largest result, in wire bytes of rows, a request may return.
     result_limit: Option<usize>,
     /// When the session was established.
@@ -109,10 +111,12 @@ impl Connection {
             parameters: HashMap::new(),
             backend_key: None,
             transaction_status: TransactionStatus::Idle,
-            in_flight: false,
+            // Until the startup exchange completes (see `connect`).
+            in_flight: true,
             closed: false,
             dirty: false,
             reset_owed: false,
+            retired: false,
             result_limit: None,
             created_at: Instant::now(),
         }
@@ -137,6 +141,12 @@ impl Connection {
     /// failure happened, or a request was abandoned halfway.
     pub fn is_broken(&self) -> bool {
         self.closed || self.in_flight
+    }
+
+    /// True when the session is alive but must not be lent again: the
+    /// server refused to reset it, so it may hold a previous user's state.
+    pub fn is_retired(&self) -> bool {
+        self.retired
     }
 
     /// True when caller statements ran since the last reset (done with
@@ -305,15 +315,6 @@ impl Connection {
         Ok(())
     }
 
-    /// Puts an owed `DISCARD ALL` in the write buffer, ahead of a request.
-    fn queue_owed_reset(&mut self) -> Result<bool, BackendError> {
-        if !std::mem::take(&mut self.reset_owed) {
-            return Ok(false);
-        }
-        frontend::query("DISCARD ALL", &mut self.write_buf).map_err(invalid_sql)?;
-        Ok(true)
-    }
-
     /// Drops a request that could not be encoded (nothing was sent), so no
     /// half-written message precedes the next one; a queued reset stays owed.
     fn unsend(&mut self, reset_queued: bool, error: BackendError) -> BackendError {
@@ -322,21 +323,28 @@ impl Connection {
         error
     }
 
-    /// Reads the answer to a queued `DISCARD ALL`. Should the server refuse
-    /// it, the request behind it still runs (it was sent in the same write)
-    /// and its answer stands, but the session is never lent again.
-    async fn read_owed_reset(&mut self, queued: bool) -> Result<(), BackendError> {
-        if !queued {
+    /// Pays an owed reset with a round trip of its own, before a simple-
+    /// protocol request (health checks, warm-up; never the request path).
+    async fn pay_owed_reset(&mut self) -> Result<(), BackendError> {
+        if !std::mem::take(&mut self.reset_owed) {
             return Ok(());
         }
-        match self.collect_results(Protocol::Simple).await {
-            Ok(_) => Ok(()),
+        frontend::query("DISCARD ALL", &mut self.write_buf).map_err(invalid_sql)?;
+        self.flush(Stage::Sending).await?;
+        let result = self.collect_results(Protocol::Simple).await;
+        self.reset_outcome(result.map(|_| ()))
+    }
+
+    /// A refused reset fails closed: the request behind it does not run,
+    /// and the session, alive but with a previous user's state, is retired.
+    fn reset_outcome<T>(&mut self, result: Result<T, BackendError>) -> Result<T, BackendError> {
+        match result {
             Err(BackendError::Sql { error, .. }) => {
-                tracing::warn!(code = %error.code, "The server refused to reset a session; it will be closed after this request.");
-                self.closed = true;
-                Ok(())
+                tracing::warn!(code = %error.code, "The server refused to reset a session; it is retired.");
+                self.retired = true;
+                Err(BackendError::ResetRefused(error))
             }
-            Err(error) => Err(error),
+            other => other,
         }
     }
 
@@ -356,11 +364,18 @@ impl Connection {
 
     /// Ends the session politely (Terminate), ignoring errors.
     pub async fn close(mut self) {
+        // Marked first, so `Drop` adds nothing even if this is cancelled.
+        self.closed = true;
         self.write_buf.clear();
         frontend::terminate(&mut self.write_buf);
         let _ = self.socket.write_all(&self.write_buf).await;
         let _ = self.socket.shutdown().await;
-        self.closed = true;
+    }
+
+    /// The startup exchange is over: the session may take requests (until
+    /// then, `Drop` sends nothing into a half-finished handshake).
+    pub(crate) fn startup_done(&mut self) {
+        self.in_flight = false;
     }
 
     fn begin_request(&mut self) -> Result<(), BackendError> {
@@ -382,12 +397,11 @@ impl Connection {
     }
 
     async fn simple_query_inner(&mut self, sql: &str) -> Result<Vec<QueryResult>, BackendError> {
-        let reset = self.queue_owed_reset()?;
+        self.pay_owed_reset().await?;
         if let Err(e) = frontend::query(sql, &mut self.write_buf) {
-            return Err(self.unsend(reset, invalid_sql(e)));
+            return Err(self.unsend(false, invalid_sql(e)));
         }
         self.flush(Stage::Sending).await?;
-        self.read_owed_reset(reset).await?;
         self.collect_results(Protocol::Simple).await
     }
 
@@ -395,16 +409,35 @@ impl Connection {
         &mut self,
         parts: impl IntoIterator<Item = Part<'a>>,
     ) -> Result<Vec<QueryResult>, BackendError> {
-        let reset = self.queue_owed_reset()?;
-        for part in parts {
+        // An owed reset goes first in the same Sync group: should the server
+        // refuse it, it skips the rest of the group, so nothing runs on a
+        // session that still holds a previous user's state.
+        let reset = std::mem::take(&mut self.reset_owed);
+        let owed = reset.then_some(Part::Sql("DISCARD ALL"));
+        for part in owed.into_iter().chain(parts) {
             if let Err(error) = self.encode(part) {
                 return Err(self.unsend(reset, error));
             }
         }
         frontend::sync(&mut self.write_buf);
         self.flush(Stage::Sending).await?;
-        self.read_owed_reset(reset).await?;
-        self.collect_results(Protocol::Extended).await
+        let results = self.collect_results(Protocol::Extended).await;
+        if !reset {
+            return results;
+        }
+        match results {
+            Ok(mut results) => {
+                results.remove(0);
+                Ok(results)
+            }
+            Err(BackendError::Sql { error, statement }) if statement > 0 => {
+                Err(BackendError::Sql {
+                    error,
+                    statement: statement - 1,
+                })
+            }
+            other => self.reset_outcome(other),
+        }
     }
 
     async fn transaction_inner(

@@ -37,11 +37,14 @@ pub enum ErrorKind {
     Sql,
     /// The result exceeded the configured size limit; the connection is still usable.
     ResultTooLarge,
+    /// The server refused to reset the session before the request, which
+    /// therefore did not run; the session is retired, the server is fine.
+    ResetRefused,
 }
 
 impl ErrorKind {
     /// Every kind, for pre-creating metric label values.
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::Config,
         ErrorKind::Connect,
         ErrorKind::Tls,
@@ -53,6 +56,7 @@ impl ErrorKind {
         ErrorKind::Broken,
         ErrorKind::Sql,
         ErrorKind::ResultTooLarge,
+        ErrorKind::ResetRefused,
     ];
 
     /// The snake_case label of this kind.
@@ -69,6 +73,7 @@ impl ErrorKind {
             ErrorKind::Broken => "broken",
             ErrorKind::Sql => "sql",
             ErrorKind::ResultTooLarge => "result_too_large",
+            ErrorKind::ResetRefused => "reset_refused",
         }
     }
 
@@ -77,7 +82,10 @@ impl ErrorKind {
     pub fn is_connection_level(self) -> bool {
         !matches!(
             self,
-            ErrorKind::Sql | ErrorKind::Config | ErrorKind::ResultTooLarge
+            ErrorKind::Sql
+                | ErrorKind::Config
+                | ErrorKind::ResultTooLarge
+                | ErrorKind::ResetRefused
         )
     }
 }
@@ -175,6 +183,10 @@ pub enum BackendError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// The server refused the session reset owed before this request, so
+    /// the request did not run; the session may not be lent again.
+    #[error("the server refused to reset the session ({0}); the request did not run")]
+    ResetRefused(Box<DbError>),
 }
 
 impl BackendError {
@@ -194,6 +206,7 @@ impl BackendError {
             BackendError::Broken => ErrorKind::Broken,
             BackendError::Sql { .. } => ErrorKind::Sql,
             BackendError::ResultTooLarge { .. } => ErrorKind::ResultTooLarge,
+            BackendError::ResetRefused(_) => ErrorKind::ResetRefused,
         }
     }
 

@@ -145,6 +145,9 @@ enum Broken {
     },
     /// Not a connection failure and not replayable.
     Final(ExecError),
+    /// The request did not run (its connection's session could not be
+    /// reset, and is retired): run it on another connection.
+    Elsewhere,
 }
 
 /// Which replay rule decided a broken request (for `/status` and tests).
@@ -376,6 +379,13 @@ impl Executor {
                     }
                 }
                 Broken::Final(error) => return self.replayed(replays, Err(error)),
+                Broken::Elsewhere => {
+                    drop(lease);
+                    lease = match self.guard.admit_until(deadline).await {
+                        Ok(lease) => lease,
+                        Err(e) => return self.replayed(replays, Err(e.into())),
+                    };
+                }
                 Broken::Connection {
                     point,
                     message,
@@ -574,6 +584,7 @@ fn classify(error: BackendError, prelude: usize, sent: BreakPoint) -> Broken {
             Broken::Sql(error, statement.saturating_sub(prelude))
         }
         BackendError::ResultTooLarge { limit } => Broken::Final(ExecError::TooLarge(limit)),
+        BackendError::ResetRefused(_) => Broken::Elsewhere,
         BackendError::Broken => connection(BreakPoint::BeforeSend, "connection unusable", None),
         error if error.is_connection_level() => connection(sent, &error.to_string(), None),
         error => Broken::Final(ExecError::Internal(error.to_string())),

@@ -131,8 +131,9 @@ async fn a_waiting_request_is_served_soon_after_a_long_outage_ends() {
     });
     let started = Instant::now();
     guard(&h).admit().await.unwrap();
+    // 1 s, then at most the 500 ms cap, plus the fake warm-up.
     assert!(
-        started.elapsed() <= Duration::from_millis(1500),
+        started.elapsed() <= Duration::from_millis(1600),
         "admitted {:?} after the request arrived, 1 s after the database returned",
         started.elapsed()
     );

@@ -34,6 +34,10 @@ use crate::telemetry::labels::{
     AttemptResult, HealthResult, PoolState, ReconnectReason, WarmupPhase,
 };
 
+/// Sessions a health check tries when the server answers but a session
+/// turns out unusable, before it counts as failed.
+const PING_TRIES: usize = 3;
+
 /// What the lifecycle publishes: the state and the current generation.
 #[derive(Debug)]
 pub struct Snapshot<P> {
@@ -373,10 +377,19 @@ impl<S: ConnectionSource> Driver<S> {
         self.update_pool_gauges(&generation);
         let started = Instant::now();
         let check = async {
-            let mut conn = generation.pool().get().await.map_err(Into::into)?;
-            <S::Pool as GenerationPool>::ping(&mut conn)
-                .await
-                .map_err(Into::<SourceError>::into)
+            let mut tries = 1;
+            loop {
+                let mut conn = generation.pool().get().await.map_err(Into::into)?;
+                let pinged = <S::Pool as GenerationPool>::ping(&mut conn)
+                    .await
+                    .map_err(Into::<SourceError>::into);
+                match pinged {
+                    // The server answered, but that session may not be used
+                    // (e.g. its reset was refused): ask on another one.
+                    Err(error) if !error.connection_level && tries < PING_TRIES => tries += 1,
+                    other => return other,
+                }
+            }
         };
         let span = info_span!("db_health_check", "pool.generation" = generation.id());
         let outcome = tokio::time::timeout(self.settings.health_check_timeout, check)

@@ -112,9 +112,18 @@ fn collector_ca() -> Result<Option<Vec<u8>>, String> {
     else {
         return Ok(None);
     };
-    std::fs::read(&path)
-        .map(Some)
-        .map_err(|e| format!("cannot read the collector's CA certificate {path}: {e}"))
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+
+    let pem = std::fs::read(&path)
+        .map_err(|e| format!("cannot read the collector's CA certificate {path}: {e}"))?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{path} is not valid PEM: {e}"))?;
+    if certificates.is_empty() {
+        return Err(format!("{path} holds no certificate"));
+    }
+    Ok(Some(pem))
 }
 
 /// OTLP over HTTP/protobuf. With a private CA the HTTP client is built
