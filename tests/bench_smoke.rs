@@ -23,6 +23,16 @@ fn terminate_all(cluster: &Cluster) -> String {
     )
 }
 
+/// [`terminate_all`] five times, 100 ms apart: a client that happened to
+/// be between requests at one round is caught at another, so the fault
+/// reaches direct clients for certain, not by chance.
+fn terminate_all_repeatedly(cluster: &Cluster) -> String {
+    format!(
+        "for round in 1 2 3 4 5; do {}; sleep 0.1; done",
+        terminate_all(cluster)
+    )
+}
+
 fn admin_dsn(cluster: &Cluster) -> String {
     format!("{}?sslmode=disable", cluster.url("postgres", None))
 }
@@ -84,7 +94,7 @@ async fn against_postgres_directly_the_same_fault_reaches_the_clients_and_the_le
         fault: Some(Fault {
             name: "terminate".into(),
             at: Duration::from_millis(1000),
-            command: terminate_all(&cluster),
+            command: terminate_all_repeatedly(&cluster),
         }),
         window: Duration::from_secs(2),
         admin_dsn: admin_dsn(&cluster),
