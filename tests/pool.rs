@@ -167,12 +167,13 @@ async fn a_refused_reset_fails_closed_and_retires_the_session() {
 }
 
 #[tokio::test]
-async fn a_refused_reset_before_a_health_check_fails_closed_too() {
+async fn a_health_check_probe_leaves_an_owed_reset_to_the_next_user() {
     let cluster = Cluster::start();
     let pool = pool(superuser(&cluster), 1);
     leave_state_that_resists_reset(&pool).await;
     let mut conn = pool.get().await.unwrap();
-    let refused = conn.is_in_recovery().await.unwrap_err();
+    assert!(!conn.is_in_recovery().await.unwrap(), "the probe answers");
+    let refused = conn.query(&Statement::new("SELECT 1")).await.unwrap_err();
     assert_eq!(refused.kind(), ErrorKind::ResetRefused, "{refused}");
     assert!(!refused.is_connection_level(), "the server is fine");
 }

@@ -197,11 +197,16 @@ impl Connection {
     }
 
     /// Asks `pg_is_in_recovery()` in one round trip: a liveness probe that
-    /// also tells a primary from a standby. Leaves no session state behind,
-    /// so it does not make the connection need a reset.
+    /// also tells a primary from a standby. It leaves no session state
+    /// behind and does not pay an owed reset (which stays owed to the next
+    /// user), so a slow or refused reset never fails a health check; the
+    /// function is schema-qualified, so a leftover `search_path` cannot
+    /// stand in for it.
     pub async fn is_in_recovery(&mut self) -> Result<bool, BackendError> {
         self.begin_request()?;
-        let result = self.simple_query_inner("SELECT pg_is_in_recovery()").await;
+        let result = self
+            .send_simple("SELECT pg_catalog.pg_is_in_recovery()")
+            .await;
         let answer = result.and_then(|mut results| {
             let value = results.pop().and_then(|r| {
                 r.rows
@@ -324,7 +329,7 @@ impl Connection {
     }
 
     /// Pays an owed reset with a round trip of its own, before a simple-
-    /// protocol request (health checks, warm-up; never the request path).
+    /// protocol request (warm-up statements; never the request path).
     async fn pay_owed_reset(&mut self) -> Result<(), BackendError> {
         if !std::mem::take(&mut self.reset_owed) {
             return Ok(());
@@ -398,6 +403,11 @@ impl Connection {
 
     async fn simple_query_inner(&mut self, sql: &str) -> Result<Vec<QueryResult>, BackendError> {
         self.pay_owed_reset().await?;
+        self.send_simple(sql).await
+    }
+
+    /// One simple-protocol exchange, as is: an owed reset stays owed.
+    async fn send_simple(&mut self, sql: &str) -> Result<Vec<QueryResult>, BackendError> {
         if let Err(e) = frontend::query(sql, &mut self.write_buf) {
             return Err(self.unsend(false, invalid_sql(e)));
         }
