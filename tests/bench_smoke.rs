@@ -37,29 +37,41 @@ fn admin_dsn(cluster: &Cluster) -> String {
     format!("{}?sslmode=disable", cluster.url("postgres", None))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_driver_sees_no_failure_and_no_lost_write_across_a_mass_termination() {
-    let cluster = Cluster::start();
-    let daemon = TestDaemon::start(config_for(&cluster)).await;
-    let terminate = terminate_all(&cluster);
+/// Runs 8 clients against `target` for `seconds`, with `terminate` run
+/// 1 s into the run, and prints the report.
+async fn run_with_termination(
+    cluster: &Cluster,
+    target: Target,
+    seconds: u64,
+    terminate: String,
+) -> driver::Report {
     let plan = Plan {
-        target: Target::Http {
-            url: format!("{}/sql", daemon.data),
-            connection_string: "postgresql://postgres@bench/postgres".into(),
-        },
+        target,
         clients: 8,
-        duration: Duration::from_secs(4),
+        duration: Duration::from_secs(seconds),
         fault: Some(Fault {
             name: "terminate".into(),
-            at: Duration::from_millis(1500),
+            at: Duration::from_millis(1000),
             command: terminate,
         }),
         window: Duration::from_secs(2),
-        admin_dsn: admin_dsn(&cluster),
+        admin_dsn: admin_dsn(cluster),
         mix: Mix::Orders,
     };
     let report = driver::run(&plan).await.expect("the run completes");
     println!("{}", driver::table(&report));
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_driver_sees_no_failure_and_no_lost_write_across_a_mass_termination() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(config_for(&cluster)).await;
+    let target = Target::Http {
+        url: format!("{}/sql", daemon.data),
+        connection_string: "postgresql://postgres@bench/postgres".into(),
+    };
+    let report = run_with_termination(&cluster, target, 4, terminate_all(&cluster)).await;
 
     assert!(
         report.errors.is_empty(),
@@ -85,23 +97,11 @@ async fn the_driver_sees_no_failure_and_no_lost_write_across_a_mass_termination(
 async fn against_postgres_directly_the_same_fault_reaches_the_clients_and_the_ledger_still_balances()
  {
     let cluster = Cluster::start();
-    let plan = Plan {
-        target: Target::Postgres {
-            dsn: admin_dsn(&cluster),
-        },
-        clients: 8,
-        duration: Duration::from_secs(3),
-        fault: Some(Fault {
-            name: "terminate".into(),
-            at: Duration::from_millis(1000),
-            command: terminate_all_repeatedly(&cluster),
-        }),
-        window: Duration::from_secs(2),
-        admin_dsn: admin_dsn(&cluster),
-        mix: Mix::Orders,
+    let target = Target::Postgres {
+        dsn: admin_dsn(&cluster),
     };
-    let report = driver::run(&plan).await.expect("the run completes");
-    println!("{}", driver::table(&report));
+    let report =
+        run_with_termination(&cluster, target, 3, terminate_all_repeatedly(&cluster)).await;
     assert!(
         report.errors.get("ConnectionLost").copied().unwrap_or(0) > 0,
         "{:?}",

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::load::{Load, check_ledger, purchase_order_sql};
+use support::load::{Load, assert_no_failures, check_ledger, purchase_order_sql};
 use support::pg::superuser;
 use support::stack::{Stack, quick_settings};
 use support::{Cluster, FaultProxy, wait};
@@ -70,12 +70,7 @@ async fn a_failover_to_a_synchronous_standby_loses_no_acknowledged_write_and_dou
     tokio::time::sleep(Duration::from_secs(1)).await;
     let reports = load.stop().await;
 
-    let failures: Vec<_> = reports.iter().flat_map(|r| r.failures.iter()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} requests failed: {failures:?}",
-        failures.len()
-    );
+    assert_no_failures(&reports);
     check_ledger(&standby, &reports);
     assert_eq!(
         stack.metric("pgwarden_reconnects_total", &[]),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgwarden::guard::Executor;
-use support::load::{Load, check_ledger, purchase_order_sql};
+use support::load::{Load, assert_no_failures, check_ledger, purchase_order_sql};
 use support::pg::superuser;
 use support::stack::{Stack, quick_settings};
 use support::{Cluster, FaultProxy};
@@ -26,12 +26,7 @@ fn start_load(executor: &Executor) -> Load {
 /// holds exactly the writes acknowledged for it. Returns the acknowledged total.
 async fn finish(load: Load, cluster: &Cluster) -> u64 {
     let reports = load.stop().await;
-    let failures: Vec<_> = reports.iter().flat_map(|r| r.failures.iter()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} requests failed: {failures:?}",
-        failures.len()
-    );
+    assert_no_failures(&reports);
     let unknown: u64 = reports.iter().map(|r| r.unknown).sum();
     assert_eq!(unknown, 0, "writes answered 08007");
     check_ledger(cluster, &reports);

@@ -37,36 +37,31 @@ fn node(daemon: &TestDaemon, script: &str) -> tokio::process::Command {
     command
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_neon_serverless_driver_works_unchanged() {
+/// Runs node with `args` in tests/clients against a fresh pgwarden, and
+/// checks that the `what` tests all passed, `passes` of them.
+async fn run_node_tests(args: &[&str], what: &str, passes: usize) {
     let cluster = Cluster::start();
     let daemon = TestDaemon::start(config_for(&cluster)).await;
-    let mut command = node(&daemon, "--test");
-    command.arg("neon.test.mjs");
+    let mut command = node(&daemon, args[0]);
+    command.args(&args[1..]);
     let output = command.output().await.expect("node runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
-        "the Neon driver tests failed:\n{stdout}\n{}",
+        "the {what} tests failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("# pass 5"), "{stdout}");
+    assert!(stdout.contains(&format!("# pass {passes}")), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_neon_serverless_driver_works_unchanged() {
+    run_node_tests(&["--test", "neon.test.mjs"], "Neon driver", 5).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drizzle_orm_over_the_neon_driver_works_unchanged() {
-    let cluster = Cluster::start();
-    let daemon = TestDaemon::start(config_for(&cluster)).await;
-    let mut command = node(&daemon, "--test");
-    command.arg("drizzle.test.mjs");
-    let output = command.output().await.expect("node runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "the Drizzle tests failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(stdout.contains("# pass 4"), "{stdout}");
+    run_node_tests(&["--test", "drizzle.test.mjs"], "Drizzle", 4).await;
 }
 
 /// Generates the Prisma client for tests/clients/prisma/schema.prisma.
@@ -93,18 +88,12 @@ async fn generate_prisma_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prisma_with_its_neon_http_adapter_works_unchanged() {
     generate_prisma_client().await;
-    let cluster = Cluster::start();
-    let daemon = TestDaemon::start(config_for(&cluster)).await;
-    let mut command = node(&daemon, "node_modules/tsx/dist/cli.mjs");
-    command.args(["--test", "prisma.test.mts"]);
-    let output = command.output().await.expect("node runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "the Prisma tests failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(stdout.contains("# pass 4"), "{stdout}");
+    run_node_tests(
+        &["node_modules/tsx/dist/cli.mjs", "--test", "prisma.test.mts"],
+        "Prisma",
+        4,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,20 +90,25 @@ async fn a_connection_left_in_a_transaction_is_discarded() {
     assert_ne!(backend_pid(&pool).await, first);
 }
 
+/// Uses a connection of `pool` to set `statement_timeout` to 1234 ms (and
+/// run `also`, through the extended protocol), then returns it; gives its
+/// backend pid.
+async fn leave_session_state(pool: &Pool, also: Option<&str>) -> String {
+    let mut conn = pool.get().await.unwrap();
+    conn.simple_query("SET statement_timeout = '1234ms'")
+        .await
+        .unwrap();
+    if let Some(sql) = also {
+        conn.query(&Statement::new(sql)).await.unwrap();
+    }
+    scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap()
+}
+
 #[tokio::test]
 async fn session_state_is_reset_between_users_of_the_same_connection() {
     let cluster = Cluster::start();
     let pool = pool(superuser(&cluster), 1);
-    let pid = {
-        let mut conn = pool.get().await.unwrap();
-        conn.simple_query("SET statement_timeout = '1234ms'")
-            .await
-            .unwrap();
-        conn.query(&Statement::new("CREATE TEMP TABLE scratch (x int)"))
-            .await
-            .unwrap();
-        scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap()
-    };
+    let pid = leave_session_state(&pool, Some("CREATE TEMP TABLE scratch (x int)")).await;
     let mut conn = pool.get().await.unwrap();
     // The first request after reuse carries the reset in its own pipeline.
     let timeout = conn
@@ -182,13 +187,7 @@ async fn a_health_check_probe_leaves_an_owed_reset_to_the_next_user() {
 async fn a_statement_that_cannot_be_sent_sends_nothing_and_the_owed_reset_still_happens() {
     let cluster = Cluster::start();
     let pool = pool(superuser(&cluster), 1);
-    let pid = {
-        let mut conn = pool.get().await.unwrap();
-        conn.simple_query("SET statement_timeout = '1234ms'")
-            .await
-            .unwrap();
-        scalar(&mut conn, "SELECT pg_backend_pid()").await.unwrap()
-    };
+    let pid = leave_session_state(&pool, None).await;
     let mut conn = pool.get().await.unwrap();
     let refused = conn
         .query(&Statement::new("SELECT 'nul \0 inside'"))

@@ -47,11 +47,9 @@ fn collect(sink: &Mutex<Vec<Received>>, request: ExportTraceServiceRequest) {
     }
 }
 
-/// An OTLP/HTTP receiver on a free port; returns its address and the spans it got.
-async fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Received>>>) {
-    let spans = Arc::new(Mutex::new(Vec::new()));
-    let sink = spans.clone();
-    let app = axum::Router::new().route(
+/// The OTLP/HTTP trace endpoint, recording into `sink`.
+fn otlp_http_routes(sink: Arc<Mutex<Vec<Received>>>) -> axum::Router {
+    axum::Router::new().route(
         "/v1/traces",
         post(move |body: Bytes| {
             let sink = sink.clone();
@@ -61,7 +59,13 @@ async fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Received>>>) {
                 ""
             }
         }),
-    );
+    )
+}
+
+/// An OTLP/HTTP receiver on a free port; returns its address and the spans it got.
+async fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Received>>>) {
+    let spans = Arc::new(Mutex::new(Vec::new()));
+    let app = otlp_http_routes(spans.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -180,18 +184,7 @@ impl axum::serve::Listener for TlsListener {
 /// An OTLP/HTTP receiver behind TLS, with a certificate of a private CA.
 async fn https_receiver(tls: &TlsFiles) -> (u16, Arc<Mutex<Vec<Received>>>) {
     let spans = Arc::new(Mutex::new(Vec::new()));
-    let sink = spans.clone();
-    let app = axum::Router::new().route(
-        "/v1/traces",
-        post(move |body: Bytes| {
-            let sink = sink.clone();
-            async move {
-                let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
-                collect(&sink, request);
-                ""
-            }
-        }),
-    );
+    let app = otlp_http_routes(spans.clone());
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = tcp.local_addr().unwrap().port();
     let listener = TlsListener {

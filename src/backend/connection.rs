@@ -689,9 +689,8 @@ impl Drop for Connection {
         if self.closed || self.in_flight {
             return;
         }
-        let mut goodbye = BytesMut::with_capacity(5);
-        frontend::terminate(&mut goodbye);
-        self.socket.write_now(&goodbye);
+        // The Terminate message: type 'X', length 4, no body.
+        self.socket.write_now(&[b'X', 0, 0, 0, 4]);
     }
 }
 

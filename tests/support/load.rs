@@ -94,6 +94,16 @@ impl Load {
     }
 }
 
+/// Asserts that no request failed, apart from writes answered 08007.
+pub fn assert_no_failures(reports: &[ClientReport]) {
+    let failures: Vec<_> = reports.iter().flat_map(|r| r.failures.iter()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} requests failed: {failures:?}",
+        failures.len()
+    );
+}
+
 /// Checks the ledger on `cluster`: every row holds at least the writes
 /// acknowledged for it (none lost) and at most those plus the ones answered
 /// 08007 (none doubled), and every client made progress.
