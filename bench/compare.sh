@@ -58,16 +58,20 @@ cleanup() {
 trap cleanup EXIT
 postmaster() { head -1 "$DATA/postmaster.pid" 2>/dev/null; }
 
+# new_cluster DIR PORT SOCKET_DIR [EXTRA_SETTING...]: initdb and the settings
+# every cluster of this benchmark shares.
+new_cluster() {
+    local dir=$1 port=$2 sockets=$3; shift 3
+    as_pg "$PGBIN/initdb" -D "$dir" -A trust -U postgres >/dev/null
+    {
+        printf "port = %s\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '%s'\n" "$port" "$sockets"
+        printf "max_connections = 300\nfsync = off\n"
+        printf "%s\n" "$@"
+    } >> "$dir/postgresql.conf"
+}
+
 echo "== PostgreSQL on port $PGPORT"
-as_pg "$PGBIN/initdb" -D "$DATA" -A trust -U postgres >/dev/null
-cat >> "$DATA/postgresql.conf" <<CONF
-port = $PGPORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$WORK'
-max_connections = 300
-fsync = off
-synchronous_commit = on
-CONF
+new_cluster "$DATA" "$PGPORT" "$WORK" "synchronous_commit = on"
 as_pg "$PGBIN/pg_ctl" -D "$DATA" -l "$WORK/postgres.log" -w start >/dev/null
 
 echo "== PgBouncer on port $BPORT (transaction pooling)"
@@ -144,15 +148,7 @@ forward_to() {
 }
 failover_up() {
     rm -rf "$PAIR"; mkdir -p "$PAIR"; [ "$(id -u)" = 0 ] && chown postgres "$PAIR"
-    as_pg "$PGBIN/initdb" -D "$PAIR/primary" -A trust -U postgres >/dev/null
-    cat >> "$PAIR/primary/postgresql.conf" <<CONF
-port = $PPORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$PAIR'
-max_connections = 300
-fsync = off
-synchronous_standby_names = '*'
-CONF
+    new_cluster "$PAIR/primary" "$PPORT" "$PAIR" "synchronous_standby_names = '*'"
     as_pg "$PGBIN/pg_ctl" -D "$PAIR/primary" -l "$PAIR/primary.log" -w start >/dev/null
     as_pg "$PGBIN/pg_basebackup" -D "$PAIR/standby" -R -X stream -c fast -h 127.0.0.1 -p "$PPORT" -U postgres
     printf "port = %s\nsynchronous_standby_names = ''\n" "$SPORT" >> "$PAIR/standby/postgresql.conf"
