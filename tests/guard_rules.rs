@@ -11,7 +11,7 @@ use pgwarden::backend::{Statement, TransactionOptions};
 use pgwarden::guard::{ExecError, ExecSettings, Executor, Guard, Rule};
 use pgwarden::telemetry::labels::ClientErrorKind;
 use support::Cluster;
-use support::pg::superuser;
+use support::pg::{superuser, wait_until_none};
 use support::stack::{Stack, quick_settings};
 
 const BUDGET: Duration = Duration::from_secs(3);
@@ -149,15 +149,12 @@ async fn a_batch_over_the_transaction_timeout_is_cancelled_with_its_own_error() 
     assert_eq!(error.kind(), ClientErrorKind::TransactionTimeout);
     assert!(started.elapsed() < Duration::from_secs(10));
 
-    let running = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'";
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cluster.psql(running).trim() != "0" {
-        assert!(
-            Instant::now() < deadline,
-            "the statement was not cancelled on the server"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_none(
+        &cluster,
+        "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+        Duration::from_secs(10),
+        "the statement was not cancelled on the server",
+    );
     assert_eq!(
         cluster.psql("SELECT count(*) FROM t").trim(),
         "0",

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pgwarden::backend::{Connector, ErrorKind, SslMode, Statement};
 use pgwarden::pool::{Pool, PoolConfig, PoolError, PoolErrorKind, PoolStatus};
-use support::pg::{options, scalar, superuser, wait_until_sessions_gone};
+use support::pg::{options, scalar, superuser, wait_until_none, wait_until_sessions_gone};
 use support::{Cluster, FaultProxy, ProxyMode};
 
 fn pool(options: pgwarden::backend::ConnectOptions, max: usize) -> Pool {
@@ -239,15 +239,12 @@ async fn sessions_end_politely(ssl_mode: SslMode) {
     drop(pool);
 
     // Wait for the sessions to end, then give their statistics time to land.
-    let gone = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'pool_sessions'";
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while cluster.psql(gone).trim() != "0" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sessions never ended"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_none(
+        &cluster,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'pool_sessions'",
+        Duration::from_secs(20),
+        "the sessions never ended",
+    );
     for _ in 0..10 {
         let (sessions, abandoned) = session_counts(&cluster, "pool_sessions");
         assert_eq!(sessions, 2, "the pool opened two sessions");

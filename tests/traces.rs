@@ -89,22 +89,7 @@ async fn grpc_receiver(
             &self,
             request: tonic::Request<ExportTraceServiceRequest>,
         ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-            let mut sink = self.0.lock().unwrap();
-            for scope in request
-                .into_inner()
-                .resource_spans
-                .iter()
-                .flat_map(|r| &r.scope_spans)
-            {
-                for span in &scope.spans {
-                    sink.push(Received {
-                        name: span.name.clone(),
-                        trace_id: hex(&span.trace_id),
-                        span_id: hex(&span.span_id),
-                        parent: hex(&span.parent_span_id),
-                    });
-                }
-            }
+            collect(&self.0, request.into_inner());
             Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
         }
     }

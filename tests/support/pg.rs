@@ -61,13 +61,20 @@ pub fn wait_until_running(cluster: &Cluster, like: &str) {
 /// left on the server: a terminated backend sends its FATAL before it exits,
 /// so afterwards every idle socket of the pool holds its goodbye.
 pub fn wait_until_sessions_gone(cluster: &Cluster) {
-    let probe = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgwarden'";
-    let deadline = Instant::now() + Duration::from_secs(20);
+    wait_until_none(
+        cluster,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgwarden'",
+        Duration::from_secs(20),
+        "terminated sessions never went away",
+    );
+}
+
+/// Waits up to `within` until the `count(*)` query `probe` says 0,
+/// panicking with `failure` otherwise.
+pub fn wait_until_none(cluster: &Cluster, probe: &str, within: Duration, failure: &str) {
+    let deadline = Instant::now() + within;
     while cluster.psql(probe).trim() != "0" {
-        assert!(
-            Instant::now() < deadline,
-            "terminated sessions never went away"
-        );
+        assert!(Instant::now() < deadline, "{failure}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
