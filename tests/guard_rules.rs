@@ -203,29 +203,68 @@ async fn a_batch_broken_before_commit_is_replayed_and_commits_once() {
     );
 }
 
+/// An executor of `stack`'s guard with `write_safety = fast`.
+fn fast_executor(stack: &Stack) -> Executor {
+    Executor::new(
+        stack.guard.clone(),
+        ExecSettings {
+            write_safety: pgwarden::guard::WriteSafety::Fast,
+            ..ExecSettings::default()
+        },
+        pgwarden::telemetry::Metrics::new(&prometheus::Registry::new()).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fast_writes_a_batch_is_still_one_transaction_with_its_options() {
+    let cluster = Cluster::start();
+    cluster.psql("CREATE TABLE t (x int)");
+    let stack = stack(&cluster);
+    stack.ready(1).await;
+    let fast = fast_executor(&stack);
+
+    let results = fast
+        .batch(
+            &TransactionOptions::default(),
+            &[
+                Statement::new("INSERT INTO t VALUES (1)"),
+                Statement::new("SELECT count(*), current_setting('transaction_isolation') FROM t"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(results[1].rows[0].get(0).as_deref(), Some("1"));
+
+    let read_only = TransactionOptions {
+        read_only: true,
+        ..TransactionOptions::default()
+    };
+    let error = fast
+        .batch(&read_only, &[Statement::new("INSERT INTO t VALUES (2)")])
+        .await
+        .unwrap_err();
+    let ExecError::Sql { error, .. } = &error else {
+        panic!("{error}");
+    };
+    assert_eq!(error.code, "25006", "the read-only option applies");
+    assert_eq!(cluster.psql("SELECT count(*) FROM t").trim(), "1");
+}
+
 /// Through a one-statement executor (no transaction around it), leaves
 /// session state that `DISCARD ALL` cannot clear in time: a thousand temp
 /// tables, a 1 ms statement timeout and a search path for nobody else.
 async fn leave_state_that_resists_reset(stack: &Stack) {
-    use pgwarden::guard::WriteSafety;
-    let bare = Executor::new(
-        stack.guard.clone(),
-        ExecSettings {
-            write_safety: WriteSafety::Fast,
-            ..ExecSettings::default()
-        },
-        pgwarden::telemetry::Metrics::new(&prometheus::Registry::new()).unwrap(),
-    );
-    bare.query(&Statement::new(
-        "DO $$ BEGIN
+    fast_executor(stack)
+        .query(&Statement::new(
+            "DO $$ BEGIN
            CREATE SCHEMA IF NOT EXISTS leaked;
            FOR i IN 1..1000 LOOP EXECUTE format('CREATE TEMP TABLE t%s (x int)', i); END LOOP;
            PERFORM set_config('search_path', 'leaked, public', false);
            PERFORM set_config('statement_timeout', '1ms', false);
          END $$",
-    ))
-    .await
-    .unwrap();
+        ))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

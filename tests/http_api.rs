@@ -268,7 +268,7 @@ async fn oversized_requests_get_413_and_oversized_responses_507() {
     let mut config = config_for(&cluster);
     config.max_request_bytes = 1024;
     config.max_response_bytes = 64 * 1024;
-    let daemon = TestDaemon::start(config).await;
+    let mut daemon = TestDaemon::start(config).await;
 
     let big = json!({"query": "SELECT $1", "params": ["x".repeat(4096)]}).to_string();
     let reply = daemon.sql(big, &[]).await;
@@ -296,6 +296,13 @@ async fn oversized_requests_get_413_and_oversized_responses_507() {
         )
         .await;
     assert_eq!(fine["rowCount"], 10, "the connection is still usable");
+
+    // Credentials are checked before the body is read.
+    daemon.connection_string = "postgresql://intruder@somewhere/postgres".into();
+    let big = json!({"query": "SELECT $1", "params": ["x".repeat(4096)]}).to_string();
+    let refused = daemon.sql(big, &[]).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(refused.body["code"], "28P01");
 }
 
 #[tokio::test]

@@ -136,7 +136,7 @@ impl From<ExecError> for Refusal {
             }
             ExecError::TooLarge(_) => (
                 StatusCode::INSUFFICIENT_STORAGE,
-                error_body(&too_large_response(), None, None),
+                error_body(TOO_LARGE_RESPONSE, None, None),
             ),
             ExecError::Guard(_) | ExecError::ConnectionLost(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -160,9 +160,8 @@ impl From<ExecError> for Refusal {
     }
 }
 
-fn too_large_response() -> String {
-    "the response exceeds the size limit".to_owned()
-}
+/// The message of a response over `max_response_bytes`.
+const TOO_LARGE_RESPONSE: &str = "the response exceeds the size limit";
 
 async fn sql(State(state): State<Arc<DataState>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
@@ -202,6 +201,10 @@ async fn handle(
     headers: &HeaderMap,
     body: Body,
 ) -> (RequestKind, Result<Response, Refusal>) {
+    // Credentials first: an unauthenticated client gets nothing buffered.
+    if let Err(refusal) = authenticate(headers, &state.credentials) {
+        return (RequestKind::Query, Err(refusal));
+    }
     let bytes = match axum::body::to_bytes(body, state.max_request_bytes).await {
         Ok(bytes) => bytes,
         Err(_) => {
@@ -220,9 +223,6 @@ async fn handle(
             );
         }
     };
-    if let Err(refusal) = authenticate(headers, &state.credentials) {
-        return (RequestKind::Query, Err(refusal));
-    }
     let request = match parse_body(&bytes) {
         Ok(request) => request,
         Err(message) => {

@@ -329,12 +329,10 @@ impl Executor {
         statements: &[Statement],
     ) -> Result<Vec<QueryResult>, ExecError> {
         let lease = self.guard.admit().await?;
-        let class = match self.settings.write_safety {
-            WriteSafety::Resolve => Class::Write,
-            WriteSafety::Fast => Class::Bare,
-        };
         let limit = self.settings.transaction_timeout;
-        let run = self.run(lease, class, options, statements);
+        // A batch is a transaction in both modes; `fast` only skips learning
+        // its identity, so a break after COMMIT is answered 08007.
+        let run = self.run(lease, Class::Write, options, statements);
         match tokio::time::timeout(limit, run).await {
             Ok(result) => result,
             Err(_) => {
@@ -505,7 +503,7 @@ impl Executor {
             ))),
             Class::Write => {
                 let identified = TransactionOptions {
-                    identify: true,
+                    identify: self.settings.write_safety == WriteSafety::Resolve,
                     ..*options
                 };
                 conn.transaction(&identified, statements)
