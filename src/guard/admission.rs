@@ -73,11 +73,6 @@ impl<S: ConnectionSource> Lease<S> {
     pub fn deadline(&self) -> Instant {
         self.deadline
     }
-
-    /// Gives the connection back, ending the lease.
-    pub fn into_conn(self) -> Conn<S> {
-        self.conn
-    }
 }
 
 impl<S: ConnectionSource> Guard<S> {
@@ -89,16 +84,6 @@ impl<S: ConnectionSource> Guard<S> {
             budget,
             metrics,
         }
-    }
-
-    /// The lifecycle behind this guard.
-    pub fn lifecycle(&self) -> &Lifecycle<S> {
-        &self.lifecycle
-    }
-
-    /// The waiting budget per request.
-    pub fn budget(&self) -> Duration {
-        self.budget
     }
 
     /// Admits a request with a fresh budget.

@@ -289,11 +289,6 @@ impl Executor {
         self.rules.snapshot()
     }
 
-    /// The guard behind this executor.
-    pub fn guard(&self) -> &Guard<BackendSource> {
-        &self.guard
-    }
-
     /// Runs one statement, replaying it across reconnects when that is safe.
     pub async fn query(&self, statement: &Statement) -> Result<QueryResult, ExecError> {
         let lease = self.guard.admit().await?;

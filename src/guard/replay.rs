@@ -104,43 +104,48 @@ pub fn decide(class: Class, point: BreakPoint, outcome: Option<TxOutcome>) -> De
 /// and contain no data-modifying keyword outside literals and comments.
 /// Mistakes in the permissive direction are caught by Postgres (25006).
 pub fn is_read(sql: &str) -> bool {
-    let words = keywords(sql);
-    let Some(first) = words.first() else {
-        return false;
-    };
-    let starts_as_read = ["SELECT", "SHOW", "VALUES", "TABLE", "WITH"].contains(&first.as_str());
-    let modifies = words.iter().any(|w| {
-        [
-            "INSERT", "UPDATE", "DELETE", "MERGE", "INTO", "CALL", "COPY", "LOCK",
-        ]
-        .contains(&w.as_str())
-    });
-    starts_as_read && !modifies
+    const READ_STARTS: [&str; 5] = ["SELECT", "SHOW", "VALUES", "TABLE", "WITH"];
+    const MODIFYING: [&str; 8] = [
+        "INSERT", "UPDATE", "DELETE", "MERGE", "INTO", "CALL", "COPY", "LOCK",
+    ];
+    let is = |word: &str, set: &[&str]| set.iter().any(|k| k.eq_ignore_ascii_case(word));
+    let mut words = Keywords { rest: sql };
+    match words.next() {
+        Some(first) if is(first, &READ_STARTS) => !words.any(|w| is(w, &MODIFYING)),
+        _ => false,
+    }
 }
 
-/// The upper-cased bare words of `sql`, skipping string literals, quoted
-/// identifiers, dollar-quoted bodies and comments.
-fn keywords(sql: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut rest = sql;
-    while let Some(c) = rest.chars().next() {
-        rest = match c {
-            '\'' => skip_quoted(&rest[1..], '\''),
-            '"' => skip_quoted(&rest[1..], '"'),
-            '-' if rest.starts_with("--") => rest.find('\n').map_or("", |i| &rest[i..]),
-            '/' if rest.starts_with("/*") => rest.find("*/").map_or("", |i| &rest[i + 2..]),
-            '$' => skip_dollar(rest),
-            c if c.is_ascii_alphabetic() || c == '_' => {
-                let end = rest
-                    .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
-                    .unwrap_or(rest.len());
-                words.push(rest[..end].to_ascii_uppercase());
-                &rest[end..]
-            }
-            c => &rest[c.len_utf8()..],
-        };
+/// The bare words of `sql`, as slices of it, skipping string literals,
+/// quoted identifiers, dollar-quoted bodies and comments.
+struct Keywords<'a> {
+    rest: &'a str,
+}
+
+impl<'a> Iterator for Keywords<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        while let Some(c) = self.rest.chars().next() {
+            let rest = self.rest;
+            self.rest = match c {
+                '\'' => skip_quoted(&rest[1..], '\''),
+                '"' => skip_quoted(&rest[1..], '"'),
+                '-' if rest.starts_with("--") => rest.find('\n').map_or("", |i| &rest[i..]),
+                '/' if rest.starts_with("/*") => rest.find("*/").map_or("", |i| &rest[i + 2..]),
+                '$' => skip_dollar(rest),
+                c if c.is_ascii_alphabetic() || c == '_' => {
+                    let end = rest
+                        .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+                        .unwrap_or(rest.len());
+                    self.rest = &rest[end..];
+                    return Some(&rest[..end]);
+                }
+                c => &rest[c.len_utf8()..],
+            };
+        }
+        None
     }
-    words
 }
 
 fn skip_quoted(rest: &str, quote: char) -> &str {

@@ -18,6 +18,11 @@ macro_rules! label_enum {
             /// Every value, in declaration order.
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
 
+            /// The position of this value in [`Self::ALL`].
+            pub fn index(self) -> usize {
+                self as usize
+            }
+
             /// The label value.
             pub fn as_str(self) -> &'static str {
                 match self {

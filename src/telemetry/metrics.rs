@@ -7,6 +7,7 @@
 //! start-up at zero. A request counter is not defined beside the request
 //! histogram: its `_count` series is the counter.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
@@ -46,8 +47,11 @@ pub struct Metrics {
     guard_wait: HistogramVec,
     stale_client_hits: IntCounter,
     replays: IntCounterVec,
-    requests_duration: HistogramVec,
-    errors: IntCounterVec,
+    /// The series of the two per-request metrics, resolved once, so a
+    /// request costs no label hashing or lookup lock: indexed by
+    /// [`request_slot`] and by [`ClientErrorKind::index`].
+    request_series: Arc<[Histogram]>,
+    error_series: Arc<[IntCounter]>,
 }
 
 impl Metrics {
@@ -59,6 +63,16 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let requests_duration = r.histogram_vec(
+            "requests_duration_seconds",
+            "End-to-end request latency by front end, kind and outcome; _count counts requests.",
+            &["api", "kind", "outcome"],
+        )?;
+        let errors = r.counter_vec(
+            "errors_total",
+            "Errors answered to clients, by kind.",
+            &["kind"],
+        )?;
         let metrics = Metrics {
             pool_state: r.gauge_vec("pool_state", "Lifecycle state of the pool: 1 for the current state, 0 for the others.", &["state"])?,
             pool_ready: r.gauge("pool_ready", "1 when requests are admitted at once (state ready), else 0.")?,
@@ -75,8 +89,13 @@ impl Metrics {
             guard_wait: r.histogram_vec("guard_wait_seconds", "Time requests waited in the guard, only for requests that had to wait, by cause and outcome.", &["cause", "outcome"])?,
             stale_client_hits: r.counter("stale_client_hits_total", "Requests that met a connection of a retired generation and were moved to the current one.")?,
             replays: r.counter_vec("replays_total", "Requests replayed on a new generation after their connection failed, by result.", &["result"])?,
-            requests_duration: r.histogram_vec("requests_duration_seconds", "End-to-end request latency by front end, kind and outcome; _count counts requests.", &["api", "kind", "outcome"])?,
-            errors: r.counter_vec("errors_total", "Errors answered to clients, by kind.", &["kind"])?,
+            request_series: request_labels()
+                .map(|labels| requests_duration.with_label_values(&labels))
+                .collect(),
+            error_series: ClientErrorKind::ALL
+                .iter()
+                .map(|k| errors.with_label_values(&[k.as_str()]))
+                .collect(),
         };
         metrics.precreate();
         registry.register(Box::new(
@@ -108,15 +127,6 @@ impl Metrics {
             }
         }
         each(&self.replays, ReplayResult::ALL, |r| r.as_str());
-        for api in Api::ALL {
-            for kind in RequestKind::ALL {
-                for outcome in RequestOutcome::ALL {
-                    let labels = [api.as_str(), kind.as_str(), outcome.as_str()];
-                    self.requests_duration.with_label_values(&labels);
-                }
-            }
-        }
-        each(&self.errors, ClientErrorKind::ALL, |k| k.as_str());
     }
 
     /// Publishes the lifecycle state (one-hot) and readiness.
@@ -207,16 +217,30 @@ impl Metrics {
 
     /// Records a finished request.
     pub fn request(&self, api: Api, kind: RequestKind, outcome: RequestOutcome, took: Duration) {
-        let labels = [api.as_str(), kind.as_str(), outcome.as_str()];
-        self.requests_duration
-            .with_label_values(&labels)
-            .observe(took.as_secs_f64());
+        self.request_series[request_slot(api, kind, outcome)].observe(took.as_secs_f64());
     }
 
     /// Counts an error answered to a client.
     pub fn client_error(&self, kind: ClientErrorKind) {
-        self.errors.with_label_values(&[kind.as_str()]).inc();
+        self.error_series[kind.index()].inc();
     }
+}
+
+/// Every label set of `requests_duration_seconds`, in [`request_slot`] order.
+fn request_labels() -> impl Iterator<Item = [&'static str; 3]> {
+    Api::ALL.iter().flat_map(|api| {
+        RequestKind::ALL.iter().flat_map(move |kind| {
+            RequestOutcome::ALL
+                .iter()
+                .map(move |outcome| [api.as_str(), kind.as_str(), outcome.as_str()])
+        })
+    })
+}
+
+/// The position of a label set in [`request_labels`].
+fn request_slot(api: Api, kind: RequestKind, outcome: RequestOutcome) -> usize {
+    (api.index() * RequestKind::ALL.len() + kind.index()) * RequestOutcome::ALL.len()
+        + outcome.index()
 }
 
 fn each<T: Copy>(counter: &IntCounterVec, values: &[T], label: impl Fn(T) -> &'static str) {
@@ -290,5 +314,25 @@ impl Registrar<'_> {
             .namespace(NAMESPACE)
             .buckets(DURATION_BUCKETS.to_vec());
         self.register(HistogramVec::new(opts, labels)?)
+    }
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+
+    #[test]
+    fn every_request_label_set_has_its_own_slot() {
+        let labels: Vec<[&str; 3]> = request_labels().collect();
+        for &api in Api::ALL {
+            for &kind in RequestKind::ALL {
+                for &outcome in RequestOutcome::ALL {
+                    assert_eq!(
+                        labels[request_slot(api, kind, outcome)],
+                        [api.as_str(), kind.as_str(), outcome.as_str()]
+                    );
+                }
+            }
+        }
     }
 }
