@@ -318,7 +318,7 @@ impl Registrar<'_> {
 }
 
 #[cfg(test)]
-mod slot_tests {
+mod tests {
     use super::*;
 
     #[test]
