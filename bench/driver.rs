@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use pgwarden::backend::{ConnectOptions, Connector, Statement};
+use pgwarden::backend::{ConnectOptions, Connector, Scope, Statement};
 use pgwarden::pool::{Pool, PoolConfig};
 use serde::Serialize;
 use serde_json::json;
@@ -225,7 +225,7 @@ impl Sender {
                 let statement = Statement::with_params(sql, vec![Some(param)]);
                 let mut conn = match pool.get().await {
                     Ok(conn) => conn,
-                    Err(e) if e.is_connection_level() => return Outcome::ConnectionLost,
+                    Err(e) if e.scope() != Scope::Statement => return Outcome::ConnectionLost,
                     Err(_) => return Outcome::Unavailable,
                 };
                 match conn.query(&statement).await {

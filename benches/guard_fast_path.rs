@@ -55,6 +55,16 @@ impl GenerationPool for MemoryPool {
         Ok(ServerRole::Primary)
     }
 
+    type Probe = ();
+
+    async fn open_probe(&self) -> Result<(), SourceError> {
+        Ok(())
+    }
+
+    async fn ping_probe(_probe: &mut ()) -> Result<ServerRole, SourceError> {
+        Ok(ServerRole::Primary)
+    }
+
     async fn run(_conn: &mut MemoryConn, _sql: &str) -> Result<(), SourceError> {
         Ok(())
     }

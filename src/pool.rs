@@ -14,7 +14,7 @@ use std::time::Duration;
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use tokio::task::JoinSet;
 
-use crate::backend::{BackendError, Connection, Connector, ErrorKind, TransactionStatus};
+use crate::backend::{BackendError, Connection, Connector, ErrorKind, Scope, TransactionStatus};
 
 /// Default upper bound on open connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10;
@@ -108,13 +108,16 @@ impl PoolError {
         }
     }
 
-    /// True when the server looks unreachable or unusable, as opposed to a
-    /// busy or retired pool.
-    pub fn is_connection_level(&self) -> bool {
+    /// What this failure says about the server (see [`Scope`]): a busy or
+    /// closed pool says nothing, a connection that could not be opened in
+    /// time says the server may be unreachable.
+    pub fn scope(&self) -> Scope {
         match self {
-            PoolError::CreateTimeout(_) => true,
-            PoolError::Backend(e) => e.is_connection_level(),
-            _ => false,
+            PoolError::CreateTimeout(_) => Scope::Unreachable,
+            PoolError::Backend(e) => e.scope(),
+            PoolError::WaitTimeout(_) | PoolError::Closed | PoolError::Config(_) => {
+                Scope::Statement
+            }
         }
     }
 }
@@ -134,9 +137,11 @@ pub struct PoolStatus {
     pub waiting: usize,
 }
 
-/// Called when the pool finds that the server closed one of its idle
-/// connections: the first sign of a restart, a failover or a mass
-/// termination, often before any request notices.
+/// Called when the pool finds that the server ended one of its idle
+/// connections the way a server that goes away does ([`Scope::Server`]):
+/// the first sign of a restart, a crash, a failover or a mass termination,
+/// often before any request notices. Sessions that failed alone (abandoned
+/// mid-request, ended by an idle timeout) are discarded without a call.
 #[derive(Clone)]
 pub struct LossHook(Arc<dyn Fn() + Send + Sync>);
 
@@ -153,10 +158,6 @@ impl std::fmt::Debug for LossHook {
     }
 }
 
-/// SQLSTATE of a session the server closed for idling (`idle_session_timeout`):
-/// routine, not a sign of trouble.
-const IDLE_SESSION_TIMEOUT: &str = "57P05";
-
 /// Opens and vets connections for deadpool.
 #[derive(Debug)]
 pub struct Manager {
@@ -167,12 +168,8 @@ pub struct Manager {
 
 impl Manager {
     fn report(&self, error: &BackendError) {
-        let routine = error
-            .db_error()
-            .is_some_and(|e| e.code == IDLE_SESSION_TIMEOUT);
         if let Some(hook) = &self.on_loss
-            && error.is_connection_level()
-            && !routine
+            && error.scope() == Scope::Server
         {
             (hook.0)();
         }
@@ -272,6 +269,16 @@ impl Pool {
             connections.push(connection?);
         }
         Ok(connections)
+    }
+
+    /// Opens a session outside the pool, for a caller that must never wait
+    /// for (or take) a session a request could use: the health check.
+    pub async fn open_unpooled(&self) -> Result<Connection, PoolError> {
+        let connect = self.inner.manager().connector.connect();
+        match tokio::time::timeout(self.config.create_timeout, connect).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(PoolError::CreateTimeout(self.config.create_timeout)),
+        }
     }
 
     /// Removes a connection from the pool for good; it closes when dropped.

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use pgwarden::backend::{Connector, ErrorKind, SslMode, Statement};
+use pgwarden::backend::{Connector, ErrorKind, Scope, SslMode, Statement};
 use pgwarden::pool::{Pool, PoolConfig, PoolError, PoolErrorKind, PoolStatus};
 use support::pg::{options, scalar, superuser, wait_until_none, wait_until_sessions_gone};
 use support::{Cluster, FaultProxy, ProxyMode};
@@ -288,7 +288,7 @@ async fn a_server_that_is_down_fails_fast_with_a_connection_level_error_and_is_p
     let pool = pool(superuser(&cluster), 2);
     cluster.stop();
     let error = pool.get().await.unwrap_err();
-    assert!(error.is_connection_level(), "{error}");
+    assert_eq!(error.scope(), Scope::Unreachable, "{error}");
     assert_eq!(error.kind(), PoolErrorKind::Backend(ErrorKind::Connect));
     cluster.start_again();
     assert!(pool.get().await.is_ok());
@@ -308,7 +308,7 @@ async fn a_blackholed_server_hits_the_create_timeout() {
     let pool = Pool::new(Connector::new(opts).unwrap(), config).unwrap();
     let error = pool.get().await.unwrap_err();
     assert!(matches!(error, PoolError::CreateTimeout(_)), "{error}");
-    assert!(error.is_connection_level());
+    assert_eq!(error.scope(), Scope::Unreachable);
 }
 
 #[tokio::test]
@@ -323,7 +323,11 @@ async fn waiting_for_a_busy_pool_is_bounded() {
     let _held = pool.get().await.unwrap();
     let error = pool.get().await.unwrap_err();
     assert_eq!(error.kind(), PoolErrorKind::WaitTimeout);
-    assert!(!error.is_connection_level());
+    assert_eq!(
+        error.scope(),
+        Scope::Statement,
+        "a busy pool says nothing about the server"
+    );
 }
 
 #[tokio::test]
@@ -360,5 +364,71 @@ async fn finding_an_idle_connection_closed_by_the_server_calls_the_loss_hook() {
     assert!(
         losses.load(Ordering::SeqCst) >= 1,
         "the dead idle connections were reported"
+    );
+}
+
+/// A pool whose loss hook counts its calls.
+fn pool_counting_losses(
+    cluster: &Cluster,
+) -> (Pool, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let losses = Arc::new(AtomicUsize::new(0));
+    let counter = losses.clone();
+    let hook = pgwarden::pool::LossHook::new(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+    });
+    let connector = Connector::new(superuser(cluster)).unwrap();
+    let config = PoolConfig {
+        max_connections: 1,
+        ..PoolConfig::default()
+    };
+    let pool = Pool::with_loss_hook(connector, config, Some(hook)).unwrap();
+    (pool, losses)
+}
+
+#[tokio::test]
+async fn sessions_that_failed_alone_are_discarded_without_reporting_a_loss() {
+    use std::sync::atomic::Ordering;
+
+    let cluster = Cluster::start();
+    let (pool, losses) = pool_counting_losses(&cluster);
+
+    // A request abandoned mid-statement (a client that gave up).
+    {
+        let mut conn = pool.get().await.unwrap();
+        let slow = Statement::new("SELECT pg_sleep(2)");
+        let gave_up = tokio::time::timeout(Duration::from_millis(100), conn.query(&slow)).await;
+        assert!(gave_up.is_err());
+    }
+    assert_eq!(
+        scalar(&mut pool.get().await.unwrap(), "SELECT 1")
+            .await
+            .unwrap(),
+        "1"
+    );
+
+    // A session the server ended for idling (idle_session_timeout, 57P05).
+    {
+        let mut conn = pool.get().await.unwrap();
+        conn.simple_query("SET idle_session_timeout = '100ms'")
+            .await
+            .unwrap();
+        // Keep the setting: a reset would undo it before the timeout fires.
+        conn.reset_before_next_use();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        scalar(&mut pool.get().await.unwrap(), "SELECT 1")
+            .await
+            .unwrap(),
+        "1"
+    );
+
+    assert_eq!(
+        losses.load(Ordering::SeqCst),
+        0,
+        "neither is a sign that the server failed"
     );
 }

@@ -62,11 +62,18 @@ pub struct TxIdentity {
     /// The server's current timeline (from its WAL file name): changes when
     /// a standby is promoted, so a failover is never mistaken for a restart.
     pub timeline: String,
+    /// When the server's shared statistics were last reset
+    /// (`pg_stat_get_bgwriter_stat_reset_time()`). Crash recovery discards
+    /// them, also when the postmaster recovers in place after one backend
+    /// was killed and its start time does not change; a clean restart
+    /// keeps them. `None` when the server reports none.
+    pub stats_reset: Option<String>,
 }
 
 /// The statement that identifies a transaction (see [`TxIdentity`]).
 const IDENTIFY_SQL: &str = "SELECT txid_current(), pg_postmaster_start_time()::text, \
-     substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)";
+     substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8), \
+     pg_stat_get_bgwriter_stat_reset_time()::text";
 
 /// An authenticated session with a PostgreSQL server.
 #[derive(Debug)]
@@ -130,6 +137,12 @@ impl Connection {
     /// The server process serving this session.
     pub fn process_id(&self) -> Option<i32> {
         self.backend_key.map(|(pid, _)| pid)
+    }
+
+    /// The session's port on pgwarden's side (`client_port` on the server's);
+    /// `None` over a Unix socket.
+    pub fn local_port(&self) -> Option<u16> {
+        self.socket.local_port()
     }
 
     /// Transaction status from the last ReadyForQuery.
@@ -281,7 +294,20 @@ impl Connection {
         options: &TransactionOptions,
         statements: &[Statement],
     ) -> Result<Vec<QueryResult>, TransactionError> {
-        let mut progress = Progress::default();
+        let mut progress = TransactionProgress::default();
+        self.transaction_tracked(options, statements, &mut progress)
+            .await
+    }
+
+    /// [`Connection::transaction`], recording how far it got in `progress`
+    /// as it goes, so a caller that gives up on it (a transaction timeout)
+    /// still knows whether COMMIT was sent and who the transaction was.
+    pub async fn transaction_tracked(
+        &mut self,
+        options: &TransactionOptions,
+        statements: &[Statement],
+        progress: &mut TransactionProgress,
+    ) -> Result<Vec<QueryResult>, TransactionError> {
         let not_started = |error| TransactionError {
             error,
             commit_sent: false,
@@ -290,14 +316,12 @@ impl Connection {
         };
         self.begin_request().map_err(not_started)?;
         self.dirty = true;
-        let result = self
-            .transaction_inner(options, statements, &mut progress)
-            .await;
+        let result = self.transaction_inner(options, statements, progress).await;
         self.end_request(result).map_err(|error| TransactionError {
             error,
             commit_sent: progress.commit_sent,
-            identity: progress.identity,
-            results: progress.results,
+            identity: progress.identity.take(),
+            results: std::mem::take(&mut progress.results),
         })
     }
 
@@ -454,7 +478,7 @@ impl Connection {
         &mut self,
         options: &TransactionOptions,
         statements: &[Statement],
-        progress: &mut Progress,
+        progress: &mut TransactionProgress,
     ) -> Result<Vec<QueryResult>, BackendError> {
         let start = options.start_sql();
         let identify = options.identify.then_some(Part::Sql(IDENTIFY_SQL));
@@ -672,12 +696,15 @@ enum Part<'a> {
     Statement(&'a Statement),
 }
 
-/// How far a transaction batch got, for [`TransactionError`].
+/// How far a transaction batch got (see [`Connection::transaction_tracked`]).
 #[derive(Debug, Default)]
-struct Progress {
-    commit_sent: bool,
-    identity: Option<TxIdentity>,
-    results: Vec<QueryResult>,
+pub struct TransactionProgress {
+    /// True once the COMMIT started to be written.
+    pub commit_sent: bool,
+    /// The transaction's identity, once asked for and received.
+    pub identity: Option<TxIdentity>,
+    /// The statements' results, once COMMIT was sent.
+    pub results: Vec<QueryResult>,
 }
 
 /// A session the pool lets go of says goodbye: a Terminate message, sent
@@ -703,6 +730,7 @@ fn parse_identity(result: &Option<QueryResult>) -> Result<TxIdentity, BackendErr
             xid,
             server_started,
             timeline,
+            stats_reset: text(3),
         }),
         _ => Err(BackendError::Protocol(
             "unexpected answer to the transaction identity query".into(),

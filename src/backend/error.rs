@@ -12,6 +12,8 @@ use std::io;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::message::backend::ErrorFields;
 
+pub use crate::telemetry::labels::Refusal;
+
 /// Bounded classification of a [`BackendError`]; `as_str` is its metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
@@ -87,6 +89,45 @@ impl ErrorKind {
                 | ErrorKind::ResultTooLarge
                 | ErrorKind::ResetRefused
         )
+    }
+}
+
+/// What a failure says about the server: the input to the one rule that
+/// decides whether pgwarden rebuilds its pool (written out in the
+/// lifecycle's module doc). A false reconnect costs a warm-up and pages an
+/// operator, so only [`Scope::Server`] may retire a generation, and
+/// [`Scope::Unreachable`] only through a failed health check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// A statement failed, or the request did (its result was too large,
+    /// the pool was busy); neither the session nor the server is at fault.
+    Statement,
+    /// This one session is unusable (abandoned mid-request by pgwarden, a
+    /// refused reset, a protocol surprise, ended by an idle timeout); the
+    /// server is fine. Discard the session, never reconnect.
+    Session,
+    /// The server answered but refused a new session: too many connections,
+    /// authentication, an unknown database, a missing privilege. Count it,
+    /// never reconnect: a new generation would be refused the same way.
+    Refused(Refusal),
+    /// A new session could not reach the server (refused, timed out, TLS
+    /// failed, the server is starting up or shutting down). Not proof of a
+    /// failure by itself: the health check decides.
+    Unreachable,
+    /// The server ended an established session the way it does when it
+    /// goes away or crashes (end of stream, I/O error, 57P01/57P02, PANIC).
+    Server,
+}
+
+impl Refusal {
+    fn of_class(code: &str) -> Refusal {
+        match code.get(..2) {
+            Some("28") => Refusal::Auth,
+            Some("53") => Refusal::Resources,
+            Some("3D") => Refusal::Database,
+            Some("42") => Refusal::Privilege,
+            _ => Refusal::Other,
+        }
     }
 }
 
@@ -215,6 +256,27 @@ impl BackendError {
         self.kind().is_connection_level()
     }
 
+    /// What this failure says about the server (see [`Scope`]).
+    pub fn scope(&self) -> Scope {
+        match self {
+            BackendError::Sql { .. } | BackendError::ResultTooLarge { .. } => Scope::Statement,
+            BackendError::Config(_) => Scope::Statement,
+            BackendError::Broken | BackendError::ResetRefused(_) | BackendError::Protocol(_) => {
+                Scope::Session
+            }
+            BackendError::AuthMethod(_) => Scope::Refused(Refusal::Auth),
+            BackendError::AuthRejected(error) => Scope::Refused(Refusal::of_class(&error.code)),
+            BackendError::Connect { .. }
+            | BackendError::ConnectTimeout { .. }
+            | BackendError::Tls(_) => Scope::Unreachable,
+            BackendError::Io { stage, .. } | BackendError::Closed { stage } => match stage {
+                Stage::Connecting => Scope::Unreachable,
+                Stage::Sending | Stage::Receiving => Scope::Server,
+            },
+            BackendError::Fatal(error) => fatal_scope(error),
+        }
+    }
+
     /// The server's report, when the server made one.
     pub fn db_error(&self) -> Option<&DbError> {
         match self {
@@ -235,6 +297,38 @@ impl BackendError {
 
     pub(crate) fn io(stage: Stage) -> impl FnOnce(io::Error) -> BackendError {
         move |source| BackendError::Io { stage, source }
+    }
+}
+
+/// SQLSTATEs a server ends sessions with when it is going away or crashed.
+const SERVER_GOING_AWAY: [&str; 2] = [
+    "57P01", // admin_shutdown: a shutdown, or pg_terminate_backend()
+    "57P02", // crash_shutdown: another backend crashed
+];
+/// The server is starting up, shutting down or recovering: it cannot be used yet.
+const CANNOT_CONNECT_NOW: &str = "57P03";
+/// SQLSTATE classes a server refuses a *new* session with, while it runs well.
+const REFUSAL_CLASSES: [&str; 4] = ["28", "53", "3D", "42"];
+
+/// The scope of a FATAL or PANIC report: only a server that is going away
+/// or crashed retires a generation; a refusal is counted; anything else
+/// (an idle-session or idle-in-transaction timeout, a recovery conflict on
+/// a standby) ended this one session.
+fn fatal_scope(error: &DbError) -> Scope {
+    let code = error.code.as_str();
+    let panic = error
+        .severity_nonlocalized
+        .as_deref()
+        .unwrap_or(&error.severity)
+        == "PANIC";
+    if panic || SERVER_GOING_AWAY.contains(&code) {
+        Scope::Server
+    } else if code == CANNOT_CONNECT_NOW {
+        Scope::Unreachable
+    } else if REFUSAL_CLASSES.iter().any(|class| code.starts_with(class)) {
+        Scope::Refused(Refusal::of_class(code))
+    } else {
+        Scope::Session
     }
 }
 

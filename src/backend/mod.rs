@@ -42,8 +42,10 @@ mod tls;
 
 pub use cancel::CancelToken;
 pub use connect::Connector;
-pub use connection::{Connection, TransactionError, TransactionStatus, TxIdentity};
-pub use error::{BackendError, DbError, ErrorKind, Stage};
+pub use connection::{
+    Connection, TransactionError, TransactionProgress, TransactionStatus, TxIdentity,
+};
+pub use error::{BackendError, DbError, ErrorKind, Refusal, Scope, Stage};
 pub use options::{ConnectOptions, Host, Secret, SslMode};
 pub use result::{Field, QueryResult, Row};
 pub use statement::{IsolationLevel, Statement, TransactionOptions};

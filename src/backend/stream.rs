@@ -38,6 +38,17 @@ impl Socket {
         }
     }
 
+    /// The local TCP port (the server sees it as `client_port`), so a
+    /// backend can be told apart from a later one with a reused pid.
+    pub(crate) fn local_port(&self) -> Option<u16> {
+        let tcp = match self {
+            Socket::Tcp(s) => s,
+            Socket::Tls(s) => s.get_ref().0,
+            Socket::Unix(_) => return None,
+        };
+        tcp.local_addr().ok().map(|a| a.port())
+    }
+
     /// True when bytes pass through rustls, so they cannot be read raw.
     pub(crate) fn is_tls(&self) -> bool {
         matches!(self, Socket::Tls(_))

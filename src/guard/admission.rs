@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, Span, field, info_span};
 
 use super::error::GuardError;
+use crate::backend::Scope;
 use crate::lifecycle::{
     ConnectionSource, Generation, GenerationPool, Lifecycle, Snapshot, SourceError,
 };
@@ -26,6 +27,24 @@ use crate::telemetry::labels::{GuardCause, GuardOutcome, PoolState};
 
 /// Default budget a request may spend waiting for a usable generation.
 pub const DEFAULT_GUARD_TIMEOUT: Duration = Duration::from_millis(3000);
+/// First pause before asking a ready pool again for a session it could not
+/// open; it doubles up to [`NO_SESSION_PAUSE_MAX`]. A session given back by
+/// another request ends the wait at once only through the pool's own
+/// waiting, so the pauses stay short.
+const NO_SESSION_PAUSE: Duration = Duration::from_millis(10);
+/// Cap of the pause between two asks for a session.
+const NO_SESSION_PAUSE_MAX: Duration = Duration::from_millis(200);
+
+/// What one try of the fast path found.
+enum Fast<S: ConnectionSource> {
+    /// A connection of the ready, current generation.
+    Admitted(Lease<S>),
+    /// No ready generation (newer than asked for): wait for the next state.
+    NotReady,
+    /// The generation is ready, but no session could be had right now: the
+    /// server refused a new one or did not answer. Ask again shortly.
+    NoSession(SourceError),
+}
 
 type Pool<S> = <S as ConnectionSource>::Pool;
 type Conn<S> = <Pool<S> as GenerationPool>::Conn;
@@ -86,6 +105,11 @@ impl<S: ConnectionSource> Guard<S> {
         }
     }
 
+    /// The waiting budget each request gets.
+    pub fn budget(&self) -> Duration {
+        self.budget
+    }
+
     /// Admits a request with a fresh budget.
     pub fn admit(&self) -> impl Future<Output = Result<Lease<S>, GuardError>> + Send + '_ {
         let now = Instant::now();
@@ -123,15 +147,20 @@ impl<S: ConnectionSource> Guard<S> {
     }
 
     async fn admit_in_span(&self, deadline: Instant) -> Result<Lease<S>, GuardError> {
-        if let Some(lease) = self.try_fast(deadline, 0).await? {
-            return Ok(lease);
-        }
-        let cause = wait_cause(self.snapshot.borrow().state);
+        let pending = match self.try_fast(deadline, 0).await? {
+            Fast::Admitted(lease) => return Ok(lease),
+            Fast::NotReady => None,
+            Fast::NoSession(error) => Some(error),
+        };
+        let cause = match pending {
+            Some(_) => Some(GuardCause::Busy),
+            None => wait_cause(self.snapshot.borrow().state),
+        };
         if let Some(cause) = cause {
             Span::current().record("guard.cause", cause.as_str());
         }
         // Boxed: the waiting machinery stays out of the fast path's future.
-        Box::pin(self.wait_and_admit(cause, deadline, 0)).await
+        Box::pin(self.wait_and_admit(cause, deadline, 0, pending)).await
     }
 
     /// Checks a held lease before use: if its generation was retired, counts
@@ -147,7 +176,7 @@ impl<S: ConnectionSource> Guard<S> {
         tracing::info!(
             "Stale-client hit: the request's connection belongs to a retired generation."
         );
-        self.wait_and_admit(Some(GuardCause::Stale), deadline, 0)
+        self.wait_and_admit(Some(GuardCause::Stale), deadline, 0, None)
             .await
     }
 
@@ -159,10 +188,15 @@ impl<S: ConnectionSource> Guard<S> {
         broken: u64,
         deadline: Instant,
     ) -> Result<Lease<S>, GuardError> {
-        if let Some(lease) = self.try_fast(deadline, broken).await? {
-            return Ok(lease);
-        }
-        self.wait_and_admit(Some(GuardCause::Reconnecting), deadline, broken)
+        let pending = match self.try_fast(deadline, broken).await? {
+            Fast::Admitted(lease) => return Ok(lease),
+            Fast::NotReady => None,
+            Fast::NoSession(error) => Some(error),
+        };
+        let cause = pending
+            .as_ref()
+            .map_or(GuardCause::Reconnecting, |_| GuardCause::Busy);
+        self.wait_and_admit(Some(cause), deadline, broken, pending)
             .await
     }
 
@@ -171,18 +205,14 @@ impl<S: ConnectionSource> Guard<S> {
         self.lifecycle.report_connection_lost(generation);
     }
 
-    /// The fast path: `Some` when the pool is ready with a generation newer
-    /// than `newer_than` and a connection was had.
-    async fn try_fast(
-        &self,
-        deadline: Instant,
-        newer_than: u64,
-    ) -> Result<Option<Lease<S>>, GuardError> {
+    /// The fast path: a lease when the pool is ready with a generation
+    /// newer than `newer_than` and a connection was had.
+    async fn try_fast(&self, deadline: Instant, newer_than: u64) -> Result<Fast<S>, GuardError> {
         let generation = {
             let snapshot = self.snapshot.borrow();
             match (&snapshot.state, &snapshot.generation) {
                 (PoolState::Ready, Some(g)) if !g.is_retired() && g.id() > newer_than => g.clone(),
-                _ => return Ok(None),
+                _ => return Ok(Fast::NotReady),
             }
         };
         // A ready pool usually has a connection at hand: try once before
@@ -196,37 +226,64 @@ impl<S: ConnectionSource> Guard<S> {
         };
         match got {
             Err(_) => Err(GuardError::PoolExhausted),
-            Ok(Ok(conn)) if !generation.is_retired() => Ok(Some(Lease {
+            Ok(Ok(conn)) if !generation.is_retired() => Ok(Fast::Admitted(Lease {
                 conn,
                 generation,
                 deadline,
             })),
-            Ok(Ok(_stale)) => Ok(None),
+            Ok(Ok(_stale)) => Ok(Fast::NotReady),
             // Retired between the snapshot and `get`: its pool is closed; wait.
-            Ok(Err(_)) if generation.is_retired() => Ok(None),
-            Ok(Err(error)) => {
-                let error: SourceError = error.into();
-                if !error.connection_level {
-                    return Err(GuardError::Pool(error));
-                }
-                self.lifecycle.report_connection_lost(generation.id());
-                Ok(None)
-            }
+            Ok(Err(_)) if generation.is_retired() => Ok(Fast::NotReady),
+            Ok(Err(error)) => self.no_session(&generation, error.into()),
         }
     }
 
+    /// A ready pool could not lend a session because a new one could not
+    /// be opened. That is not a failure of the server (see the lifecycle's
+    /// module doc): a refusal is counted, a server that could not be reached
+    /// is left to the health check to judge, and the request asks again.
+    fn no_session(
+        &self,
+        generation: &Generation<Pool<S>>,
+        error: SourceError,
+    ) -> Result<Fast<S>, GuardError> {
+        match error.scope {
+            Scope::Statement => return Err(GuardError::Pool(error)),
+            Scope::Refused(reason) => self.metrics.session_refused(reason),
+            Scope::Unreachable | Scope::Server => {
+                self.lifecycle.report_unreachable(generation.id())
+            }
+            Scope::Session => {}
+        }
+        tracing::debug!(generation = generation.id(), error = %error, "No session could be opened for a request.");
+        Ok(Fast::NoSession(error))
+    }
+
     /// The slow path: wait for `ready`, then admit; records the wait.
+    /// `pending` is a session that could not be had just now.
     async fn wait_and_admit(
         &self,
         cause: Option<GuardCause>,
         deadline: Instant,
         newer_than: u64,
+        pending: Option<SourceError>,
     ) -> Result<Lease<S>, GuardError> {
         let started = Instant::now();
         let _waiting = self.lifecycle.wait_begins();
-        let mut cause = cause;
+        let mut wait = Wait {
+            cause,
+            started,
+            no_session: pending,
+            pause: NO_SESSION_PAUSE,
+        };
         let mut rx = self.snapshot.clone();
         loop {
+            if wait.no_session.is_some() {
+                wait.pause_before_asking_again(&mut rx, deadline).await;
+                if Instant::now() >= deadline {
+                    return Err(self.timed_out(wait));
+                }
+            }
             let waited = rx.wait_for(|s| {
                 s.state == PoolState::Stopping
                     || (s.state == PoolState::Ready
@@ -237,29 +294,73 @@ impl<S: ConnectionSource> Guard<S> {
             let state = match tokio::time::timeout_at(deadline, waited).await {
                 Ok(Ok(snapshot)) => snapshot.state,
                 Ok(Err(_)) => PoolState::Stopping,
-                Err(_) => {
-                    let cause = cause.unwrap_or(GuardCause::Reconnecting);
-                    let waited = started.elapsed();
-                    self.metrics
-                        .guard_wait(cause, GuardOutcome::Timeout, waited);
-                    tracing::warn!(cause = %cause, waited_ms = waited.as_millis() as u64, "Guard timeout: no ready generation within the budget.");
-                    return Err(GuardError::Timeout { cause, waited });
-                }
+                Err(_) => return Err(self.timed_out(wait)),
             };
             if state == PoolState::Stopping {
                 return Err(GuardError::Stopping);
             }
-            if let Some(lease) = self.try_fast(deadline, newer_than).await? {
-                if let Some(cause) = cause {
-                    self.metrics
-                        .guard_wait(cause, GuardOutcome::Admitted, started.elapsed());
+            match self.try_fast(deadline, newer_than).await? {
+                Fast::Admitted(lease) => {
+                    if let Some(cause) = wait.cause {
+                        self.metrics
+                            .guard_wait(cause, GuardOutcome::Admitted, started.elapsed());
+                    }
+                    return Ok(lease);
                 }
-                return Ok(lease);
+                Fast::NotReady => wait.no_session = None,
+                Fast::NoSession(error) => {
+                    wait.cause = wait.cause.or(Some(GuardCause::Busy));
+                    wait.no_session = Some(error);
+                }
             }
-            cause = cause
+            wait.cause = wait
+                .cause
                 .or_else(|| wait_cause(rx.borrow().state))
                 .or(Some(GuardCause::Reconnecting));
         }
+    }
+
+    /// The budget ran out: records the wait and says why.
+    fn timed_out(&self, wait: Wait) -> GuardError {
+        let cause = wait.cause.unwrap_or(GuardCause::Reconnecting);
+        let waited = wait.started.elapsed();
+        self.metrics
+            .guard_wait(cause, GuardOutcome::Timeout, waited);
+        tracing::warn!(cause = %cause, waited_ms = waited.as_millis() as u64, "Guard timeout: no usable connection within the budget.");
+        match wait.no_session {
+            Some(error) => GuardError::NoSession {
+                waited,
+                reason: error.message,
+            },
+            None => GuardError::Timeout { cause, waited },
+        }
+    }
+}
+
+/// A request's wait in the slow path.
+struct Wait {
+    /// What it waits for (the metric label), once known.
+    cause: Option<GuardCause>,
+    /// When it started waiting.
+    started: Instant,
+    /// Why the last ask for a session found none, if it did.
+    no_session: Option<SourceError>,
+    /// The next pause before asking again.
+    pause: Duration,
+}
+
+impl Wait {
+    /// Pauses before asking a ready pool again for a session; a new state
+    /// (a reconnect started, a new generation) ends the pause early.
+    async fn pause_before_asking_again<P>(
+        &mut self,
+        rx: &mut watch::Receiver<Snapshot<P>>,
+        deadline: Instant,
+    ) {
+        let until = (Instant::now() + self.pause).min(deadline);
+        self.pause = (self.pause * 2).min(NO_SESSION_PAUSE_MAX);
+        rx.mark_unchanged();
+        let _ = tokio::time::timeout_at(until, rx.changed()).await;
     }
 }
 

@@ -16,6 +16,15 @@ pub enum GuardError {
         /// How long it waited.
         waited: Duration,
     },
+    /// The pool is ready, but no session was free and no new one could be
+    /// opened (the server refused it, e.g. too many connections) within the budget.
+    #[error("no database session could be had within {waited:?}: {reason}")]
+    NoSession {
+        /// How long the request waited.
+        waited: Duration,
+        /// The last refusal, as the server said it (no secrets).
+        reason: String,
+    },
     /// Every connection of the ready generation stayed busy for the whole budget.
     #[error("all database connections stayed busy for the whole wait budget")]
     PoolExhausted,
@@ -31,9 +40,10 @@ impl GuardError {
     /// The client-facing kind (metric label of `pgwarden_errors_total`).
     pub fn kind(&self) -> ClientErrorKind {
         match self {
-            GuardError::Timeout { .. } | GuardError::PoolExhausted | GuardError::Stopping => {
-                ClientErrorKind::GuardTimeout
-            }
+            GuardError::Timeout { .. }
+            | GuardError::NoSession { .. }
+            | GuardError::PoolExhausted
+            | GuardError::Stopping => ClientErrorKind::GuardTimeout,
             GuardError::Pool(_) => ClientErrorKind::Internal,
         }
     }

@@ -17,8 +17,8 @@ use super::admission::{Guard, Lease};
 use super::error::GuardError;
 use super::replay::{BreakPoint, Class, Decision, TxOutcome, decide, is_read};
 use crate::backend::{
-    BackendError, CancelToken, DbError, QueryResult, Statement, TransactionError,
-    TransactionOptions, TxIdentity,
+    BackendError, CancelToken, Connection, DbError, QueryResult, Scope, Statement,
+    TransactionError, TransactionOptions, TransactionProgress, TxIdentity,
 };
 use crate::lifecycle::BackendSource;
 use crate::telemetry::Metrics;
@@ -132,17 +132,26 @@ impl ExecError {
     }
 }
 
+/// A write's results, kept when its COMMIT was sent, with the identity
+/// that lets its outcome be asked.
+type Done = Option<(Vec<QueryResult>, TxIdentity)>;
+
 /// One attempt's failure, before the replay rules are applied.
 enum Broken {
     /// An SQL error: final (or a reclassification, see `run`).
     Sql(Box<DbError>, usize),
-    /// The connection failed at `point`; `done` holds a write's results
-    /// when its COMMIT was sent, with the identity to resolve it.
+    /// The connection failed at `point`; `scope` says whether the server
+    /// failed or only this session.
     Connection {
         point: BreakPoint,
+        scope: Scope,
         message: String,
-        done: Option<(Vec<QueryResult>, TxIdentity)>,
+        done: Done,
     },
+    /// A transaction ran past its timeout and was abandoned (its statement
+    /// is cancelled on the server); `commit_sent` says whether it may have
+    /// committed.
+    TimedOut { commit_sent: bool, done: Done },
     /// Not a connection failure and not replayable.
     Final(ExecError),
     /// The request did not run (its connection's session could not be
@@ -247,18 +256,67 @@ impl Drop for CancelOnDrop {
 
 /// Where and how an attempt broke.
 struct Break {
-    generation: u64,
+    old: OldSession,
     class: Class,
     point: BreakPoint,
     message: String,
 }
 
+/// The session a request was on when it broke.
+#[derive(Clone, Copy, Debug)]
+struct OldSession {
+    /// Its generation.
+    generation: u64,
+    /// Whether the server failed ([`Scope::Server`]) or only this session.
+    scope: Scope,
+    /// Its server process, and pgwarden's port of it (`client_port`).
+    backend: Option<(i32, Option<u16>)>,
+}
+
+impl OldSession {
+    fn of(lease: &mut Lease<BackendSource>) -> Self {
+        let generation = lease.generation().id();
+        let conn = lease.conn();
+        let backend = conn.process_id().map(|pid| (pid, conn.local_port()));
+        OldSession {
+            generation,
+            scope: Scope::Statement,
+            backend,
+        }
+    }
+
+    /// Requests after the break go to a newer generation only when the
+    /// server failed; a session that failed alone leaves its siblings good.
+    fn newer_than(&self) -> u64 {
+        if self.scope == Scope::Server {
+            self.generation
+        } else {
+            0
+        }
+    }
+}
+
+/// Ends the old session's server process if it still runs (a network
+/// break leaves it holding its transaction's row locks until the server
+/// notices), so a replay or an outcome question need not wait behind it.
+/// The port check keeps a reused pid from being hit; the role may end its
+/// own sessions without any special privilege.
+const TERMINATE_SQL: &str = "SELECT pg_catalog.pg_terminate_backend(pid) \
+     FROM pg_catalog.pg_stat_activity \
+     WHERE pid = $1::int AND ($2::int IS NULL OR client_port = $2::int)";
+
 /// The class to rerun a statement as, when Postgres refused it as run:
-/// a hidden write in a read (25006) runs as a write; a statement that
-/// cannot run in a transaction block (25001) runs bare.
-fn reclassify(class: Class, error: &DbError, statements: usize) -> Option<Class> {
+/// a hidden write in a read (25006) runs as a write, unless the client
+/// asked for a read-only transaction itself; a statement that cannot run in
+/// a transaction block (25001) runs bare.
+fn reclassify(
+    class: Class,
+    options: &TransactionOptions,
+    error: &DbError,
+    statements: usize,
+) -> Option<Class> {
     match (class, error.code.as_str()) {
-        (Class::Read, "25006") => Some(Class::Write),
+        (Class::Read, "25006") if !options.read_only => Some(Class::Write),
         (Class::Write, "25001") if statements == 1 => Some(Class::Bare),
         _ => None,
     }
@@ -311,59 +369,60 @@ impl Executor {
         };
         let statements = std::slice::from_ref(statement);
         let options = TransactionOptions::default();
-        let mut results = self.run(lease, class, &options, statements).await?;
+        let mut results = self.run(lease, class, &options, statements, None).await?;
         results
             .pop()
             .ok_or_else(|| ExecError::Internal("no result for the statement".into()))
     }
 
-    /// Runs a transaction batch under the strict transaction timeout.
+    /// Runs a transaction batch under the strict transaction timeout. A
+    /// read-only batch is replayed like a read; a write batch like a write.
     pub async fn batch(
         &self,
         options: &TransactionOptions,
         statements: &[Statement],
     ) -> Result<Vec<QueryResult>, ExecError> {
         let lease = self.guard.admit().await?;
-        let limit = self.settings.transaction_timeout;
-        // A batch is a transaction in both modes; `fast` only skips learning
-        // its identity, so a break after COMMIT is answered 08007.
-        let run = self.run(lease, Class::Write, options, statements);
-        match tokio::time::timeout(limit, run).await {
-            Ok(result) => result,
-            Err(_) => {
-                warn!(
-                    timeout_ms = limit.as_millis() as u64,
-                    "Transaction timeout: the batch was cancelled."
-                );
-                Err(ExecError::TransactionTimeout(limit))
-            }
-        }
+        let limit = Instant::now() + self.settings.transaction_timeout;
+        let class = if options.read_only {
+            Class::Read
+        } else {
+            Class::Write
+        };
+        self.run(lease, class, options, statements, Some(limit))
+            .await
     }
 
     /// The replay loop: one attempt per generation until an answer, an
-    /// unresolvable break, or the end of the budget.
+    /// unresolvable break, or the end of the budget. A batch's attempts end
+    /// at `transaction_deadline`.
     async fn run(
         &self,
         lease: Lease<BackendSource>,
         mut class: Class,
         options: &TransactionOptions,
         statements: &[Statement],
+        transaction_deadline: Option<Instant>,
     ) -> Result<Vec<QueryResult>, ExecError> {
         let deadline = lease.deadline();
         let mut lease = self.guard.refresh(lease).await?;
         let mut replays = 0u32;
         loop {
-            let generation = lease.generation().id();
+            let mut old = OldSession::of(&mut lease);
             let abandon = CancelOnDrop(lease.conn().cancel_token());
-            let attempt = self.attempt(&mut lease, class, options, statements).await;
-            abandon.disarm();
+            let attempt = self
+                .attempt(&mut lease, class, options, statements, transaction_deadline)
+                .await;
+            if !matches!(attempt, Err(Broken::TimedOut { .. })) {
+                abandon.disarm();
+            }
             let broken = match attempt {
                 Ok(results) => return self.replayed(replays, Ok(results)),
                 Err(broken) => broken,
             };
             match broken {
                 Broken::Sql(error, statement) => {
-                    match reclassify(class, &error, statements.len()) {
+                    match reclassify(class, options, &error, statements.len()) {
                         Some(next) => class = next,
                         None => {
                             return self
@@ -372,6 +431,11 @@ impl Executor {
                     }
                 }
                 Broken::Final(error) => return self.replayed(replays, Err(error)),
+                Broken::TimedOut { commit_sent, done } => {
+                    drop(lease);
+                    let answer = self.after_timeout(commit_sent, done, old).await;
+                    return self.replayed(replays, answer);
+                }
                 Broken::Elsewhere => {
                     drop(lease);
                     lease = match self.guard.admit_until(deadline).await {
@@ -381,12 +445,14 @@ impl Executor {
                 }
                 Broken::Connection {
                     point,
+                    scope,
                     message,
                     done,
                 } => {
                     drop(lease);
+                    old.scope = scope;
                     let broke = Break {
-                        generation,
+                        old,
                         class,
                         point,
                         message,
@@ -396,12 +462,69 @@ impl Executor {
                         Ok(None) => replays += 1,
                         Err(error) => return self.replayed(replays, Err(error)),
                     }
-                    lease = match self.guard.admit_after(generation, deadline).await {
+                    lease = match self.readmit(&old, deadline).await {
                         Ok(lease) => lease,
                         Err(e) => return self.replayed(replays, Err(e.into())),
                     };
+                    if class == Class::Write {
+                        end_old_backend(lease.conn(), &old, deadline).await;
+                    }
                 }
             }
+        }
+    }
+
+    /// A connection for what follows a break: of a newer generation when
+    /// the server failed, else any current one.
+    async fn readmit(
+        &self,
+        old: &OldSession,
+        deadline: Instant,
+    ) -> Result<Lease<BackendSource>, GuardError> {
+        match old.newer_than() {
+            0 => self.guard.admit_until(deadline).await,
+            broken => self.guard.admit_after(broken, deadline).await,
+        }
+    }
+
+    /// A transaction ran past its timeout. Before its COMMIT was sent it
+    /// cannot have committed: 57014. After, it may have (a COMMIT waiting
+    /// for a synchronous standby is already durable here), so it is
+    /// resolved like a write whose connection broke after COMMIT, within a
+    /// fresh guard budget: the result in hand if it committed, 57014 if it
+    /// provably did not, 08007 if the database cannot tell.
+    async fn after_timeout(
+        &self,
+        commit_sent: bool,
+        done: Done,
+        old: OldSession,
+    ) -> Result<Vec<QueryResult>, ExecError> {
+        let limit = self.settings.transaction_timeout;
+        let timed_out = ExecError::TransactionTimeout(limit);
+        warn!(
+            timeout_ms = limit.as_millis() as u64,
+            commit_sent, "Transaction timeout: the batch was cancelled."
+        );
+        if !commit_sent {
+            return Err(timed_out);
+        }
+        let deadline = Instant::now() + self.guard.budget();
+        let identity = done.as_ref().map(|(_, id)| id);
+        let (decision, outcome) = self
+            .resolve(
+                Class::Write,
+                BreakPoint::AfterCommit,
+                identity,
+                &old,
+                deadline,
+            )
+            .await;
+        self.rules
+            .count(Rule::of(Class::Write, BreakPoint::AfterCommit, outcome));
+        match decision {
+            Decision::Answer => Ok(done.map(|(results, _)| results).unwrap_or_default()),
+            Decision::Replay => Err(timed_out),
+            Decision::AskAgain | Decision::Unknown => Err(ExecError::ResolutionUnknown),
         }
     }
 
@@ -410,21 +533,24 @@ impl Executor {
     async fn after_break(
         &self,
         broke: Break,
-        done: Option<(Vec<QueryResult>, TxIdentity)>,
+        done: Done,
         deadline: Instant,
     ) -> Result<Option<Vec<QueryResult>>, ExecError> {
         let Break {
-            generation,
+            old,
             class,
             point,
             message,
         } = broke;
-        self.guard.report_connection_lost(generation);
-        warn!(generation, error = %message, "Connection lost under a request.");
+        let generation = old.generation;
+        if old.scope == Scope::Server {
+            self.guard.report_connection_lost(generation);
+            warn!(generation, error = %message, "Connection lost under a request.");
+        } else {
+            info!(generation, error = %message, "A session failed under a request; the server is fine.");
+        }
         let identity = done.as_ref().map(|(_, id)| id);
-        let (decision, outcome) = self
-            .resolve(class, point, identity, generation, deadline)
-            .await;
+        let (decision, outcome) = self.resolve(class, point, identity, &old, deadline).await;
         self.rules.count(Rule::of(class, point, outcome));
         match decision {
             Decision::Answer => Ok(Some(done.map(|(results, _)| results).unwrap_or_default())),
@@ -455,6 +581,7 @@ impl Executor {
         class: Class,
         options: &TransactionOptions,
         statements: &[Statement],
+        transaction_deadline: Option<Instant>,
     ) -> Result<Vec<QueryResult>, Broken> {
         let operation = statements.first().map_or("", |s| operation(&s.sql));
         let span = info_span!(
@@ -465,7 +592,7 @@ impl Executor {
             "db.response.rows" = field::Empty,
         );
         let result = self
-            .attempt_inner(lease, class, options, statements)
+            .attempt_inner(lease, class, options, statements, transaction_deadline)
             .instrument(span.clone())
             .await;
         if let Ok(results) = &result {
@@ -481,41 +608,48 @@ impl Executor {
         class: Class,
         options: &TransactionOptions,
         statements: &[Statement],
+        transaction_deadline: Option<Instant>,
     ) -> Result<Vec<QueryResult>, Broken> {
         let conn = lease.conn();
         conn.set_result_limit(self.settings.result_limit);
-        match class {
-            Class::Read if statements.len() == 1 => match conn.read_only(&statements[0]).await {
-                Ok(result) => Ok(vec![result]),
-                Err(error) => Err(classify(error, 0, BreakPoint::BeforeCommit)),
-            },
-            Class::Bare if statements.len() == 1 => match conn.query(&statements[0]).await {
+        match (class, statements) {
+            (Class::Read, [statement]) if !options.read_only => {
+                match conn.read_only(statement).await {
+                    Ok(result) => Ok(vec![result]),
+                    Err(error) => Err(classify(error, 0, BreakPoint::BeforeCommit)),
+                }
+            }
+            (Class::Bare, [statement]) => match conn.query(statement).await {
                 Ok(result) => Ok(vec![result]),
                 Err(error) => Err(classify(error, 0, BreakPoint::AfterCommit)),
             },
-            Class::Read | Class::Bare => Err(Broken::Final(ExecError::Internal(
+            (Class::Bare, _) => Err(Broken::Final(ExecError::Internal(
                 "only single statements run bare".into(),
             ))),
-            Class::Write => {
+            (Class::Read | Class::Write, _) => {
+                // Only a write's outcome may need resolving: a read-only
+                // transaction changed nothing, whatever became of it.
                 let identified = TransactionOptions {
-                    identify: self.settings.write_safety == WriteSafety::Resolve,
+                    identify: class == Class::Write
+                        && self.settings.write_safety == WriteSafety::Resolve,
                     ..*options
                 };
-                conn.transaction(&identified, statements)
-                    .await
-                    .map_err(from_transaction)
+                transaction(conn, &identified, statements, transaction_deadline).await
             }
         }
     }
 
     /// Decides what a broken request gets; for a write broken after its
-    /// COMMIT was sent, asks the new generation what became of it.
+    /// COMMIT was sent, asks the server what became of it, on one session,
+    /// every question within `deadline`. A transaction still in progress
+    /// means the old session's process still runs: it is ended, so the
+    /// answer settles instead of waiting for the server to notice.
     async fn resolve(
         &self,
         class: Class,
         point: BreakPoint,
         identity: Option<&TxIdentity>,
-        broken: u64,
+        old: &OldSession,
         deadline: Instant,
     ) -> (Decision, Option<TxOutcome>) {
         if (class, point) != (Class::Write, BreakPoint::AfterCommit) {
@@ -524,28 +658,75 @@ impl Executor {
         let Some(identity) = identity else {
             return (Decision::Unknown, None);
         };
+        let Ok(mut lease) = self.readmit(old, deadline).await else {
+            return (Decision::Unknown, Some(TxOutcome::Unknown));
+        };
+        let mut ended = false;
         loop {
-            let outcome = self.ask_outcome(identity, broken, deadline).await;
+            let asked =
+                tokio::time::timeout_at(deadline, super::outcome::ask(lease.conn(), identity));
+            let outcome = asked.await.unwrap_or(TxOutcome::Unknown);
             let decision = decide(class, point, Some(outcome));
             info!(xid = identity.xid, outcome = ?outcome, decision = ?decision, "Resolved a write broken after COMMIT was sent.");
             if decision != Decision::AskAgain || Instant::now() + ASK_AGAIN_AFTER >= deadline {
                 return (decision, Some(outcome));
             }
+            if !std::mem::replace(&mut ended, true) {
+                end_old_backend(lease.conn(), old, deadline).await;
+            }
             tokio::time::sleep(ASK_AGAIN_AFTER).await;
         }
     }
+}
 
-    /// Asks a connection of a generation newer than `broken` about `identity`.
-    async fn ask_outcome(
-        &self,
-        identity: &TxIdentity,
-        broken: u64,
-        deadline: Instant,
-    ) -> TxOutcome {
-        let Ok(mut lease) = self.guard.admit_after(broken, deadline).await else {
-            return TxOutcome::Unknown;
-        };
-        super::outcome::ask(lease.conn(), identity).await
+/// Runs a transaction, abandoning it at `deadline`: then it tells whether
+/// its COMMIT had been sent, and what is needed to resolve it.
+async fn transaction(
+    conn: &mut Connection,
+    options: &TransactionOptions,
+    statements: &[Statement],
+    deadline: Option<Instant>,
+) -> Result<Vec<QueryResult>, Broken> {
+    let mut progress = TransactionProgress::default();
+    let run = conn.transaction_tracked(options, statements, &mut progress);
+    let result = match deadline {
+        None => run.await,
+        Some(deadline) => match tokio::time::timeout_at(deadline, run).await {
+            Ok(result) => result,
+            Err(_) => {
+                let done = progress.identity.take().map(|id| (progress.results, id));
+                let commit_sent = progress.commit_sent;
+                return Err(Broken::TimedOut { commit_sent, done });
+            }
+        },
+    };
+    result.map_err(from_transaction)
+}
+
+/// Ends the old session's server process if it still runs; see
+/// [`TERMINATE_SQL`]. Best effort within `deadline`: a failure only means
+/// the caller may wait for the server to notice by itself.
+async fn end_old_backend(conn: &mut Connection, old: &OldSession, deadline: Instant) {
+    let Some((pid, port)) = old.backend else {
+        return;
+    };
+    let params = vec![Some(pid.to_string()), port.map(|p| p.to_string())];
+    let statement = Statement::with_params(TERMINATE_SQL, params);
+    match tokio::time::timeout_at(deadline, conn.query(&statement)).await {
+        Ok(Ok(result)) if result.rows.first().and_then(|r| r.get(0)).as_deref() == Some("t") => {
+            info!(
+                pid,
+                "Ended the broken session's server process, which still ran."
+            );
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            warn!(pid, error = %error, "Could not end the broken session's server process.")
+        }
+        Err(_) => warn!(
+            pid,
+            "Ending the broken session's server process took the whole budget."
+        ),
     }
 }
 
@@ -578,8 +759,15 @@ fn classify(error: BackendError, prelude: usize, sent: BreakPoint) -> Broken {
         }
         BackendError::ResultTooLarge { limit } => Broken::Final(ExecError::TooLarge(limit)),
         BackendError::ResetRefused(_) => Broken::Elsewhere,
-        BackendError::Broken => connection(BreakPoint::BeforeSend, "connection unusable", None),
-        error if error.is_connection_level() => connection(sent, &error.to_string(), None),
+        BackendError::Broken => connection(
+            BreakPoint::BeforeSend,
+            Scope::Session,
+            "connection unusable",
+            None,
+        ),
+        error if error.is_connection_level() => {
+            connection(sent, error.scope(), &error.to_string(), None)
+        }
         error => Broken::Final(ExecError::Internal(error.to_string())),
     }
 }
@@ -595,16 +783,18 @@ fn from_transaction(failure: TransactionError) -> Broken {
         return classify(error, 0, BreakPoint::BeforeCommit);
     }
     let done = identity.map(|id| (results, id));
-    connection(BreakPoint::AfterCommit, &error.to_string(), done)
+    connection(
+        BreakPoint::AfterCommit,
+        error.scope(),
+        &error.to_string(),
+        done,
+    )
 }
 
-fn connection(
-    point: BreakPoint,
-    message: &str,
-    done: Option<(Vec<QueryResult>, TxIdentity)>,
-) -> Broken {
+fn connection(point: BreakPoint, scope: Scope, message: &str, done: Done) -> Broken {
     Broken::Connection {
         point,
+        scope,
         message: message.to_owned(),
         done,
     }

@@ -19,6 +19,9 @@ pub(crate) struct Script {
     pub role: ServerRole,
     pub ping_delay: Duration,
     pub query_delay: Duration,
+    /// New sessions are refused (a server at `max_connections`) while
+    /// established ones keep working.
+    pub full: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -51,6 +54,7 @@ impl FakeSource {
             role: ServerRole::Primary,
             ping_delay: Duration::from_millis(5),
             query_delay: Duration::from_millis(5),
+            full: false,
         };
         Self {
             script: Arc::new(Mutex::new(script)),
@@ -69,11 +73,26 @@ impl FakeSource {
     }
 }
 
+/// An established session found the server gone.
 fn down() -> SourceError {
     SourceError {
-        connection_level: true,
-        message: "connection refused".into(),
+        scope: crate::backend::Scope::Server,
+        message: "server closed the connection unexpectedly".into(),
     }
+}
+
+/// A new session could not be opened: unreachable, or refused when full.
+fn cannot_open(script: &Script) -> Option<SourceError> {
+    if !script.up {
+        return Some(SourceError {
+            scope: crate::backend::Scope::Unreachable,
+            message: "connection refused".into(),
+        });
+    }
+    script.full.then(|| SourceError {
+        scope: crate::backend::Scope::Refused(crate::telemetry::labels::Refusal::Resources),
+        message: "FATAL: sorry, too many clients already (SQLSTATE 53300)".into(),
+    })
 }
 
 impl ConnectionSource for FakeSource {
@@ -94,7 +113,10 @@ impl GenerationPool for FakePool {
     type Error = SourceError;
 
     async fn get(&self) -> Result<FakeConn, SourceError> {
-        if !self.script.lock().unwrap().up || self.state.closed.load(Ordering::SeqCst) {
+        if let Some(error) = cannot_open(&self.script.lock().unwrap()) {
+            return Err(error);
+        }
+        if self.state.closed.load(Ordering::SeqCst) {
             return Err(down());
         }
         self.state.lent.fetch_add(1, Ordering::SeqCst);
@@ -114,6 +136,21 @@ impl GenerationPool for FakePool {
         };
         tokio::time::sleep(delay).await;
         if up { Ok(role) } else { Err(down()) }
+    }
+
+    type Probe = FakeConn;
+
+    async fn open_probe(&self) -> Result<FakeConn, SourceError> {
+        if let Some(error) = cannot_open(&self.script.lock().unwrap()) {
+            return Err(error);
+        }
+        Ok(FakeConn {
+            script: self.script.clone(),
+        })
+    }
+
+    async fn ping_probe(probe: &mut FakeConn) -> Result<ServerRole, SourceError> {
+        Self::ping(probe).await
     }
 
     async fn run(conn: &mut FakeConn, _sql: &str) -> Result<(), SourceError> {

@@ -28,15 +28,16 @@ use super::generation::Generation;
 use super::settings::LifecycleSettings;
 use super::source::{ConnectionSource, GenerationPool, SourceError};
 use super::warmup::{WarmupError, WarmupTimings, warm_up};
+use crate::backend::Scope;
 use crate::pool::{LossHook, PoolStatus};
 use crate::telemetry::Metrics;
 use crate::telemetry::labels::{
     AttemptResult, HealthResult, PoolState, ReconnectReason, WarmupPhase,
 };
 
-/// Sessions a health check tries when the server answers but a session
-/// turns out unusable, before it counts as failed.
-const PING_TRIES: usize = 3;
+/// A suspicion (a new session could not reach the server) runs a health
+/// check at once, unless one ran this recently.
+const SUSPICION_CHECK_SPACING: Duration = Duration::from_millis(250);
 
 /// What the lifecycle publishes: the state and the current generation.
 #[derive(Debug)]
@@ -127,12 +128,27 @@ enum Command {
     ConnectionLost {
         generation: u64,
     },
+    /// A new session for `generation` could not reach the server: the
+    /// health check decides at once whether the server is down.
+    Suspect {
+        generation: u64,
+    },
     /// An operator asked for a reconnect of `generation`.
     Reconnect {
         generation: u64,
     },
     Pause,
     Resume,
+}
+
+/// What a command leads to.
+enum Action {
+    /// Retire the current generation and build the next.
+    Reconnect(ReconnectReason),
+    /// Run a health check now; reconnect if it fails.
+    Check,
+    /// Nothing more.
+    None,
 }
 
 /// Handle to a running lifecycle; cheap to clone.
@@ -182,6 +198,8 @@ impl<S: ConnectionSource> Lifecycle<S> {
             history: history.clone(),
             stop: stop.clone(),
             current: None,
+            probe: None,
+            last_check: None,
             paused: false,
             demand: demand.clone(),
         };
@@ -217,6 +235,13 @@ impl<S: ConnectionSource> Lifecycle<S> {
             .inner
             .commands
             .send(Command::ConnectionLost { generation });
+    }
+
+    /// A new session for `generation` could not reach the server. Not proof
+    /// of a failure (see the module doc): a health check runs at once and
+    /// decides.
+    pub fn report_unreachable(&self, generation: u64) {
+        let _ = self.inner.commands.send(Command::Suspect { generation });
     }
 
     /// A request starts waiting for a ready generation; until the returned
@@ -288,6 +313,10 @@ struct Driver<S: ConnectionSource> {
     history: Arc<Mutex<History>>,
     stop: CancellationToken,
     current: Option<Arc<Generation<S::Pool>>>,
+    /// The health check's own session with the current generation's server.
+    probe: Option<<S::Pool as GenerationPool>::Probe>,
+    /// When the last health check ended, to space suspicion checks.
+    last_check: Option<Instant>,
     paused: bool,
     demand: Arc<Demand>,
 }
@@ -323,7 +352,14 @@ impl<S: ConnectionSource> Driver<S> {
                 }
                 command = self.commands.recv() => {
                     let Some(command) = command else { return Err(Stopped) };
-                    if let Some(reason) = self.handle(command) {
+                    let reason = match self.handle(command) {
+                        Action::Reconnect(reason) => Some(reason),
+                        Action::Check if !self.health_check().await => {
+                            Some(ReconnectReason::HealthCheck)
+                        }
+                        Action::Check | Action::None => None,
+                    };
+                    if let Some(reason) = reason {
                         self.reconnect(reason).await?;
                         ticks.reset();
                     }
@@ -332,8 +368,8 @@ impl<S: ConnectionSource> Driver<S> {
         }
     }
 
-    /// Applies a command; returns a reconnect reason when one must start.
-    fn handle(&mut self, command: Command) -> Option<ReconnectReason> {
+    /// Applies a command; says what must happen next.
+    fn handle(&mut self, command: Command) -> Action {
         let current = self
             .current
             .as_ref()
@@ -341,15 +377,23 @@ impl<S: ConnectionSource> Driver<S> {
             .map(|g| g.id());
         match command {
             Command::ConnectionLost { generation } if Some(generation) == current => {
-                Some(ReconnectReason::ConnectionLost)
+                Action::Reconnect(ReconnectReason::ConnectionLost)
             }
             Command::Reconnect { generation } if Some(generation) == current => {
-                Some(ReconnectReason::Admin)
+                Action::Reconnect(ReconnectReason::Admin)
             }
-            Command::ConnectionLost { .. } | Command::Reconnect { .. } => None,
+            Command::Suspect { generation } if Some(generation) == current => {
+                let recent = self
+                    .last_check
+                    .is_some_and(|at| at.elapsed() < SUSPICION_CHECK_SPACING);
+                if recent { Action::None } else { Action::Check }
+            }
+            Command::ConnectionLost { .. }
+            | Command::Reconnect { .. }
+            | Command::Suspect { .. } => Action::None,
             Command::Pause | Command::Resume => {
                 self.set_paused(matches!(command, Command::Pause));
-                None
+                Action::None
             }
         }
     }
@@ -369,34 +413,25 @@ impl<S: ConnectionSource> Driver<S> {
         }
     }
 
-    /// One periodic health check; true when the generation is healthy.
+    /// One health check; true when the generation is healthy. It asks on
+    /// a session of its own, never one a request could use, so a busy pool
+    /// cannot fail it.
     async fn health_check(&mut self) -> bool {
         let Some(generation) = self.current.clone() else {
             return true;
         };
         self.update_pool_gauges(&generation);
         let started = Instant::now();
-        let check = async {
-            let mut tries = 1;
-            loop {
-                let mut conn = generation.pool().get().await.map_err(Into::into)?;
-                let pinged = <S::Pool as GenerationPool>::ping(&mut conn)
-                    .await
-                    .map_err(Into::<SourceError>::into);
-                match pinged {
-                    // The server answered, but that session may not be used
-                    // (e.g. its reset was refused): ask on another one.
-                    Err(error) if !error.connection_level && tries < PING_TRIES => tries += 1,
-                    other => return other,
-                }
-            }
-        };
         let span = info_span!("db_health_check", "pool.generation" = generation.id());
+        let check = check_server(generation.pool(), self.probe.take(), &self.metrics);
         let outcome = tokio::time::timeout(self.settings.health_check_timeout, check)
             .instrument(span)
             .await;
-        let (result, healthy) = match &outcome {
-            Ok(Ok(_)) => (HealthResult::Ok, true),
+        let (result, healthy) = match outcome {
+            Ok(Ok(probe)) => {
+                self.probe = probe;
+                (HealthResult::Ok, true)
+            }
             Ok(Err(error)) => {
                 warn!(generation = generation.id(), error = %error, "Health check failed.");
                 (HealthResult::Failed, false)
@@ -407,6 +442,7 @@ impl<S: ConnectionSource> Driver<S> {
             }
         };
         self.metrics.health_check(result, started.elapsed());
+        self.last_check = Some(Instant::now());
         healthy
     }
 
@@ -538,6 +574,7 @@ impl<S: ConnectionSource> Driver<S> {
     fn swap(&mut self, generation: Generation<S::Pool>) {
         let generation = Arc::new(generation);
         let old = self.current.replace(generation.clone());
+        self.probe = None;
         self.publish(PoolState::Ready);
         if let Some(old) = old {
             old.retire();
@@ -595,4 +632,42 @@ impl<S: ConnectionSource> Driver<S> {
         let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
         update(&mut history);
     }
+}
+
+/// Asks the server whether it is up, on the health check's own session.
+///
+/// A probe session that failed is replaced once, because one session can
+/// end alone (terminated, timed out) while the server runs on; the check
+/// fails only when a fresh session cannot reach the server either, or the
+/// server does not answer in time. A server that refuses the fresh session
+/// (too many connections, authentication) answered: it is up, the refusal
+/// is counted, and the next check tries again. Returns the session to keep.
+async fn check_server<P: GenerationPool>(
+    pool: &P,
+    probe: Option<P::Probe>,
+    metrics: &Metrics,
+) -> Result<Option<P::Probe>, SourceError> {
+    if let Some(mut probe) = probe {
+        match P::ping_probe(&mut probe).await.map_err(Into::into) {
+            Ok(_) => return Ok(Some(probe)),
+            Err(error) => {
+                info!(error = %error, "The health check's session failed; asking on a new one.");
+            }
+        }
+    }
+    let opened: Result<P::Probe, SourceError> = pool.open_probe().await.map_err(Into::into);
+    let mut probe = match opened {
+        Ok(probe) => probe,
+        Err(SourceError {
+            scope: Scope::Refused(reason),
+            message,
+        }) => {
+            metrics.session_refused(reason);
+            warn!(reason = %reason, error = %message, "The server refused the health check's session; it answered, so it is up.");
+            return Ok(None);
+        }
+        Err(error) => return Err(error),
+    };
+    P::ping_probe(&mut probe).await.map_err(Into::into)?;
+    Ok(Some(probe))
 }

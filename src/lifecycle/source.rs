@@ -8,7 +8,7 @@
 
 use std::future::Future;
 
-use crate::backend::BackendError;
+use crate::backend::{BackendError, Connection, Scope};
 use crate::pool::{LossHook, Pool, PoolError, PoolStatus, PooledConnection};
 
 /// Whether a server accepts writes.
@@ -24,16 +24,27 @@ pub enum ServerRole {
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct SourceError {
-    /// True when the server looks unreachable or the connection is gone.
-    pub connection_level: bool,
+    /// What the failure says about the server (see the module doc of
+    /// [`crate::lifecycle`] for what each scope leads to).
+    pub scope: Scope,
     /// What happened, without secrets.
     pub message: String,
+}
+
+impl SourceError {
+    /// A failure that says nothing about the server or its sessions.
+    pub fn statement(message: impl Into<String>) -> Self {
+        SourceError {
+            scope: Scope::Statement,
+            message: message.into(),
+        }
+    }
 }
 
 impl From<PoolError> for SourceError {
     fn from(error: PoolError) -> Self {
         SourceError {
-            connection_level: error.is_connection_level(),
+            scope: error.scope(),
             message: error.to_string(),
         }
     }
@@ -42,7 +53,7 @@ impl From<PoolError> for SourceError {
 impl From<BackendError> for SourceError {
     fn from(error: BackendError) -> Self {
         SourceError {
-            connection_level: error.is_connection_level(),
+            scope: error.scope(),
             message: error.to_string(),
         }
     }
@@ -76,6 +87,18 @@ pub trait GenerationPool: std::fmt::Debug + Send + Sync + 'static {
 
     /// `SELECT 1`-grade round trip that also reports the server's role.
     fn ping(conn: &mut Self::Conn) -> impl Future<Output = Result<ServerRole, Self::Error>> + Send;
+
+    /// A session of the health check's own, outside the pool, so that a
+    /// check never waits for (or takes) a session a request could use.
+    type Probe: std::fmt::Debug + Send + Sync + 'static;
+
+    /// Opens a [`Self::Probe`] session.
+    fn open_probe(&self) -> impl Future<Output = Result<Self::Probe, Self::Error>> + Send;
+
+    /// [`GenerationPool::ping`] on the probe session.
+    fn ping_probe(
+        probe: &mut Self::Probe,
+    ) -> impl Future<Output = Result<ServerRole, Self::Error>> + Send;
 
     /// Runs one warm-up statement, discarding its rows.
     fn run(
@@ -121,10 +144,17 @@ impl GenerationPool for Pool {
     }
 
     async fn ping(conn: &mut PooledConnection) -> Result<ServerRole, PoolError> {
-        match conn.is_in_recovery().await? {
-            false => Ok(ServerRole::Primary),
-            true => Ok(ServerRole::Standby),
-        }
+        role_of(conn).await
+    }
+
+    type Probe = Connection;
+
+    fn open_probe(&self) -> impl Future<Output = Result<Connection, PoolError>> + Send {
+        self.open_unpooled()
+    }
+
+    async fn ping_probe(probe: &mut Connection) -> Result<ServerRole, PoolError> {
+        role_of(probe).await
     }
 
     async fn run(conn: &mut PooledConnection, sql: &str) -> Result<(), PoolError> {
@@ -138,5 +168,12 @@ impl GenerationPool for Pool {
 
     fn close(&self) {
         Pool::close(self)
+    }
+}
+
+async fn role_of(conn: &mut Connection) -> Result<ServerRole, PoolError> {
+    match conn.is_in_recovery().await? {
+        false => Ok(ServerRole::Primary),
+        true => Ok(ServerRole::Standby),
     }
 }

@@ -79,11 +79,9 @@ async fn ping<P: GenerationPool>(
         for conn in &mut connections {
             let role = P::ping(conn).await.map_err(Into::into)?;
             if settings.role == RequiredRole::Primary && role == ServerRole::Standby {
-                return Err(SourceError {
-                    connection_level: false,
-                    message: "the server is in recovery (a standby), but the role must be primary"
-                        .into(),
-                });
+                return Err(SourceError::statement(
+                    "the server is in recovery (a standby), but the role must be primary",
+                ));
             }
         }
         Ok(connections)
@@ -111,10 +109,8 @@ async fn run_queries<P: GenerationPool>(
         }
         let mut warm = Vec::with_capacity(tasks.len());
         while let Some(joined) = tasks.join_next().await {
-            let conn = joined.map_err(|e| SourceError {
-                connection_level: false,
-                message: format!("warm-up task failed: {e}"),
-            })?;
+            let conn =
+                joined.map_err(|e| SourceError::statement(format!("warm-up task failed: {e}")))?;
             warm.push(conn?);
         }
         Ok(warm)

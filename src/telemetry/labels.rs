@@ -114,6 +114,27 @@ label_enum! {
         Paused => "paused",
         /// The request met a connection of a retired generation.
         Stale => "stale",
+        /// The pool is ready, but no session was free and the server
+        /// refused (or did not answer) a new one.
+        Busy => "busy",
+    }
+}
+
+label_enum! {
+    /// Why the server refused a new session, from the SQLSTATE class of its
+    /// answer. A refusal is never a reason to reconnect: a new generation
+    /// would be refused the same way.
+    Refusal {
+        /// Class 28: the credentials or `pg_hba.conf` refused us (a configuration problem).
+        Auth => "auth",
+        /// Class 53: too many connections, out of memory or disk.
+        Resources => "resources",
+        /// Class 3D: the database does not exist.
+        Database => "database",
+        /// Class 42: e.g. no CONNECT privilege on the database.
+        Privilege => "privilege",
+        /// Any other refusal.
+        Other => "other",
     }
 }
 

@@ -17,7 +17,7 @@ use prometheus::{
 
 use super::labels::{
     Api, AttemptResult, ClientErrorKind, GuardCause, GuardOutcome, HealthResult, PoolState,
-    ReconnectReason, ReplayResult, RequestKind, RequestOutcome, WarmupPhase,
+    ReconnectReason, Refusal, ReplayResult, RequestKind, RequestOutcome, WarmupPhase,
 };
 
 const NAMESPACE: &str = "pgwarden";
@@ -47,6 +47,7 @@ pub struct Metrics {
     guard_wait: HistogramVec,
     stale_client_hits: IntCounter,
     replays: IntCounterVec,
+    session_refusals: IntCounterVec,
     /// The series of the two per-request metrics, resolved once, so a
     /// request costs no label hashing or lookup lock: indexed by
     /// [`request_slot`] and by [`ClientErrorKind::index`].
@@ -89,6 +90,7 @@ impl Metrics {
             guard_wait: r.histogram_vec("guard_wait_seconds", "Time requests waited in the guard, only for requests that had to wait, by cause and outcome.", &["cause", "outcome"])?,
             stale_client_hits: r.counter("stale_client_hits_total", "Requests that met a connection of a retired generation and were moved to the current one.")?,
             replays: r.counter_vec("replays_total", "Requests replayed on a new generation after their connection failed, by result.", &["result"])?,
+            session_refusals: r.counter_vec("session_refusals_total", "New sessions the server refused (it answered, so this never starts a reconnect), by the SQLSTATE class of its answer.", &["reason"])?,
             request_series: request_labels()
                 .map(|labels| requests_duration.with_label_values(&labels))
                 .collect(),
@@ -127,6 +129,7 @@ impl Metrics {
             }
         }
         each(&self.replays, ReplayResult::ALL, |r| r.as_str());
+        each(&self.session_refusals, Refusal::ALL, |r| r.as_str());
     }
 
     /// Publishes the lifecycle state (one-hot) and readiness.
@@ -213,6 +216,13 @@ impl Metrics {
     /// Counts a replay.
     pub fn replay(&self, result: ReplayResult) {
         self.replays.with_label_values(&[result.as_str()]).inc();
+    }
+
+    /// Counts a new session the server refused.
+    pub fn session_refused(&self, reason: Refusal) {
+        self.session_refusals
+            .with_label_values(&[reason.as_str()])
+            .inc();
     }
 
     /// Records a finished request.
