@@ -156,3 +156,34 @@ async fn twenty_crashes_under_load_lose_no_write_and_double_none() {
     );
     report(&stack, started.elapsed(), writes);
 }
+
+/// What the OOM killer does: one backend SIGKILLed. The postmaster ends
+/// every session and recovers in place (same postmaster, same start time),
+/// and transaction ids that never reached the WAL are handed out again, so
+/// a write broken after its COMMIT must not be judged by `txid_status`
+/// alone. Twenty kills under load: no write lost or doubled, no failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_killed_backends_under_load_lose_no_write_and_double_none() {
+    const KILLS: u64 = 20;
+    let cluster = prepared_cluster();
+    let stack = stack_for(&cluster);
+    stack.ready(1).await;
+    let load = start_load(&stack.executor);
+    let started = Instant::now();
+    for kill in 1..=KILLS {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let kit = cluster.clone();
+        tokio::task::spawn_blocking(move || kit.kill_one_backend())
+            .await
+            .unwrap();
+        stack.ready(kill + 1).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let writes = finish(load, &cluster).await;
+    assert_eq!(
+        stack.metric("pgwarden_reconnects_total", &[]),
+        KILLS as f64,
+        "one reconnect per killed backend: the server really crashed"
+    );
+    report(&stack, started.elapsed(), writes);
+}

@@ -80,6 +80,42 @@ impl Cluster {
         self.start_again();
     }
 
+    /// Kills one client backend with SIGKILL, as the OOM killer does,
+    /// preferring one that is running a statement. The postmaster then ends
+    /// every other session and recovers **in place**: the same postmaster,
+    /// the same start time, a new end-of-recovery checkpoint. Returns once
+    /// the recovery is over (the shared statistics were reset, which crash
+    /// recovery always does) and the server accepts connections again.
+    #[track_caller]
+    pub fn kill_one_backend(&self) {
+        self.resume();
+        let postmaster = procs::postmaster_pid(&self.data_dir);
+        let marker = "SELECT pg_stat_get_bgwriter_stat_reset_time()";
+        let before = self.psql(marker);
+        let rows = self.psql_rows(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
+             ORDER BY state = 'active' DESC, pid LIMIT 1",
+        );
+        let Some(pid) = rows
+            .first()
+            .and_then(|row| row.first().cloned().flatten())
+            .and_then(|pid| pid.parse::<procs::Pid>().ok())
+        else {
+            self.fail("kill_one_backend(): no client backend to kill");
+        };
+        procs::send(pid, libc::SIGKILL);
+        let recovered = || self.try_psql(marker).is_ok_and(|after| after != before);
+        if !wait::eventually(FAULT_TIMEOUT, recovered) {
+            self.fail("kill_one_backend(): the server did not recover from the killed backend");
+        }
+        if procs::postmaster_pid(&self.data_dir) != postmaster {
+            self.fail(
+                "kill_one_backend(): the postmaster restarted instead of recovering in place",
+            );
+        }
+    }
+
     /// Terminates every client backend except the one issuing the command and
     /// returns how many; returns once they have all exited.
     #[track_caller]

@@ -61,9 +61,33 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("psql_rows({sql:?}): {e}; raw output: {text:?}"))
     }
 
+    /// Like [`Cluster::psql`], but a failure (the server is down or
+    /// recovering) is returned instead of failing the test.
+    pub fn try_psql(&self, sql: &str) -> Result<String, String> {
+        match self.psql_output(&["-A", "-t"], sql) {
+            Ok(output) if output.status.success() => {
+                String::from_utf8(output.stdout).map_err(|e| e.to_string())
+            }
+            Ok(output) => Err(String::from_utf8_lossy(&output.stderr).into_owned()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Runs psql with the kit's connection settings plus `extra_args`, feeding `sql` on stdin.
     #[track_caller]
     fn run_psql(&self, extra_args: &[&str], sql: &str) -> Vec<u8> {
+        match self.psql_output(extra_args, sql) {
+            Ok(output) if output.status.success() => output.stdout,
+            Ok(output) => self.fail(&format!(
+                "psql failed ({}) running {sql:?}:\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )),
+            Err(e) => self.fail(&format!("psql running {sql:?}: {e}")),
+        }
+    }
+
+    fn psql_output(&self, extra_args: &[&str], sql: &str) -> Result<std::process::Output, String> {
         let mut cmd = os::client_command(&self.bin, "psql");
         cmd.args([
             "-X",
@@ -85,15 +109,7 @@ impl Cluster {
         .env("PGCLIENTENCODING", "UTF8")
         .env("PGCONNECT_TIMEOUT", "10")
         .env("PGAPPNAME", "pgwarden-kit");
-        match process::run(&mut cmd, Some(sql.as_bytes()), PSQL_TIMEOUT) {
-            Ok(output) if output.status.success() => output.stdout,
-            Ok(output) => self.fail(&format!(
-                "psql failed ({}) running {sql:?}:\n{}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            )),
-            Err(e) => self.fail(&format!("psql running {sql:?}: {e}")),
-        }
+        process::run(&mut cmd, Some(sql.as_bytes()), PSQL_TIMEOUT)
     }
 }
 

@@ -1,0 +1,146 @@
+//! Everyday events that are not failures of the database must never
+//! rebuild the pool: a reconnect costs a warm-up and counts towards the
+//! "more than 5 reconnects a day" alert, the very symptom pgwarden exists to
+//! remove. A server full of other applications' sessions, clients that give
+//! up mid-query, a transaction that runs past its timeout and a pool kept
+//! busy past a health-check interval each leave `pgwarden_reconnects_total`
+//! at 0, and the next request succeeds.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use pgwarden::backend::{Connection, Connector};
+use reqwest::StatusCode;
+use serde_json::json;
+use support::Cluster;
+use support::daemon::{TestDaemon, config_for};
+use support::pg::superuser;
+
+const RECONNECTS: &str = "pgwarden_reconnects_total{reason=\"connection_lost\"}";
+
+fn daemon_config(cluster: &Cluster) -> pgwarden::config::Config {
+    pgwarden::config::Config {
+        max_connections: 4,
+        transaction_timeout_ms: 1000,
+        ..config_for(cluster)
+    }
+}
+
+async fn reconnects(daemon: &TestDaemon) -> f64 {
+    let text = daemon.metrics().await;
+    text.lines()
+        .filter(|l| l.starts_with("pgwarden_reconnects_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+/// Runs `count` requests of `sql` at once; returns their statuses.
+async fn at_once(daemon: &TestDaemon, sql: &str, count: usize) -> Vec<StatusCode> {
+    let body = json!({ "query": sql, "params": [] }).to_string();
+    let requests = (0..count).map(|_| daemon.sql(body.clone(), &[]));
+    join_all(requests)
+        .await
+        .into_iter()
+        .map(|r| r.status)
+        .collect()
+}
+
+/// Opens sessions as another application would until the server refuses
+/// one (`max_connections`), and keeps them.
+async fn fill_the_server(cluster: &Cluster) -> Vec<Connection> {
+    let connector = Connector::new(superuser(cluster)).unwrap();
+    let mut held = Vec::new();
+    while let Ok(conn) = connector.connect().await {
+        held.push(conn);
+        assert!(held.len() < 200, "the server never refused a session");
+    }
+    held
+}
+
+async fn assert_healthy(daemon: &TestDaemon, after: &str) {
+    assert_eq!(reconnects(daemon).await, 0.0, "a reconnect after {after}");
+    let answer = daemon.query("SELECT 41 + 1", json!([])).await;
+    assert_eq!(answer["rows"][0][0], "42", "the next request after {after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everyday_events_never_rebuild_the_pool() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(daemon_config(&cluster)).await;
+    // Let a health check open its own session first, as it does in production.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    // A server at max_connections while pgwarden needs to grow: the requests
+    // that cannot get a new session wait for one that is given back.
+    let held = fill_the_server(&cluster).await;
+    let statuses = at_once(&daemon, "SELECT pg_sleep(0.3)", 6).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    let refused = daemon
+        .metric("pgwarden_session_refusals_total{reason=\"resources\"}")
+        .await;
+    assert!(refused >= 1.0, "the refusals are counted: {refused}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        reconnects(&daemon).await,
+        0.0,
+        "a reconnect on a full server"
+    );
+    drop(held);
+    assert_healthy(&daemon, "a full server").await;
+
+    // Twenty clients that give up half a second into a two-second query.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let body = json!({ "query": "SELECT pg_sleep(2)", "params": [] }).to_string();
+    let abandoned = (0..20).map(|_| {
+        impatient
+            .post(format!("{}/sql", daemon.data))
+            .header("Neon-Connection-String", &daemon.connection_string)
+            .body(body.clone())
+            .send()
+    });
+    let gave_up = join_all(abandoned).await;
+    assert!(gave_up.iter().all(|r| r.is_err()), "every client gave up");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_healthy(&daemon, "clients gave up").await;
+
+    // A transaction that runs past its timeout is cancelled: 57014.
+    let batch = json!({ "queries": [{ "query": "SELECT pg_sleep(3)", "params": [] }] });
+    let reply = daemon.sql(batch.to_string(), &[]).await;
+    assert_eq!(reply.body["code"], "57014", "{}", reply.body);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_healthy(&daemon, "a transaction timeout").await;
+
+    // Every pooled session busy for several health-check intervals.
+    let checks_before = daemon
+        .metric("pgwarden_health_checks_total{result=\"ok\"}")
+        .await;
+    let statuses = at_once(&daemon, "SELECT pg_sleep(1.5)", 4).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    let checks = daemon
+        .metric("pgwarden_health_checks_total{result=\"ok\"}")
+        .await
+        - checks_before;
+    assert!(
+        checks >= 2.0,
+        "health checks ran while the pool was busy: {checks}"
+    );
+    assert_eq!(
+        daemon
+            .metric("pgwarden_health_checks_total{result=\"timeout\"}")
+            .await,
+        0.0
+    );
+    assert_healthy(&daemon, "a busy pool").await;
+    assert_eq!(daemon.metric(RECONNECTS).await, 0.0);
+}
