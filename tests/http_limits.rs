@@ -163,11 +163,19 @@ async fn an_oversized_head_is_answered_431_and_a_large_one_within_the_limit_is_s
         reply["message"].as_str().unwrap().contains("32768"),
         "{reply}"
     );
+
+    let long_target =
+        request_with(0).replacen("/sql", &format!("/sql?{}", "q".repeat(40 * 1024)), 1);
+    let mut over = connect(&daemon).await;
+    over.write_all(long_target.as_bytes()).await.unwrap();
+    let (status, reply) = parse_response(&read_until_closed(&mut over).await);
+    assert_eq!(status, 431, "the request line counts too: {reply}");
+
     assert_eq!(
         daemon
             .metric("pgwarden_errors_total{kind=\"too_large\"}")
             .await,
-        1.0
+        2.0
     );
 
     // Far beyond the limit, hyper stops buffering: 431 or a closed

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use percent_encoding::percent_decode_str;
@@ -182,7 +182,12 @@ impl From<ExecError> for Refusal {
 /// The message of a response over `max_response_bytes`.
 const TOO_LARGE_RESPONSE: &str = "the response exceeds the size limit";
 
-async fn sql(State(state): State<Arc<DataState>>, headers: HeaderMap, body: Body) -> Response {
+async fn sql(
+    State(state): State<Arc<DataState>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let span = info_span!(
         "http_request",
@@ -193,7 +198,7 @@ async fn sql(State(state): State<Arc<DataState>>, headers: HeaderMap, body: Body
     let parent =
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(&headers)));
     let _ = span.set_parent(parent);
-    let (kind, outcome) = handle(&state, &headers, body)
+    let (kind, outcome) = handle(&state, &uri, &headers, body)
         .instrument(span.clone())
         .await;
     let response = match outcome {
@@ -217,10 +222,11 @@ async fn sql(State(state): State<Arc<DataState>>, headers: HeaderMap, body: Body
 
 async fn handle(
     state: &DataState,
+    uri: &Uri,
     headers: &HeaderMap,
     body: Body,
 ) -> (RequestKind, Result<Response, Refusal>) {
-    match admit(state, headers, body).await {
+    match admit(state, uri, headers, body).await {
         Ok(SqlRequest::Single(statement)) => (
             RequestKind::Query,
             run_single(state, headers, &statement).await,
@@ -239,11 +245,12 @@ async fn handle(
 /// what the protocol can carry.
 async fn admit(
     state: &DataState,
+    uri: &Uri,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<SqlRequest, (RequestKind, Refusal)> {
     let refuse = |refusal| (RequestKind::Query, refusal);
-    check_head_size(headers, state.max_header_bytes).map_err(refuse)?;
+    check_head_size(uri, headers, state.max_header_bytes).map_err(refuse)?;
     authenticate(headers, &state.credentials).map_err(refuse)?;
     let bytes = read_body(state, body).await.map_err(refuse)?;
     let request = parse_body(&bytes).map_err(|e| refuse(Refusal::from(e)))?;
@@ -303,12 +310,18 @@ fn options(headers: &HeaderMap) -> Result<TransactionOptions, Refusal> {
 /// Refuses a request head over `max_header_bytes` with 431. hyper itself
 /// only answers (bodiless) beyond a larger hard cap; checking here, once
 /// the head is parsed, lets the answer carry the usual JSON error.
-fn check_head_size(headers: &HeaderMap, max_header_bytes: usize) -> Result<(), Refusal> {
-    // Each header line is `name: value\r\n`.
+fn check_head_size(uri: &Uri, headers: &HeaderMap, max_header_bytes: usize) -> Result<(), Refusal> {
+    // The request line is `POST <uri> HTTP/1.1\r\n`, each header line
+    // `name: value\r\n`.
+    let target = uri
+        .path_and_query()
+        .map_or(1, |target| target.as_str().len());
+    let request_line = "POST ".len() + target + " HTTP/1.1\r\n".len();
     let size: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
+        .sum::<usize>()
+        + request_line;
     if size <= max_header_bytes {
         return Ok(());
     }
