@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::http::{Credentials, DataState};
+use crate::api::server::{ServerLimits, serve};
 use crate::backend::{BackendError, ConnectOptions, Connector};
 use crate::config::{Config, ConfigError};
 use crate::guard::{ExecSettings, Executor, Guard, WriteSafety};
@@ -102,6 +103,8 @@ pub async fn start(config: &Config) -> Result<Daemon, AppError> {
         credentials,
         max_request_bytes: config.max_request_bytes,
         max_response_bytes: config.max_response_bytes,
+        max_header_bytes: config.max_header_bytes,
+        body_read_timeout: ms(config.body_read_timeout_ms),
     };
     let ops_state = OpsState {
         lifecycle: lifecycle.clone(),
@@ -116,9 +119,10 @@ pub async fn start(config: &Config) -> Result<Daemon, AppError> {
     let (data_addr, ops_addr) = (local(&data_listener), local(&ops_listener));
     let (stop_data, stop_ops) = (CancellationToken::new(), CancellationToken::new());
     let data_router = crate::api::http::router(Arc::new(data_state));
-    let data_server = tokio::spawn(serve(data_listener, data_router, stop_data.clone()));
+    let limits = server_limits(config);
+    let data_server = tokio::spawn(serve(data_listener, data_router, limits, stop_data.clone()));
     let ops_router = crate::ops::router(Arc::new(ops_state));
-    let ops_server = tokio::spawn(serve(ops_listener, ops_router, stop_ops.clone()));
+    let ops_server = tokio::spawn(serve(ops_listener, ops_router, limits, stop_ops.clone()));
     info!(data = %data_addr, ops = %ops_addr, "Listening.");
     Ok(Daemon {
         data_addr,
@@ -186,11 +190,10 @@ fn local(listener: &TcpListener) -> SocketAddr {
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
-async fn serve(listener: TcpListener, router: axum::Router, stop: CancellationToken) {
-    let service = router.into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, service).with_graceful_shutdown(stop.cancelled_owned());
-    if let Err(error) = server.await {
-        warn!(error = %error, "Listener failed.");
+fn server_limits(config: &Config) -> ServerLimits {
+    ServerLimits {
+        header_read_timeout: ms(config.header_read_timeout_ms),
+        max_header_bytes: config.max_header_bytes,
     }
 }
 

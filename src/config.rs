@@ -49,6 +49,16 @@ pub const DEFAULT_WARMUP_QUERIES_TIMEOUT_MS: u64 = 10000;
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
 /// Default limit of a response.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 10 * 1024 * 1024;
+/// Default limit of a request's head (request line and headers).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+/// Smallest accepted `max_header_bytes`: the Neon headers must fit.
+pub const MIN_MAX_HEADER_BYTES: usize = 1024;
+/// Largest accepted `max_header_bytes`: hyper buffers a multiple of it.
+pub const MAX_MAX_HEADER_BYTES: usize = 1024 * 1024;
+/// Default bound on receiving a request's head.
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5000;
+/// Default bound on receiving a request's body once its head is in.
+pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30000;
 /// Default grace period for in-flight requests at shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10000;
 
@@ -103,6 +113,15 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// Largest response, in bytes (507 beyond).
     pub max_response_bytes: usize,
+    /// Largest request head (request line and headers), in bytes (431 beyond).
+    pub max_header_bytes: usize,
+    /// Time a client has to send a complete request head, in ms; the
+    /// connection is closed beyond it. Also how long an idle keep-alive
+    /// connection is kept open.
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send the whole body once the head is in, in ms
+    /// (408 and the connection closed beyond it).
+    pub body_read_timeout_ms: u64,
     /// User clients must name in their connection string (default: the database user).
     pub client_user: Option<String>,
     /// Password clients must present (default: the database password).
@@ -145,6 +164,9 @@ impl Default for Config {
             role: "primary".into(),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
+            body_read_timeout_ms: DEFAULT_BODY_READ_TIMEOUT_MS,
             client_user: None,
             client_password: None,
             client_password_file: None,
@@ -237,10 +259,9 @@ impl Config {
                 problems.push(problem);
             }
         };
-        check(
-            parse_url_ok(&self.database_url),
-            "database_url: not a postgres:// or postgresql:// URL".into(),
-        );
+        if let Some(problem) = database_url_problem(&self.database_url) {
+            check(false, format!("database_url: {problem}"));
+        }
         for (key, value) in [("listen", &self.listen), ("ops_listen", &self.ops_listen)] {
             check(
                 value.parse::<SocketAddr>().is_ok(),
@@ -291,6 +312,19 @@ impl Config {
             self.max_response_bytes > 0,
             "max_response_bytes: must be greater than 0".into(),
         );
+        check(
+            (MIN_MAX_HEADER_BYTES..=MAX_MAX_HEADER_BYTES).contains(&self.max_header_bytes),
+            format!(
+                "max_header_bytes: must be between {MIN_MAX_HEADER_BYTES} and {MAX_MAX_HEADER_BYTES}"
+            ),
+        );
+        check(
+            self.admin_token
+                .as_deref()
+                .is_none_or(|token| !token.trim().is_empty()),
+            "admin_token: must not be empty (remove the key to allow loopback callers without a token)"
+                .into(),
+        );
         if problems.is_empty() {
             Ok(())
         } else {
@@ -298,7 +332,7 @@ impl Config {
         }
     }
 
-    fn durations(&self) -> [(&'static str, u64); 12] {
+    fn durations(&self) -> [(&'static str, u64); 14] {
         [
             ("guard_timeout_ms", self.guard_timeout_ms),
             ("transaction_timeout_ms", self.transaction_timeout_ms),
@@ -315,6 +349,8 @@ impl Config {
             ("warmup_ping_timeout_ms", self.warmup_ping_timeout_ms),
             ("warmup_queries_timeout_ms", self.warmup_queries_timeout_ms),
             ("shutdown_grace_ms", self.shutdown_grace_ms),
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
         ]
     }
 
@@ -354,8 +390,23 @@ fn read_secret(path: &Path) -> std::io::Result<String> {
         .to_owned())
 }
 
-fn parse_url_ok(url: &str) -> bool {
-    url.starts_with("postgres://") || url.starts_with("postgresql://")
+/// What is wrong with a database URL, in words that never quote it: the
+/// URL may hold a password, and the message goes to the log.
+fn database_url_problem(database_url: &str) -> Option<String> {
+    // libpq allows `user@/db?host=/socket/dir`; the URL parser wants a host.
+    let url = match url::Url::parse(&database_url.replacen("@/", "@localhost/", 1)) {
+        Ok(url) => url,
+        Err(reason) => return Some(format!("not a valid URL ({reason})")),
+    };
+    let scheme = url.scheme();
+    let has_authority = database_url
+        .get(scheme.len()..)
+        .is_some_and(|rest| rest.starts_with("://"));
+    if matches!(scheme, "postgres" | "postgresql") && has_authority {
+        None
+    } else {
+        Some("must start with postgres:// or postgresql://".into())
+    }
 }
 
 fn with_password(database_url: &str, password: &str) -> Option<String> {
@@ -437,6 +488,9 @@ fn known_keys() -> Vec<&'static str> {
         "role",
         "max_request_bytes",
         "max_response_bytes",
+        "max_header_bytes",
+        "header_read_timeout_ms",
+        "body_read_timeout_ms",
         "client_user",
         "client_password",
         "client_password_file",
@@ -571,6 +625,114 @@ mod tests {
                 "guard_timeout_ms"
             ],
             "{error}"
+        );
+    }
+
+    /// The problems `config` has, each reduced to the key it names.
+    fn problem_keys(config: &Config) -> Vec<String> {
+        config.validate().err().map_or_else(Vec::new, |error| {
+            error
+                .problems
+                .iter()
+                .map(|p| p.split(':').next().unwrap().to_owned())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn an_empty_admin_token_is_an_error_not_an_open_door() {
+        for token in ["", "   ", "\t\n"] {
+            let config = Config {
+                admin_token: Some(token.into()),
+                ..Config::default()
+            };
+            assert_eq!(problem_keys(&config), ["admin_token"], "{token:?}");
+        }
+        let config = Config {
+            admin_token: Some("s3cret".into()),
+            ..Config::default()
+        };
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn an_empty_admin_token_file_is_an_error_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("token");
+        std::fs::write(&secret, "\n").unwrap();
+        let sources = Sources {
+            flags: env(&[("admin_token_file", secret.to_str().unwrap())]),
+            ..Sources::default()
+        };
+        let error = Config::load(&sources).unwrap_err();
+        assert!(error.to_string().contains("admin_token"), "{error}");
+    }
+
+    #[test]
+    fn a_database_url_of_another_scheme_is_an_error_that_hides_the_password() {
+        for url in [
+            "mysql://app:hunter2@db:3306/app",
+            "postgres:/app:hunter2@db/app",
+            "http://app:hunter2@db/app",
+            "app:hunter2@db/app",
+            "postgres://app:hunter2@[db/app",
+            "",
+        ] {
+            let sources = Sources {
+                env: env(&[("DATABASE_URL", url)]),
+                ..Sources::default()
+            };
+            let error = Config::load(&sources).unwrap_err();
+            let text = error.to_string();
+            assert!(text.contains("database_url"), "{url}: {text}");
+            assert!(!text.contains("hunter2"), "{url}: {text}");
+        }
+        for url in [
+            "postgres://app@db/app",
+            "postgresql://app:pw@db:5432/app?sslmode=require",
+            "postgresql://app@/app?host=/var/run/postgresql",
+            "postgresql:///app",
+        ] {
+            let config = Config {
+                database_url: url.into(),
+                ..Config::default()
+            };
+            assert!(config.validate().is_ok(), "{url}");
+        }
+    }
+
+    #[test]
+    fn connection_limits_are_validated_by_name() {
+        let config = Config {
+            max_header_bytes: 100,
+            header_read_timeout_ms: 0,
+            body_read_timeout_ms: 0,
+            ..Config::default()
+        };
+        assert_eq!(
+            problem_keys(&config),
+            [
+                "header_read_timeout_ms",
+                "body_read_timeout_ms",
+                "max_header_bytes"
+            ]
+        );
+        let sources = Sources {
+            env: env(&[
+                ("PGWARDEN_MAX_HEADER_BYTES", "16384"),
+                ("PGWARDEN_HEADER_READ_TIMEOUT_MS", "1000"),
+                ("PGWARDEN_BODY_READ_TIMEOUT_MS", "2000"),
+            ]),
+            ..Sources::default()
+        };
+        let config = Config::load(&sources).unwrap();
+        assert_eq!(
+            (
+                config.max_header_bytes,
+                config.header_read_timeout_ms,
+                config.body_read_timeout_ms
+            ),
+            (16384, 1000, 2000)
         );
     }
 

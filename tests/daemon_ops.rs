@@ -42,6 +42,11 @@ async fn health_status_and_metrics_tell_the_truth_without_secrets() {
     for secret in [support::users::SCRAM_PASSWORD, "admin-token-value"] {
         assert!(!text.contains(secret), "/status leaks a secret: {text}");
     }
+    let decisions = &status.body["replay_decisions"];
+    for rule in ["never_sent", "before_commit", "in_progress", "unknown"] {
+        assert_eq!(decisions[rule], 0, "{decisions}");
+    }
+    assert_snake_case_keys(&status.body, "/status");
 
     daemon.query("SELECT 1", json!([])).await;
     let metrics = daemon.metrics().await;
@@ -57,6 +62,28 @@ async fn health_status_and_metrics_tell_the_truth_without_secrets() {
         assert!(metrics.contains(series), "missing {series}");
     }
     assert!(!metrics.contains(support::users::SCRAM_PASSWORD));
+}
+
+/// Every object key in `value`, at any depth, is snake_case.
+fn assert_snake_case_keys(value: &serde_json::Value, path: &str) {
+    match value {
+        serde_json::Value::Object(object) => {
+            for (key, inner) in object {
+                let snake = !key.is_empty()
+                    && key
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                assert!(snake, "{path}.{key} is not snake_case");
+                assert_snake_case_keys(inner, &format!("{path}.{key}"));
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                assert_snake_case_keys(item, path);
+            }
+        }
+        _ => {}
+    }
 }
 
 #[tokio::test]

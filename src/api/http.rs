@@ -8,12 +8,12 @@
 //! `pgwarden_errors_total`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use percent_encoding::percent_decode_str;
@@ -24,7 +24,10 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tracing::{Instrument, field, info_span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::neon::{BatchBody, ResultBody, SqlRequest, batch_options, error_body, parse_body};
+use super::neon::{
+    BatchBody, RequestError, ResultBody, SqlRequest, batch_options, error_body, parse_body,
+};
+use crate::backend::{Statement, TransactionOptions};
 use crate::guard::{ExecError, Executor};
 use crate::telemetry::Metrics;
 use crate::telemetry::labels::{Api, ClientErrorKind, RequestKind, RequestOutcome};
@@ -63,6 +66,12 @@ pub struct DataState {
     pub max_request_bytes: usize,
     /// Largest response in bytes.
     pub max_response_bytes: usize,
+    /// Largest request head in bytes (431 beyond).
+    pub max_header_bytes: usize,
+    /// How long a client may take to send the body once its headers are in
+    /// (408 beyond), so a client that stops half-way does not hold a
+    /// connection and a buffer forever.
+    pub body_read_timeout: Duration,
 }
 
 /// The data listener's routes: `POST /sql` and its CORS preflight.
@@ -117,14 +126,24 @@ impl Refusal {
     }
 
     fn into_response(self) -> Response {
-        let retry = self.status == StatusCode::SERVICE_UNAVAILABLE;
-        let mut response = (self.status, axum::Json(self.body)).into_response();
-        if retry {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let status = self.status;
+        let mut response = (status, axum::Json(self.body)).into_response();
+        let headers = response.headers_mut();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of a stalled body may still arrive: never read it as
+            // the next request.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
+    }
+}
+
+impl From<RequestError> for Refusal {
+    fn from(error: RequestError) -> Self {
+        Refusal::bad_request(&error.to_string(), error.sqlstate())
     }
 }
 
@@ -163,7 +182,12 @@ impl From<ExecError> for Refusal {
 /// The message of a response over `max_response_bytes`.
 const TOO_LARGE_RESPONSE: &str = "the response exceeds the size limit";
 
-async fn sql(State(state): State<Arc<DataState>>, headers: HeaderMap, body: Body) -> Response {
+async fn sql(
+    State(state): State<Arc<DataState>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let span = info_span!(
         "http_request",
@@ -174,7 +198,7 @@ async fn sql(State(state): State<Arc<DataState>>, headers: HeaderMap, body: Body
     let parent =
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(&headers)));
     let _ = span.set_parent(parent);
-    let (kind, outcome) = handle(&state, &headers, body)
+    let (kind, outcome) = handle(&state, &uri, &headers, body)
         .instrument(span.clone())
         .await;
     let response = match outcome {
@@ -198,78 +222,164 @@ async fn sql(State(state): State<Arc<DataState>>, headers: HeaderMap, body: Body
 
 async fn handle(
     state: &DataState,
+    uri: &Uri,
     headers: &HeaderMap,
     body: Body,
 ) -> (RequestKind, Result<Response, Refusal>) {
-    // Credentials first: an unauthenticated client gets nothing buffered.
-    if let Err(refusal) = authenticate(headers, &state.credentials) {
-        return (RequestKind::Query, Err(refusal));
+    match admit(state, uri, headers, body).await {
+        Ok(SqlRequest::Single(statement)) => (
+            RequestKind::Query,
+            run_single(state, headers, &statement).await,
+        ),
+        Ok(SqlRequest::Batch(statements)) => (
+            RequestKind::Batch,
+            run_batch(state, headers, &statements).await,
+        ),
+        Err((kind, refusal)) => (kind, Err(refusal)),
     }
-    let bytes = match axum::body::to_bytes(body, state.max_request_bytes).await {
-        Ok(bytes) => bytes,
-        Err(_) => {
+}
+
+/// Everything checked before the database sees a request: head size,
+/// credentials (before the body is buffered, so an unauthenticated client
+/// gets nothing buffered), the body within its size and time limits, and
+/// what the protocol can carry.
+async fn admit(
+    state: &DataState,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<SqlRequest, (RequestKind, Refusal)> {
+    let refuse = |refusal| (RequestKind::Query, refusal);
+    check_head_size(uri, headers, state.max_header_bytes).map_err(refuse)?;
+    authenticate(headers, &state.credentials).map_err(refuse)?;
+    let bytes = read_body(state, body).await.map_err(refuse)?;
+    let request = parse_body(&bytes).map_err(|e| refuse(Refusal::from(e)))?;
+    if let SqlRequest::Single(_) = request {
+        // A single query ignores the batch options, but a value that names
+        // no isolation level is still a client bug worth reporting.
+        options(headers).map_err(refuse)?;
+    }
+    Ok(request)
+}
+
+async fn run_single(
+    state: &DataState,
+    headers: &HeaderMap,
+    statement: &Statement,
+) -> Result<Response, Refusal> {
+    let array_mode = header_is(headers, "neon-array-mode", "true");
+    let result = state.executor.query(statement).await;
+    let body = result.map(|r| {
+        serde_json::to_vec(&ResultBody {
+            result: &r,
+            array_mode,
+        })
+    });
+    respond(state, body)
+}
+
+async fn run_batch(
+    state: &DataState,
+    headers: &HeaderMap,
+    statements: &[Statement],
+) -> Result<Response, Refusal> {
+    let array_mode = header_is(headers, "neon-array-mode", "true");
+    let options = options(headers)?;
+    let result = state.executor.batch(&options, statements).await;
+    let body = result.map(|r| {
+        serde_json::to_vec(&BatchBody {
+            results: &r,
+            array_mode,
+        })
+    });
+    respond(state, body)
+}
+
+/// The batch options from the raw header bytes, so that a value that is
+/// not even UTF-8 is refused rather than taken as absent.
+fn options(headers: &HeaderMap) -> Result<TransactionOptions, Refusal> {
+    let raw = |name| headers.get(name).map(HeaderValue::as_bytes);
+    batch_options(
+        raw("neon-batch-isolation-level"),
+        raw("neon-batch-read-only"),
+        raw("neon-batch-deferrable"),
+    )
+    .map_err(Refusal::from)
+}
+
+/// Refuses a request head over `max_header_bytes` with 431. hyper itself
+/// only answers (bodiless) beyond a larger hard cap; checking here, once
+/// the head is parsed, lets the answer carry the usual JSON error.
+fn check_head_size(uri: &Uri, headers: &HeaderMap, max_header_bytes: usize) -> Result<(), Refusal> {
+    // The request line is `POST <uri> HTTP/1.1\r\n`, each header line
+    // `name: value\r\n`.
+    let target = uri
+        .path_and_query()
+        .map_or(1, |target| target.as_str().len());
+    let request_line = "POST ".len() + target + " HTTP/1.1\r\n".len();
+    let size: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + request_line;
+    if size <= max_header_bytes {
+        return Ok(());
+    }
+    let message = format!("request headers exceed the limit of {max_header_bytes} bytes");
+    Err(Refusal::new(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        ClientErrorKind::TooLarge,
+        error_body(&message, Some("54000"), None),
+    ))
+}
+
+/// Buffers the body within `max_request_bytes` (413 beyond) and
+/// `body_read_timeout` (408 when the client stops sending half-way, and the
+/// connection is closed: what is left of the body will never be read).
+async fn read_body(state: &DataState, body: Body) -> Result<Bytes, Refusal> {
+    let read = axum::body::to_bytes(body, state.max_request_bytes);
+    match tokio::time::timeout(state.body_read_timeout, read).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(error)) if is_length_limit(&error) => {
             let message = format!(
                 "request body exceeds the limit of {} bytes",
                 state.max_request_bytes
             );
-            let body = error_body(&message, Some("54000"), None);
-            return (
-                RequestKind::Query,
-                Err(Refusal::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    ClientErrorKind::TooLarge,
-                    body,
-                )),
-            );
+            Err(Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ClientErrorKind::TooLarge,
+                error_body(&message, Some("54000"), None),
+            ))
         }
-    };
-    let request = match parse_body(&bytes) {
-        Ok(request) => request,
-        Err(message) => {
-            return (
-                RequestKind::Query,
-                Err(Refusal::bad_request(&message, "08P01")),
+        // The client went away or broke the framing: nobody to answer.
+        Ok(Err(_)) => Err(Refusal::bad_request(
+            "request body could not be read",
+            "08P01",
+        )),
+        Err(_) => {
+            let message = format!(
+                "request body not received within {} ms",
+                state.body_read_timeout.as_millis()
             );
-        }
-    };
-    let array_mode = header_is(headers, "neon-array-mode", "true");
-    match request {
-        SqlRequest::Single(statement) => {
-            let result = state.executor.query(&statement).await;
-            let body = result.map(|r| {
-                serde_json::to_vec(&ResultBody {
-                    result: &r,
-                    array_mode,
-                })
-            });
-            (RequestKind::Query, respond(state, body))
-        }
-        SqlRequest::Batch(statements) => {
-            let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
-            let options = batch_options(
-                text("neon-batch-isolation-level"),
-                text("neon-batch-read-only"),
-                text("neon-batch-deferrable"),
-            );
-            let options = match options {
-                Ok(options) => options,
-                Err(message) => {
-                    return (
-                        RequestKind::Batch,
-                        Err(Refusal::bad_request(&message, "08P01")),
-                    );
-                }
-            };
-            let result = state.executor.batch(&options, &statements).await;
-            let body = result.map(|r| {
-                serde_json::to_vec(&BatchBody {
-                    results: &r,
-                    array_mode,
-                })
-            });
-            (RequestKind::Batch, respond(state, body))
+            Err(Refusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ClientErrorKind::BadRequest,
+                error_body(&message, Some("08P01"), None),
+            ))
         }
     }
+}
+
+/// Whether a body error is the size limit rather than a broken read.
+fn is_length_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if current.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = current.source();
+    }
+    false
 }
 
 fn respond(

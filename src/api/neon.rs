@@ -24,40 +24,143 @@ pub enum SqlRequest {
     Batch(Vec<Statement>),
 }
 
-/// Parses a request body; the error is the client-facing message.
-pub fn parse_body(body: &[u8]) -> Result<SqlRequest, String> {
-    let text =
-        std::str::from_utf8(body).map_err(|_| "request body is not valid UTF-8".to_owned())?;
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| format!("request body is not valid JSON: {e}"))?;
-    let Value::Object(object) = value else {
-        return Err("request body must be a JSON object with \"query\" or \"queries\"".into());
-    };
-    match (object.get("query"), object.get("queries")) {
-        (Some(_), None) => Ok(SqlRequest::Single(statement(&Value::Object(object))?)),
-        (None, Some(Value::Array(queries))) => {
-            let statements = queries
-                .iter()
-                .map(statement)
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(SqlRequest::Batch(statements))
+/// The most parameters one statement can carry: the Bind message counts
+/// them in a 16-bit integer.
+pub const MAX_PARAMS: usize = u16::MAX as usize;
+
+/// The allowed values of `Neon-Batch-Isolation-Level`, as the error names them.
+const ISOLATION_LEVELS: &str = "ReadUncommitted, ReadCommitted, RepeatableRead or Serializable";
+
+/// Why a request cannot be run; `Display` is the client-facing message.
+///
+/// Each problem is found here, before anything reaches the database, so a
+/// request the protocol cannot carry is a clear 400 rather than a failure
+/// deep in the backend connection.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RequestError {
+    /// The body is not UTF-8.
+    #[error("request body is not valid UTF-8")]
+    NotUtf8,
+    /// The body is not JSON.
+    #[error("request body is not valid JSON: {0}")]
+    NotJson(String),
+    /// The body is JSON of the wrong shape.
+    #[error("{0}")]
+    Shape(&'static str),
+    /// Query text with a NUL byte: the protocol sends it as a C string.
+    #[error(
+        "query {query} contains a NUL byte (\\u0000), which PostgreSQL cannot accept in query text"
+    )]
+    NulInQuery {
+        /// 1-based position of the query in the request.
+        query: usize,
+    },
+    /// A text parameter with a NUL byte: PostgreSQL rejects it in any text value.
+    #[error(
+        "parameter ${param} of query {query} contains a NUL byte (\\u0000), which PostgreSQL cannot accept in a text value"
+    )]
+    NulInParam {
+        /// 1-based position of the query in the request.
+        query: usize,
+        /// 1-based parameter number (`$n`).
+        param: usize,
+    },
+    /// More parameters than a Bind message can count.
+    #[error("query {query} has {count} parameters; PostgreSQL accepts at most {MAX_PARAMS}")]
+    TooManyParams {
+        /// 1-based position of the query in the request.
+        query: usize,
+        /// How many were sent.
+        count: usize,
+    },
+    /// An isolation level header that names no level.
+    #[error("invalid Neon-Batch-Isolation-Level header {0} (use {ISOLATION_LEVELS})")]
+    InvalidIsolation(String),
+}
+
+impl RequestError {
+    /// The SQLSTATE the error body carries: what PostgreSQL itself reports
+    /// for the same problem where it has one, protocol violation otherwise.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            Self::NulInQuery { .. } | Self::NulInParam { .. } => "22021",
+            Self::TooManyParams { .. } => "54000",
+            Self::NotUtf8 | Self::NotJson(_) | Self::Shape(_) | Self::InvalidIsolation(_) => {
+                "08P01"
+            }
         }
-        (None, Some(_)) => Err("\"queries\" must be an array".into()),
-        _ => Err("request body must have exactly one of \"query\" and \"queries\"".into()),
     }
 }
 
-fn statement(value: &Value) -> Result<Statement, String> {
+/// Parses a request body and checks that the protocol can carry it.
+pub fn parse_body(body: &[u8]) -> Result<SqlRequest, RequestError> {
+    let text = std::str::from_utf8(body).map_err(|_| RequestError::NotUtf8)?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| RequestError::NotJson(e.to_string()))?;
+    let Value::Object(object) = value else {
+        return Err(RequestError::Shape(
+            "request body must be a JSON object with \"query\" or \"queries\"",
+        ));
+    };
+    match (object.get("query"), object.get("queries")) {
+        (Some(_), None) => Ok(SqlRequest::Single(statement(1, &Value::Object(object))?)),
+        (None, Some(Value::Array(queries))) => {
+            let statements = queries
+                .iter()
+                .enumerate()
+                .map(|(index, query)| statement(index + 1, query))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(SqlRequest::Batch(statements))
+        }
+        (None, Some(_)) => Err(RequestError::Shape("\"queries\" must be an array")),
+        _ => Err(RequestError::Shape(
+            "request body must have exactly one of \"query\" and \"queries\"",
+        )),
+    }
+}
+
+/// One statement of a request; `query` is its 1-based position, for messages.
+fn statement(query: usize, value: &Value) -> Result<Statement, RequestError> {
     let sql = value
         .get("query")
         .and_then(Value::as_str)
-        .ok_or_else(|| "each query must have a \"query\" string".to_owned())?;
+        .ok_or(RequestError::Shape(
+            "each query must have a \"query\" string",
+        ))?;
     let params = match value.get("params") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(params)) => params.iter().map(param).collect(),
-        Some(_) => return Err("\"params\" must be an array".into()),
+        Some(_) => return Err(RequestError::Shape("\"params\" must be an array")),
     };
-    Ok(Statement::with_params(sql, params))
+    let statement = Statement::with_params(sql, params);
+    check_carriable(query, &statement)?;
+    Ok(statement)
+}
+
+/// Refuses what the extended query protocol cannot carry: a NUL in the
+/// query text (sent as a C string) or in a text parameter (refused by every
+/// text input function), and more parameters than Bind can count.
+fn check_carriable(query: usize, statement: &Statement) -> Result<(), RequestError> {
+    if statement.sql.contains('\0') {
+        return Err(RequestError::NulInQuery { query });
+    }
+    if statement.params.len() > MAX_PARAMS {
+        return Err(RequestError::TooManyParams {
+            query,
+            count: statement.params.len(),
+        });
+    }
+    let nul = statement
+        .params
+        .iter()
+        .position(|p| p.as_deref().is_some_and(|text| text.contains('\0')));
+    match nul {
+        Some(index) => Err(RequestError::NulInParam {
+            query,
+            param: index + 1,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// A parameter in PostgreSQL text format: strings as they are (the Neon
@@ -94,30 +197,44 @@ fn quote_element(text: &str) -> String {
     format!("\"{escaped}\"")
 }
 
-/// Batch options from the `Neon-Batch-*` headers.
+/// Batch options from the raw `Neon-Batch-*` header values.
+///
+/// The isolation level must name a level exactly (bytes that are not even
+/// UTF-8 included): running a batch at another level than the client asked
+/// for would be a silent change of its semantics. The two flags are true
+/// only for the exact value `true`, as in Neon.
 pub fn batch_options(
-    isolation: Option<&str>,
-    read_only: Option<&str>,
-    deferrable: Option<&str>,
-) -> Result<TransactionOptions, String> {
+    isolation: Option<&[u8]>,
+    read_only: Option<&[u8]>,
+    deferrable: Option<&[u8]>,
+) -> Result<TransactionOptions, RequestError> {
     let isolation = match isolation {
         None => None,
-        Some("ReadUncommitted") => Some(IsolationLevel::ReadUncommitted),
-        Some("ReadCommitted") => Some(IsolationLevel::ReadCommitted),
-        Some("RepeatableRead") => Some(IsolationLevel::RepeatableRead),
-        Some("Serializable") => Some(IsolationLevel::Serializable),
-        Some(other) => {
-            return Err(format!(
-                "invalid Neon-Batch-Isolation-Level {other:?} (use ReadUncommitted, ReadCommitted, RepeatableRead or Serializable)"
-            ));
-        }
+        Some(b"ReadUncommitted") => Some(IsolationLevel::ReadUncommitted),
+        Some(b"ReadCommitted") => Some(IsolationLevel::ReadCommitted),
+        Some(b"RepeatableRead") => Some(IsolationLevel::RepeatableRead),
+        Some(b"Serializable") => Some(IsolationLevel::Serializable),
+        Some(other) => return Err(RequestError::InvalidIsolation(shown(other))),
     };
     Ok(TransactionOptions {
         isolation,
-        read_only: read_only == Some("true"),
-        deferrable: deferrable == Some("true"),
+        read_only: read_only == Some(b"true"),
+        deferrable: deferrable == Some(b"true"),
         ..TransactionOptions::default()
     })
+}
+
+/// A header value as an error message may quote it: escaped, and cut short
+/// so that a huge value does not come back whole.
+fn shown(value: &[u8]) -> String {
+    const SHOWN_BYTES: usize = 64;
+    let cut = &value[..value.len().min(SHOWN_BYTES)];
+    let text = format!("{:?}", String::from_utf8_lossy(cut));
+    if value.len() > SHOWN_BYTES {
+        format!("{text}...")
+    } else {
+        text
+    }
 }
 
 /// One statement's result in Neon's shape.
@@ -303,18 +420,63 @@ mod tests {
             (br#"{"query":"x","queries":[]}"#, "exactly one"),
         ];
         for (body, needle) in cases {
-            let error = parse_body(body).unwrap_err();
+            let error = parse_body(body).unwrap_err().to_string();
             assert!(error.contains(needle), "{error}");
         }
     }
 
     #[test]
+    fn what_the_protocol_cannot_carry_is_refused_before_it_runs() {
+        let nul_query = parse_body(br#"{"query":"SELECT 1\u0000"}"#).unwrap_err();
+        assert_eq!(nul_query, RequestError::NulInQuery { query: 1 });
+        assert_eq!(nul_query.sqlstate(), "22021");
+
+        let nul_param =
+            parse_body(br#"{"queries":[{"query":"SELECT 1"},{"query":"SELECT $1, $2","params":[null,"a\u0000b"]}]}"#)
+                .unwrap_err();
+        assert_eq!(nul_param, RequestError::NulInParam { query: 2, param: 2 });
+        assert!(nul_param.to_string().contains("$2"), "{nul_param}");
+
+        let nul_in_array = parse_body(br#"{"query":"SELECT $1","params":[["\u0000"]]}"#);
+        assert!(matches!(nul_in_array, Err(RequestError::NulInParam { .. })));
+
+        let params = vec!["1"; MAX_PARAMS + 1];
+        let body = serde_json::json!({"query": "SELECT 1", "params": params}).to_string();
+        let too_many = parse_body(body.as_bytes()).unwrap_err();
+        assert_eq!(
+            too_many,
+            RequestError::TooManyParams {
+                query: 1,
+                count: MAX_PARAMS + 1
+            }
+        );
+        assert!(too_many.to_string().contains("65535"), "{too_many}");
+
+        let params = vec!["1"; MAX_PARAMS];
+        let body = serde_json::json!({"query": "SELECT 1", "params": params}).to_string();
+        assert!(
+            parse_body(body.as_bytes()).is_ok(),
+            "exactly the limit is fine"
+        );
+    }
+
+    #[test]
     fn batch_headers_map_to_transaction_options() {
-        let options = batch_options(Some("Serializable"), Some("true"), Some("TRUE")).unwrap();
+        let options = batch_options(Some(b"Serializable"), Some(b"true"), Some(b"TRUE")).unwrap();
         assert_eq!(options.isolation, Some(IsolationLevel::Serializable));
         assert!(options.read_only);
         assert!(!options.deferrable, "only the exact value true is true");
-        assert!(batch_options(Some("Chaos"), None, None).is_err());
+        for invalid in [&b"Chaos"[..], b"serializable", b"", b"Serializable\xff"] {
+            let error = batch_options(Some(invalid), None, None).unwrap_err();
+            let message = error.to_string();
+            assert!(message.contains("Neon-Batch-Isolation-Level"), "{message}");
+            assert!(message.contains("RepeatableRead"), "{message}");
+        }
+        let huge = vec![b'x'; 10_000];
+        let message = batch_options(Some(&huge), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(message.len() < 300, "the value is not echoed whole");
     }
 
     #[test]
