@@ -7,6 +7,7 @@
 //! further use with [`BackendError::Broken`]; the pool then discards it.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
@@ -69,7 +70,6 @@ const IDENTIFY_SQL: &str = "SELECT txid_current(), pg_postmaster_start_time()::t
      substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)";
 
 /// An authenticated session with a PostgreSQL server.
-#[derive(Debug)]
 pub struct Connection {
     /// The transport.
     socket: Socket,
@@ -977,6 +977,30 @@ fn peek_header(buf: &[u8]) -> Option<(u8, usize)> {
     Some((header[0], len as usize + 1))
 }
 
+/// The session's state, without what must not reach a log: the cancel
+/// key's secret (it authorizes cancelling this session's statements) and
+/// the buffers' contents (rows, parameters, and during startup the
+/// password exchange); buffers show only their length.
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("socket", &self.socket)
+            .field("connector", &self.connector)
+            .field("process_id", &self.process_id())
+            .field("transaction_status", &self.transaction_status)
+            .field("in_flight", &self.in_flight)
+            .field("closed", &self.closed)
+            .field("dirty", &self.dirty)
+            .field("reset_owed", &self.reset_owed)
+            .field("retired", &self.retired)
+            .field("result_limit", &self.result_limit)
+            .field("read_buffered", &self.read_buf.len())
+            .field("write_buffered", &self.write_buf.len())
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Builds results from the messages of one request.
 struct Collector {
     results: Vec<QueryResult>,
@@ -1148,5 +1172,56 @@ pub(crate) fn message_name(message: &Message) -> &'static str {
         Message::ReadyForQuery(_) => "ReadyForQuery",
         Message::RowDescription(_) => "RowDescription",
         _ => "authentication or other message",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{ConnectOptions, SslMode};
+
+    #[tokio::test]
+    async fn debug_shows_the_process_id_but_never_the_cancel_key_or_buffers() {
+        let mut options = ConnectOptions::tcp("localhost", 5432, "app", "db");
+        options.ssl_mode = SslMode::Disable;
+        let connector = Connector::new(options).unwrap();
+        let (ours, _server) = tokio::net::UnixStream::pair().unwrap();
+        let mut conn = Connection::new(Socket::Unix(ours), connector);
+        conn.set_backend_key(4242, 918_273_645);
+        conn.read_buf.extend_from_slice(b"row-secret");
+        let shown = format!("{conn:?}");
+        assert!(shown.contains("process_id: Some(4242)"), "{shown}");
+        assert!(!shown.contains("918273645"), "{shown}");
+        assert!(!shown.contains("row-secret"), "{shown}");
+    }
+
+    #[test]
+    fn copy_from_stdin_is_recognised_before_sending() {
+        let cases = [
+            ("COPY c FROM STDIN", true),
+            ("  copy c (a, b) from stdin with (format csv)", true),
+            ("-- load\n/* rows */ COPY c FROM stdin", true),
+            ("COPY c TO STDOUT", false),
+            ("COPY c FROM '/tmp/c.csv'", false),
+            ("SELECT 'COPY c FROM STDIN'", false),
+            ("INSERT INTO c VALUES (1)", false),
+        ];
+        for (sql, expected) in cases {
+            assert_eq!(may_copy_in(sql), expected, "{sql}");
+        }
+    }
+
+    #[test]
+    fn an_allowance_admits_rows_up_to_what_is_left_and_others_up_to_the_limit() {
+        let allowance = Allowance {
+            row: 100,
+            other: 1000,
+        };
+        assert!(allowance.admits(b'D', 100));
+        assert!(!allowance.admits(b'D', 101));
+        assert!(allowance.admits(b'E', 1005));
+        assert!(!allowance.admits(b'E', 1006));
+        assert_eq!(peek_header(&[b'D', 0, 0, 1, 0]), Some((b'D', 257)));
+        assert_eq!(peek_header(&[b'D', 0, 0]), None);
     }
 }
