@@ -38,9 +38,9 @@ async fn a_row_far_over_the_response_limit_answers_507_without_being_held() {
     );
 
     eprintln!(
-        "resident before {} MiB, peak growth {} MiB, limit {} MiB",
+        "resident before {} MiB, peak growth {} KiB, limit {} MiB",
         before / MIB,
-        growth / MIB,
+        growth / 1024,
         limit / MIB
     );
     assert!(
