@@ -180,3 +180,90 @@ async fn copy_is_refused_without_desynchronising_the_session() {
         assert_eq!(after.rows_as_strings(), [[Some("8".to_owned())]], "{sql}");
     }
 }
+
+/// The refusal of a COPY FROM STDIN at `index` of a request.
+fn assert_copy_in_refused(error: &BackendError, index: usize, what: &str) {
+    let BackendError::Sql {
+        error: db,
+        statement,
+    } = error
+    else {
+        panic!("{what}: not an SQL error: {error}");
+    };
+    assert_eq!(db.code, "0A000", "{what}: {db:?}");
+    assert_eq!(db.message, "COPY FROM STDIN is not supported", "{what}");
+    assert_eq!(*statement, index, "{what}");
+}
+
+/// Two different answers in a row, so a reply left over from an earlier
+/// request would show up as the wrong answer.
+async fn assert_in_step(conn: &mut pgwarden::backend::Connection, what: &str) {
+    let first = conn.query(&Statement::new("SELECT 'first'")).await;
+    let first = first.unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(
+        first.rows_as_strings(),
+        [[Some("first".to_owned())]],
+        "{what}"
+    );
+    assert_eq!(
+        scalar(conn, "SELECT 'second'").await.as_deref(),
+        Some("second"),
+        "{what}"
+    );
+    assert_eq!(conn.transaction_status(), TransactionStatus::Idle, "{what}");
+}
+
+#[tokio::test]
+async fn copy_from_stdin_anywhere_in_a_request_is_refused_and_the_session_stays_in_step() {
+    let cluster = Cluster::start();
+    cluster.psql("CREATE TABLE c (x int)");
+    let mut conn = connect(superuser(&cluster)).await;
+    let copy = "COPY c FROM STDIN";
+    let requests: [&[&str]; 4] = [
+        &[copy],
+        &[copy, "SELECT 1"],
+        &["SELECT 1", copy, "SELECT 2"],
+        &["SELECT 1", copy],
+    ];
+    for statements in requests {
+        let index = statements.iter().position(|s| *s == copy).unwrap();
+        let what = format!("pipeline {statements:?}");
+        let pipeline: Vec<Statement> = statements.iter().map(|s| Statement::new(*s)).collect();
+        let error = conn.pipeline(&pipeline).await.unwrap_err();
+        assert_copy_in_refused(&error, index, &what);
+        assert_in_step(&mut conn, &what).await;
+
+        let what = format!("simple query {statements:?}");
+        let error = conn.simple_query(&statements.join("; ")).await.unwrap_err();
+        assert_copy_in_refused(&error, index, &what);
+        assert_in_step(&mut conn, &what).await;
+    }
+    assert_eq!(
+        scalar(&mut conn, "SELECT count(*) FROM c").await.as_deref(),
+        Some("0")
+    );
+}
+
+#[tokio::test]
+async fn copy_from_stdin_inside_a_transaction_batch_is_refused_and_the_session_stays_in_step() {
+    let cluster = Cluster::start();
+    cluster.psql("CREATE TABLE c (x int)");
+    let mut conn = connect(superuser(&cluster)).await;
+    let options = pgwarden::backend::TransactionOptions::default();
+    let batches: [&[&str]; 2] = [
+        &["INSERT INTO c VALUES (1)", "COPY c FROM STDIN", "SELECT 1"],
+        &["INSERT INTO c VALUES (1)", "COPY c FROM STDIN"],
+    ];
+    for statements in batches {
+        let what = format!("batch {statements:?}");
+        let batch: Vec<Statement> = statements.iter().map(|s| Statement::new(*s)).collect();
+        let failed = conn.transaction(&options, &batch).await.unwrap_err();
+        assert!(!failed.commit_sent, "{what}");
+        assert_copy_in_refused(&failed.error, 1, &what);
+        assert_in_step(&mut conn, &what).await;
+    }
+    assert_eq!(
+        scalar(&mut conn, "SELECT count(*) FROM c").await.as_deref(),
+        Some("0")
+    );
+}

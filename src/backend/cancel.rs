@@ -1,6 +1,8 @@
 //! Cancel requests: a separate, short connection that asks the server to
 //! interrupt the statement running on another session.
 
+use std::fmt;
+
 use bytes::BytesMut;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -12,11 +14,23 @@ use super::error::{BackendError, Stage};
 ///
 /// Cloneable and detached from the session, so it can be used while the
 /// session itself is busy waiting for the statement.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CancelToken {
     connector: Connector,
     process_id: i32,
     secret_key: i32,
+}
+
+/// The secret key is what authorizes a cancel request: anyone who knows it
+/// and the process id can cancel that session's statements, so it never
+/// appears in logs or error reports.
+impl fmt::Debug for CancelToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CancelToken")
+            .field("connector", &self.connector)
+            .field("process_id", &self.process_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CancelToken {
@@ -58,5 +72,22 @@ impl CancelToken {
         tokio::time::timeout(limit, send)
             .await
             .unwrap_or_else(|_| Err(self.connector.timed_out()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{ConnectOptions, SslMode};
+
+    #[test]
+    fn debug_shows_the_process_id_but_never_the_secret_key() {
+        let mut options = ConnectOptions::tcp("localhost", 5432, "app", "db");
+        options.ssl_mode = SslMode::Disable;
+        let connector = Connector::new(options).unwrap();
+        let token = CancelToken::new(connector, 4242, 918_273_645);
+        let shown = format!("{token:?}");
+        assert!(shown.contains("4242"), "{shown}");
+        assert!(!shown.contains("918273645"), "{shown}");
     }
 }

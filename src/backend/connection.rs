@@ -7,9 +7,10 @@
 //! further use with [`BackendError::Broken`]; the pool then discards it.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use postgres_protocol::IsNull;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
@@ -76,7 +77,6 @@ const IDENTIFY_SQL: &str = "SELECT txid_current(), pg_postmaster_start_time()::t
      pg_stat_get_bgwriter_stat_reset_time()::text";
 
 /// An authenticated session with a PostgreSQL server.
-#[derive(Debug)]
 pub struct Connection {
     /// The transport.
     socket: Socket,
@@ -448,14 +448,15 @@ impl Connection {
         // session that still holds a previous user's state.
         let reset = std::mem::take(&mut self.reset_owed);
         let owed = reset.then_some(Part::Sql("DISCARD ALL"));
-        for part in owed.into_iter().chain(parts) {
-            if let Err(error) = self.encode(part) {
-                return Err(self.unsend(reset, error));
-            }
-        }
+        let statements = match self.encode_pipeline(owed.into_iter().chain(parts), reset) {
+            Ok(statements) => statements,
+            Err(error) => return Err(self.unsend(reset, error)),
+        };
         frontend::sync(&mut self.write_buf);
         self.flush(Stage::Sending).await?;
-        let results = self.collect_results(Protocol::Extended).await;
+        let results = self
+            .collect_results(Protocol::Extended { statements })
+            .await;
         if !reset {
             return results;
         }
@@ -513,18 +514,52 @@ impl Connection {
     /// After a failed batch statement: roll back, and report the statement's
     /// index among the caller's statements (the START is not one of them).
     async fn roll_back_after(&mut self, error: BackendError, prelude: usize) -> BackendError {
-        let BackendError::Sql { error, statement } = error else {
-            return error;
-        };
-        if self.transaction_status != TransactionStatus::Idle
+        // Both leave the session in step, inside the failed transaction.
+        let in_step = matches!(
+            error,
+            BackendError::Sql { .. } | BackendError::ResultTooLarge { .. }
+        );
+        if in_step
+            && self.transaction_status != TransactionStatus::Idle
             && let Err(rollback) = self.simple_query_inner("ROLLBACK").await
         {
             return rollback;
         }
-        BackendError::Sql {
-            error,
-            statement: statement.saturating_sub(prelude),
+        match error {
+            BackendError::Sql { error, statement } => BackendError::Sql {
+                error,
+                statement: statement.saturating_sub(prelude),
+            },
+            other => other,
         }
+    }
+
+    /// Encodes the statements of a pipeline and returns how many there are.
+    ///
+    /// A COPY FROM STDIN is refused here, before anything is sent, unless it
+    /// is the last statement: the server would read the next statement's
+    /// Parse while in copy-in mode, and it answers that by terminating the
+    /// session ("protocol synchronization was lost"). A COPY that is last
+    /// is refused once it starts (see [`Connection::refuse_copy_in`]). The
+    /// error's index counts the caller's statements, not an owed reset.
+    fn encode_pipeline<'a>(
+        &mut self,
+        parts: impl IntoIterator<Item = Part<'a>>,
+        reset: bool,
+    ) -> Result<usize, BackendError> {
+        let mut copy_in = None;
+        let mut statements = 0;
+        for part in parts {
+            if let Some(index) = copy_in {
+                return Err(copy_in_refused(index - usize::from(reset)));
+            }
+            if may_copy_in(part.sql()) {
+                copy_in = Some(statements);
+            }
+            self.encode(part)?;
+            statements += 1;
+        }
+        Ok(statements)
     }
 
     fn encode(&mut self, part: Part<'_>) -> Result<(), BackendError> {
@@ -557,40 +592,96 @@ impl Connection {
 
     /// Reads every message up to ReadyForQuery, building one result per
     /// statement. The first SQL error is kept and returned once the server
-    /// is ready again, so the session stays in step.
+    /// is ready again, so the session stays in step. Under a result limit no
+    /// message larger than the collector allows is ever held: it is skipped
+    /// as it arrives (see [`Collector::allowance`]).
     async fn collect_results(
         &mut self,
         protocol: Protocol,
     ) -> Result<Vec<QueryResult>, BackendError> {
         let mut collector = Collector::new(self.result_limit);
         loop {
-            let message = self.read_message(Stage::Receiving).await?;
+            let allowance = collector.allowance();
+            let message = match self.read_within(Stage::Receiving, allowance).await? {
+                Incoming::Message(message) => message,
+                Incoming::Skipped(tag) => {
+                    collector.skipped(tag);
+                    continue;
+                }
+            };
             match message {
                 Message::ReadyForQuery(body) => {
                     self.set_transaction_status(body.status())?;
+                    self.shrink_read_buf();
                     return collector.finish();
                 }
-                Message::CopyInResponse(_) => {
-                    frontend::copy_fail("COPY FROM STDIN is not supported", &mut self.write_buf)
-                        .map_err(invalid_sql)?;
-                    // Copy-in mode ignored our Sync; after the failure the
-                    // server skips to the next one.
-                    if protocol == Protocol::Extended {
-                        frontend::sync(&mut self.write_buf);
-                    }
-                    self.flush(Stage::Receiving).await?;
-                }
+                Message::CopyInResponse(_) => self.refuse_copy_in(protocol, &mut collector).await?,
                 other => collector.accept(other)?,
             }
         }
     }
 
+    /// COPY FROM STDIN would wait for data no request carries: it is refused
+    /// with a clear error, and the session is brought back in step. How
+    /// depends on what the server does next:
+    /// - simple protocol: CopyFail ends the copy, the rest of the query
+    ///   string is abandoned, one ReadyForQuery follows;
+    /// - extended, COPY last in the pipeline: copy-in mode ignored the
+    ///   pipeline's Sync, so CopyFail is followed by a Sync of our own, and
+    ///   its ReadyForQuery is the only one;
+    /// - extended, more statements behind the COPY: only when the check
+    ///   before sending missed it (see [`Connection::encode_pipeline`]). The
+    ///   server reads the next Parse in copy-in mode and ends the session
+    ///   with a FATAL error, which the collector then reports; a Sync sent
+    ///   now could only leave a reply unread, so nothing is sent.
+    async fn refuse_copy_in(
+        &mut self,
+        protocol: Protocol,
+        collector: &mut Collector,
+    ) -> Result<(), BackendError> {
+        collector.refuse_copy(copy_refusal(COPY_IN_REFUSED));
+        let sync = match protocol {
+            Protocol::Simple => false,
+            Protocol::Extended { statements } if collector.position() + 1 >= statements => true,
+            Protocol::Extended { .. } => return Ok(()),
+        };
+        frontend::copy_fail(COPY_IN_REFUSED, &mut self.write_buf).map_err(invalid_sql)?;
+        if sync {
+            frontend::sync(&mut self.write_buf);
+        }
+        self.flush(Stage::Receiving).await
+    }
+
     /// Reads the next message that is not asynchronous bookkeeping
     /// (ParameterStatus is recorded, notices and notifications are skipped).
     pub(crate) async fn read_message(&mut self, stage: Stage) -> Result<Message, BackendError> {
+        match self.read_within(stage, None).await? {
+            Incoming::Message(message) => Ok(message),
+            // Without an allowance nothing is skipped.
+            Incoming::Skipped(tag) => Err(BackendError::Protocol(format!(
+                "message {:?} skipped without a size limit",
+                char::from(tag)
+            ))),
+        }
+    }
+
+    /// Like [`Connection::read_message`], but a message over `allowance` is
+    /// never buffered: its bytes are discarded as they arrive, and only its
+    /// type is reported. The buffer thus never grows past what the
+    /// allowance admits, however large a message the server announces.
+    async fn read_within(
+        &mut self,
+        stage: Stage,
+        allowance: Option<Allowance>,
+    ) -> Result<Incoming, BackendError> {
         loop {
-            if let Some(message) = self.parse_buffered()? {
-                return Ok(message);
+            match self.parse_within(allowance)? {
+                Parsed::Message(message) => return Ok(Incoming::Message(message)),
+                Parsed::Oversized { tag, total } => {
+                    self.skip_bytes(total, stage).await?;
+                    return Ok(Incoming::Skipped(tag));
+                }
+                Parsed::Incomplete => {}
             }
             let read = self.socket.read_buf(&mut self.read_buf).await;
             match read {
@@ -601,8 +692,49 @@ impl Connection {
         }
     }
 
+    /// Discards the next `len` bytes of the stream: those already buffered,
+    /// then the rest straight from the socket, a small chunk at a time.
+    async fn skip_bytes(&mut self, len: usize, stage: Stage) -> Result<(), BackendError> {
+        let buffered = len.min(self.read_buf.len());
+        self.read_buf.advance(buffered);
+        match self.socket.discard(len - buffered).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(BackendError::Closed { stage })
+            }
+            Err(source) => Err(BackendError::Io { stage, source }),
+        }
+    }
+
+    /// A buffer grown for one large message gives its memory back once the
+    /// request is over, so an idle pooled session holds little.
+    fn shrink_read_buf(&mut self) {
+        if self.read_buf.capacity() <= READ_BUF_KEPT {
+            return;
+        }
+        let mut fresh = BytesMut::with_capacity(READ_BUF_INITIAL.max(self.read_buf.len()));
+        fresh.extend_from_slice(&self.read_buf);
+        self.read_buf = fresh;
+    }
+
     fn parse_buffered(&mut self) -> Result<Option<Message>, BackendError> {
+        match self.parse_within(None)? {
+            Parsed::Message(message) => Ok(Some(message)),
+            // Without an allowance nothing is oversized.
+            Parsed::Incomplete | Parsed::Oversized { .. } => Ok(None),
+        }
+    }
+
+    /// Parses the next buffered message that is not bookkeeping. The header
+    /// is checked against `allowance` before the message is parsed, because
+    /// parsing an incomplete message reserves buffer room for all of it.
+    fn parse_within(&mut self, allowance: Option<Allowance>) -> Result<Parsed, BackendError> {
         loop {
+            if let (Some(allowance), Some((tag, total))) = (allowance, peek_header(&self.read_buf))
+                && !allowance.admits(tag, total)
+            {
+                return Ok(Parsed::Oversized { tag, total });
+            }
             let message = Message::parse(&mut self.read_buf).map_err(protocol)?;
             match message {
                 Some(Message::ParameterStatus(body)) => {
@@ -611,7 +743,8 @@ impl Connection {
                     self.parameters.insert(name, value);
                 }
                 Some(Message::NoticeResponse(_) | Message::NotificationResponse(_)) => {}
-                other => return Ok(other),
+                Some(other) => return Ok(Parsed::Message(other)),
+                None => return Ok(Parsed::Incomplete),
             }
         }
     }
@@ -696,6 +829,16 @@ enum Part<'a> {
     Statement(&'a Statement),
 }
 
+impl Part<'_> {
+    /// The statement's text.
+    fn sql(&self) -> &str {
+        match self {
+            Part::Sql(sql) => sql,
+            Part::Statement(statement) => &statement.sql,
+        }
+    }
+}
+
 /// How far a transaction batch got (see [`Connection::transaction_tracked`]).
 #[derive(Debug, Default)]
 pub struct TransactionProgress {
@@ -742,7 +885,154 @@ fn parse_identity(result: &Option<QueryResult>) -> Result<TxIdentity, BackendErr
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Protocol {
     Simple,
-    Extended,
+    /// A pipeline of `statements` Executes and one Sync: whether a COPY is
+    /// the last of them decides how it is refused.
+    Extended {
+        statements: usize,
+    },
+}
+
+/// The error a refused COPY FROM STDIN reports, to the client and in CopyFail.
+const COPY_IN_REFUSED: &str = "COPY FROM STDIN is not supported";
+
+/// The error a refused COPY TO STDOUT reports.
+const COPY_OUT_REFUSED: &str = "COPY TO STDOUT is not supported";
+
+/// A refused COPY, as the client sees it: SQLSTATE 0A000, feature_not_supported.
+fn copy_refusal(message: &str) -> DbError {
+    DbError {
+        severity: "ERROR".into(),
+        code: "0A000".into(),
+        message: message.into(),
+        ..DbError::default()
+    }
+}
+
+/// A pipeline refused before sending, for a COPY FROM STDIN at `statement`.
+fn copy_in_refused(statement: usize) -> BackendError {
+    BackendError::Sql {
+        error: Box::new(copy_refusal(COPY_IN_REFUSED)),
+        statement,
+    }
+}
+
+/// Whether a statement may start COPY FROM STDIN: its first word is COPY
+/// and the word STDIN appears in it. Only a top-level COPY can (PL/pgSQL
+/// refuses COPY to or from the client), and one extended-protocol statement
+/// holds one command. Conservative: a server-side COPY that merely mentions
+/// a `stdin` name or string is also caught.
+fn may_copy_in(sql: &str) -> bool {
+    let mut words = sql_words(sql);
+    words.next().is_some_and(|w| w.eq_ignore_ascii_case("copy"))
+        && words.any(|w| w.eq_ignore_ascii_case("stdin"))
+}
+
+/// The words of a statement, after its leading comments.
+fn sql_words(sql: &str) -> impl Iterator<Item = &str> {
+    skip_leading_comments(sql)
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .filter(|w| !w.is_empty())
+}
+
+/// The statement without the whitespace and comments in front of it.
+fn skip_leading_comments(mut sql: &str) -> &str {
+    loop {
+        sql = sql.trim_start();
+        if let Some(rest) = sql.strip_prefix("--") {
+            sql = rest.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(rest) = sql.strip_prefix("/*") {
+            sql = rest.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            return sql;
+        }
+    }
+}
+
+/// Read buffer capacity a session shrinks back to (that of a new one).
+const READ_BUF_INITIAL: usize = 8 * 1024;
+
+/// Read buffer capacity kept between requests; more is given back.
+const READ_BUF_KEPT: usize = 64 * 1024;
+
+/// Smallest allowance for a message other than a row, whatever the result
+/// limit: row descriptions of wide tables and ordinary errors must pass.
+const MIN_MESSAGE_ALLOWANCE: usize = 1024 * 1024;
+
+/// Bytes of a DataRow message besides its values (type, length and column
+/// count), which [`Row::wire_size`] leaves out. A row counts against the
+/// limit with them, so even rows without columns add up.
+const DATA_ROW_OVERHEAD: usize = 7;
+
+/// The largest messages a request under a result limit may still buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Allowance {
+    /// For a DataRow: what is left of the limit, in whole-message bytes.
+    row: usize,
+    /// For any other message, in bytes of its body.
+    other: usize,
+}
+
+impl Allowance {
+    /// Whether a message of type `tag`, `total` bytes long with its header,
+    /// may be buffered. Messages that steer the protocol (ReadyForQuery, COPY
+    /// responses, completions) are far below the smallest allowance.
+    fn admits(self, tag: u8, total: usize) -> bool {
+        let body = total.saturating_sub(5);
+        match tag {
+            b'D' => total <= self.row,
+            _ => body <= self.other,
+        }
+    }
+}
+
+/// What the buffer holds next.
+enum Parsed {
+    /// A whole message.
+    Message(Message),
+    /// The header of a message over the allowance: its type, and its
+    /// length with the header.
+    Oversized { tag: u8, total: usize },
+    /// Not a whole message yet.
+    Incomplete,
+}
+
+/// The next message of a response, or the type of one that was skipped.
+enum Incoming {
+    Message(Message),
+    /// A message over the allowance was discarded as it arrived.
+    Skipped(u8),
+}
+
+/// Type and whole length of the next message, once its 5-byte header is
+/// in (the length field counts itself but not the type byte).
+fn peek_header(buf: &[u8]) -> Option<(u8, usize)> {
+    let header = buf.get(..5)?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+    Some((header[0], len as usize + 1))
+}
+
+/// The session's state, without what must not reach a log: the cancel
+/// key's secret (it authorizes cancelling this session's statements) and
+/// the buffers' contents (rows, parameters, and during startup the
+/// password exchange); buffers show only their length.
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("socket", &self.socket)
+            .field("connector", &self.connector)
+            .field("process_id", &self.process_id())
+            .field("transaction_status", &self.transaction_status)
+            .field("in_flight", &self.in_flight)
+            .field("closed", &self.closed)
+            .field("dirty", &self.dirty)
+            .field("reset_owed", &self.reset_owed)
+            .field("retired", &self.retired)
+            .field("result_limit", &self.result_limit)
+            .field("read_buffered", &self.read_buf.len())
+            .field("write_buffered", &self.write_buf.len())
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Builds results from the messages of one request.
@@ -765,6 +1055,35 @@ impl Collector {
         }
     }
 
+    /// The largest messages the request may still buffer, under a limit:
+    /// a row only as large as what is left of it, so a row that would take
+    /// the result over is never held; anything else up to the limit itself
+    /// (at least [`MIN_MESSAGE_ALLOWANCE`]). Rows held plus the message
+    /// being read thus stay within about twice the limit.
+    fn allowance(&self) -> Option<Allowance> {
+        let limit = self.limit?;
+        Some(Allowance {
+            row: limit.saturating_sub(self.bytes),
+            other: limit.max(MIN_MESSAGE_ALLOWANCE),
+        })
+    }
+
+    /// Index of the statement whose messages arrive now: earlier ones have
+    /// completed (after an error the server runs none).
+    fn position(&self) -> usize {
+        self.results.len()
+    }
+
+    /// A message over the allowance went by unread. Notices, notifications
+    /// and parameter reports are skipped without consequence (only the
+    /// parameter's new value is lost); anything else made the result too large.
+    fn skipped(&mut self, tag: u8) {
+        match tag {
+            b'N' | b'A' | b'S' => {}
+            _ => self.overflow(),
+        }
+    }
+
     fn accept(&mut self, message: Message) -> Result<(), BackendError> {
         match message {
             Message::ParseComplete | Message::BindComplete | Message::NoData => {}
@@ -781,7 +1100,7 @@ impl Collector {
                 self.fail(DbError::parse(body.fields()).map_err(protocol)?)?
             }
             Message::CopyOutResponse(_) | Message::CopyData(_) | Message::CopyDone => {
-                self.refuse_copy()
+                self.refuse_copy(copy_refusal(COPY_OUT_REFUSED))
             }
             other => {
                 return Err(BackendError::Protocol(format!(
@@ -794,15 +1113,26 @@ impl Collector {
     }
 
     fn push_row(&mut self, row: Row) {
-        self.bytes += row.wire_size();
+        let cost = row.wire_size().saturating_add(DATA_ROW_OVERHEAD);
+        self.bytes = self.bytes.saturating_add(cost);
         match self.limit {
-            Some(limit) if self.bytes > limit => {
-                self.current.rows = Vec::new();
-                self.failure
-                    .get_or_insert(BackendError::ResultTooLarge { limit });
-            }
+            Some(limit) if self.bytes > limit => self.overflow(),
             _ => self.current.rows.push(row),
         }
+    }
+
+    /// The result went over the limit: the request fails, and the rows held
+    /// so far are let go at once, since none of them will be returned.
+    /// Counting continues at the limit, so later rows are skipped unread.
+    fn overflow(&mut self) {
+        let Some(limit) = self.limit else { return };
+        self.bytes = self.bytes.max(limit.saturating_add(1));
+        self.current.rows = Vec::new();
+        for result in &mut self.results {
+            result.rows = Vec::new();
+        }
+        self.failure
+            .get_or_insert(BackendError::ResultTooLarge { limit });
     }
 
     fn fail(&mut self, error: DbError) -> Result<(), BackendError> {
@@ -819,18 +1149,16 @@ impl Collector {
         Ok(())
     }
 
-    fn refuse_copy(&mut self) {
-        let error = DbError {
-            severity: "ERROR".into(),
-            code: "0A000".into(),
-            message: "COPY TO STDOUT is not supported".into(),
-            ..DbError::default()
-        };
+    /// Records a COPY the request cannot take part in; the server's own
+    /// error about the aborted copy that follows is then not the one reported.
+    fn refuse_copy(&mut self, error: DbError) {
         let statement = self.results.len();
-        self.failure.get_or_insert(BackendError::Sql {
-            error: Box::new(error),
-            statement,
-        });
+        if !matches!(self.failure, Some(BackendError::Sql { .. })) {
+            self.failure = Some(BackendError::Sql {
+                error: Box::new(error),
+                statement,
+            });
+        }
     }
 
     fn finish(self) -> Result<Vec<QueryResult>, BackendError> {
@@ -878,5 +1206,56 @@ pub(crate) fn message_name(message: &Message) -> &'static str {
         Message::ReadyForQuery(_) => "ReadyForQuery",
         Message::RowDescription(_) => "RowDescription",
         _ => "authentication or other message",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{ConnectOptions, SslMode};
+
+    #[tokio::test]
+    async fn debug_shows_the_process_id_but_never_the_cancel_key_or_buffers() {
+        let mut options = ConnectOptions::tcp("localhost", 5432, "app", "db");
+        options.ssl_mode = SslMode::Disable;
+        let connector = Connector::new(options).unwrap();
+        let (ours, _server) = tokio::net::UnixStream::pair().unwrap();
+        let mut conn = Connection::new(Socket::Unix(ours), connector);
+        conn.set_backend_key(4242, 918_273_645);
+        conn.read_buf.extend_from_slice(b"row-secret");
+        let shown = format!("{conn:?}");
+        assert!(shown.contains("process_id: Some(4242)"), "{shown}");
+        assert!(!shown.contains("918273645"), "{shown}");
+        assert!(!shown.contains("row-secret"), "{shown}");
+    }
+
+    #[test]
+    fn copy_from_stdin_is_recognised_before_sending() {
+        let cases = [
+            ("COPY c FROM STDIN", true),
+            ("  copy c (a, b) from stdin with (format csv)", true),
+            ("-- load\n/* rows */ COPY c FROM stdin", true),
+            ("COPY c TO STDOUT", false),
+            ("COPY c FROM '/tmp/c.csv'", false),
+            ("SELECT 'COPY c FROM STDIN'", false),
+            ("INSERT INTO c VALUES (1)", false),
+        ];
+        for (sql, expected) in cases {
+            assert_eq!(may_copy_in(sql), expected, "{sql}");
+        }
+    }
+
+    #[test]
+    fn an_allowance_admits_rows_up_to_what_is_left_and_others_up_to_the_limit() {
+        let allowance = Allowance {
+            row: 100,
+            other: 1000,
+        };
+        assert!(allowance.admits(b'D', 100));
+        assert!(!allowance.admits(b'D', 101));
+        assert!(allowance.admits(b'E', 1005));
+        assert!(!allowance.admits(b'E', 1006));
+        assert_eq!(peek_header(&[b'D', 0, 0, 1, 0]), Some((b'D', 257)));
+        assert_eq!(peek_header(&[b'D', 0, 0]), None);
     }
 }

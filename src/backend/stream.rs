@@ -10,6 +10,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::client::TlsStream;
 
+/// Bytes read at a time while discarding: the memory a skipped message costs.
+const DISCARD_CHUNK: usize = 64 * 1024;
+
 /// One of the transports PostgreSQL speaks over.
 #[derive(Debug)]
 pub(crate) enum Socket {
@@ -91,6 +94,25 @@ impl Socket {
 }
 
 impl Socket {
+    /// Reads and drops the next `len` bytes, a chunk at a time, so a message
+    /// too large to hold can go by without being held. A peer that closes
+    /// first yields `UnexpectedEof`.
+    pub(crate) async fn discard(&mut self, mut len: usize) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mut chunk = vec![0u8; len.min(DISCARD_CHUNK)];
+        while len > 0 {
+            let want = len.min(chunk.len());
+            let read = tokio::io::AsyncReadExt::read(self, &mut chunk[..want]).await?;
+            if read == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            len -= read;
+        }
+        Ok(())
+    }
+
     /// Writes `message` now if the socket takes it without waiting, for
     /// goodbyes from synchronous code (`Drop`); over TLS the message is
     /// followed by a close_notify. Anything that would block is dropped.

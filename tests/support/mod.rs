@@ -20,6 +20,7 @@ pub mod binary;
 pub mod cluster;
 pub mod daemon;
 pub mod load;
+pub mod memory;
 pub mod pg;
 pub mod process;
 pub mod proxy;
