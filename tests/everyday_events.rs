@@ -144,3 +144,37 @@ async fn everyday_events_never_rebuild_the_pool() {
     assert_healthy(&daemon, "a busy pool").await;
     assert_eq!(daemon.metric(RECONNECTS).await, 0.0);
 }
+
+/// A client's LISTEN leaves its session listening until the session is
+/// reset at its next use; a NOTIFY meanwhile arrives on the idle session.
+/// That is a message, not a goodbye, over TLS as over plain TCP.
+async fn a_notification_on_an_idle_session_is_not_a_lost_connection(ssl_mode: &str) {
+    let cluster = Cluster::start();
+    let config = pgwarden::config::Config {
+        database_url: format!("{}?sslmode={ssl_mode}", cluster.url("postgres", None)),
+        ..config_for(&cluster)
+    };
+    let daemon = TestDaemon::start(config).await;
+    daemon.query("LISTEN pgwarden_channel", json!([])).await;
+    for n in 0..3 {
+        let notify = format!("NOTIFY pgwarden_channel, 'through pgwarden {n}'");
+        daemon.query(&notify, json!([])).await;
+    }
+    cluster.psql("NOTIFY pgwarden_channel, 'from another application'");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..4 {
+        assert_healthy(&daemon, &format!("a NOTIFY over sslmode={ssl_mode}")).await;
+    }
+    let hits = daemon.metric("pgwarden_stale_client_hits_total").await;
+    assert_eq!(hits, 0.0, "no generation was retired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_on_an_idle_plain_session_is_not_a_lost_connection() {
+    a_notification_on_an_idle_session_is_not_a_lost_connection("disable").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_on_an_idle_tls_session_is_not_a_lost_connection() {
+    a_notification_on_an_idle_session_is_not_a_lost_connection("require").await;
+}

@@ -21,7 +21,7 @@ use super::connect::Connector;
 use super::error::{BackendError, DbError, Stage};
 use super::result::{QueryResult, Row, parse_fields};
 use super::statement::{Statement, TransactionOptions};
-use super::stream::{IdleProbe, Socket};
+use super::stream::{Drained, IdleProbe, Socket};
 
 /// Transaction status reported by the last ReadyForQuery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -760,13 +760,10 @@ impl Connection {
         match probe {
             IdleProbe::Quiet => return Ok(()),
             IdleProbe::Closed => return Err(closed),
-            // rustls holds the keys, so the bytes cannot be inspected here;
-            // a server has nothing to say to an idle session but goodbye.
-            IdleProbe::Data if self.socket.is_tls() => return Err(closed),
             IdleProbe::Data => {}
         }
         let read = self.socket.read_available(&mut self.read_buf);
-        if read.map_err(BackendError::io(Stage::Sending))? == 0 {
+        if read.map_err(BackendError::io(Stage::Sending))? == Drained::Closed {
             return Err(closed);
         }
         match self.parse_buffered()? {

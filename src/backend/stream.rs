@@ -52,11 +52,6 @@ impl Socket {
         tcp.local_addr().ok().map(|a| a.port())
     }
 
-    /// True when bytes pass through rustls, so they cannot be read raw.
-    pub(crate) fn is_tls(&self) -> bool {
-        matches!(self, Socket::Tls(_))
-    }
-
     /// Asks the kernel, without waiting and without consuming anything,
     /// whether the peer sent something or closed. This bypasses tokio's
     /// readiness cache, which only learns of new bytes when the runtime next
@@ -72,24 +67,97 @@ impl Socket {
         }
     }
 
-    /// Reads what the kernel holds now from a plain (non-TLS) socket,
-    /// without waiting. Returns the number of bytes appended.
-    pub(crate) fn read_available(&self, out: &mut bytes::BytesMut) -> io::Result<usize> {
-        let fd = self.fd();
-        let socket = socket2::SockRef::from(&fd);
-        let mut chunk = [0u8; 4096];
-        let mut total = 0;
-        loop {
-            match io::Read::read(&mut &*socket, &mut chunk) {
-                Ok(0) => return Ok(total),
-                Ok(n) => {
-                    out.extend_from_slice(&chunk[..n]);
-                    total += n;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
-                Err(e) => return Err(e),
-            }
+    /// Reads what an idle socket holds now, without waiting, and appends
+    /// the protocol bytes to `out`. Over TLS the records are decrypted
+    /// here, so an idle session's asynchronous messages (a NOTIFY after a
+    /// client's LISTEN, a NOTICE, a ParameterStatus) can be told from a
+    /// goodbye on every transport.
+    pub(crate) fn read_available(&mut self, out: &mut bytes::BytesMut) -> io::Result<Drained> {
+        match self {
+            Socket::Tls(tls) => read_available_tls(tls, out),
+            plain => read_available_plain(plain.fd(), out),
         }
+    }
+}
+
+/// What [`Socket::read_available`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Drained {
+    /// This many protocol bytes were appended (0: only part of a TLS record).
+    Bytes(usize),
+    /// The peer closed the connection and sent nothing more.
+    Closed,
+}
+
+fn read_available_plain(fd: BorrowedFd<'_>, out: &mut bytes::BytesMut) -> io::Result<Drained> {
+    let socket = socket2::SockRef::from(&fd);
+    let mut chunk = [0u8; 4096];
+    let mut total = 0;
+    loop {
+        match io::Read::read(&mut &*socket, &mut chunk) {
+            Ok(0) if total == 0 => return Ok(Drained::Closed),
+            // The end of the stream shows up at the next look.
+            Ok(0) => return Ok(Drained::Bytes(total)),
+            Ok(n) => {
+                out.extend_from_slice(&chunk[..n]);
+                total += n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Drained::Bytes(total)),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Feeds the TLS records the kernel holds to rustls (reading the socket
+/// directly, as [`Socket::probe_idle`] does, since tokio's readiness cache
+/// may not know of them yet) and takes out the plaintext.
+fn read_available_tls(
+    tls: &mut TlsStream<TcpStream>,
+    out: &mut bytes::BytesMut,
+) -> io::Result<Drained> {
+    let (tcp, session) = tls.get_mut();
+    let fd = tcp.as_fd();
+    let socket = socket2::SockRef::from(&fd);
+    let mut ended = false;
+    loop {
+        match session.read_tls(&mut &*socket) {
+            Ok(0) => {
+                ended = true;
+                break;
+            }
+            Ok(_) => {
+                session
+                    .process_new_packets()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    let mut chunk = [0u8; 4096];
+    let mut total = 0;
+    loop {
+        match io::Read::read(&mut session.reader(), &mut chunk) {
+            Ok(n) if n > 0 => {
+                out.extend_from_slice(&chunk[..n]);
+                total += n;
+            }
+            // A close_notify (Ok(0)), or the end without one.
+            Ok(_) => {
+                ended = true;
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                ended = true;
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    match (ended, total) {
+        (true, 0) => Ok(Drained::Closed),
+        _ => Ok(Drained::Bytes(total)),
     }
 }
 
