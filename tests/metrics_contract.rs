@@ -38,6 +38,7 @@ const CONTRACT: &[(&str, &str, &[&str])] = &[
         &["api", "kind", "outcome"],
     ),
     ("pgwarden_errors_total", "counter", &["kind"]),
+    ("pgwarden_session_refusals_total", "counter", &["reason"]),
 ];
 
 /// Every label value the contract names, which must all exist at zero.
@@ -67,7 +68,12 @@ const LABEL_VALUES: &[(&str, &str, &[&str])] = &[
     (
         "pgwarden_guard_wait_seconds_count",
         "cause",
-        &["warming", "reconnecting", "paused", "stale"],
+        &["warming", "reconnecting", "paused", "stale", "busy"],
+    ),
+    (
+        "pgwarden_session_refusals_total",
+        "reason",
+        &["auth", "resources", "database", "privilege", "other"],
     ),
     (
         "pgwarden_requests_duration_seconds_count",

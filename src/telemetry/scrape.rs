@@ -71,6 +71,8 @@ mod tests {
             "pgwarden_replays_total{result=\"ok\"} 0",
             "pgwarden_requests_duration_seconds_count{api=\"pgwire\",kind=\"batch\",outcome=\"rejected\"} 0",
             "pgwarden_errors_total{kind=\"too_large\"} 0",
+            "pgwarden_session_refusals_total{reason=\"auth\"} 0",
+            "pgwarden_guard_wait_seconds_count{cause=\"busy\",outcome=\"timeout\"} 0",
             "pgwarden_guard_wait_seconds_bucket{cause=\"paused\",outcome=\"admitted\",le=\"0.0005\"} 0",
         ] {
             assert!(text.contains(series), "missing {series}");
