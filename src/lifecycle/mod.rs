@@ -8,6 +8,31 @@
 //! falls back to `starting` (before the first generation) or `reconnecting`
 //! and is retried with exponential backoff until it succeeds or the daemon
 //! stops. Generation ids start at 1 and only grow.
+//!
+//! # What is a failure of the database
+//! A reconnect costs a warm-up, makes every request wait, and counts
+//! towards the "more than 5 reconnects a day" alert; a false one is the
+//! symptom pgwarden exists to remove. So one rule decides, from the
+//! [`Scope`](crate::backend::Scope) every failure carries
+//! ([`BackendError::scope`](crate::backend::BackendError::scope) is the
+//! single place that assigns it):
+//!
+//! | scope | examples | what happens |
+//! |---|---|---|
+//! | `Statement` | an SQL error, a result over the limit, a busy pool | answered to the client; nothing else |
+//! | `Session` | a request abandoned by its client or by the transaction timeout (cancelled on the server, the session discarded), a refused session reset, an idle-session or idle-in-transaction timeout, a protocol surprise | that session is discarded; a request on it is replayed on another session of the **same** generation |
+//! | `Refused` | a new session refused with SQLSTATE class 28 (authentication), 53 (too many connections), 3D, 42 | counted in `pgwarden_session_refusals_total{reason}` and logged; the request waits (within its budget) for a session to be given back; never a reconnect, since a new generation would be refused the same way |
+//! | `Unreachable` | a new session that cannot connect, times out, fails TLS, or meets 57P03 (starting up, shutting down) | a suspicion: a health check runs at once and decides |
+//! | `Server` | an established session ended by the server: end of stream, I/O error, 57P01, 57P02, PANIC | the generation is retired and the next one built (reason `connection_lost`) |
+//!
+//! Asynchronous messages on an idle session (NOTIFY, NOTICE,
+//! ParameterStatus) are read and kept in step, over TLS as over plain TCP;
+//! they are not goodbyes. The health check asks on a session of its own,
+//! outside the pool, so a pool kept busy by requests can never fail it; its
+//! session failing alone is replaced once, and the check fails (reason
+//! `health_check`) only when a fresh session cannot reach the server or the
+//! server does not answer within the check's timeout. A server that refuses
+//! the fresh session answered, so it is up.
 
 pub mod backoff;
 pub mod generation;
