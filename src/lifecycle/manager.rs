@@ -499,12 +499,21 @@ impl<S: ConnectionSource> Driver<S> {
                     r.attempts += 1;
                 }
             });
-            let stop = self.stop.clone();
-            let attempt = tokio::select! {
-                _ = stop.cancelled() => return Err(Stopped),
-                attempt = self.attempt() => attempt,
+            let id = self.current.as_ref().map_or(0, |g| g.id()) + 1;
+            // Commands keep being read during the warm-up, so a pause sent
+            // now holds the new generation from its first moment.
+            let warmed = {
+                let warming = warm_generation(&self.source, &self.settings, &self.command_tx, id);
+                tokio::pin!(warming);
+                loop {
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return Err(Stopped),
+                        warmed = &mut warming => break warmed,
+                        command = self.commands.recv() => absorb(&mut self.paused, command)?,
+                    }
+                }
             };
-            match attempt {
+            match self.attempt_finished(id, warmed) {
                 Ok(generation) => {
                     self.swap(generation);
                     return Ok(());
@@ -519,28 +528,12 @@ impl<S: ConnectionSource> Driver<S> {
         }
     }
 
-    /// One attempt: open a pool, warm it up; on failure the pool is closed.
-    async fn attempt(&self) -> Result<Generation<S::Pool>, WarmupError> {
-        let id = self.current.as_ref().map_or(0, |g| g.id()) + 1;
-        let result = async {
-            let commands = self.command_tx.clone();
-            let on_loss = LossHook::new(move || {
-                let _ = commands.send(Command::ConnectionLost { generation: id });
-            });
-            let pool = self.source.open(on_loss).map_err(|e| WarmupError {
-                phase: WarmupPhase::Ping,
-                message: e.message,
-            })?;
-            match warm_up(&pool, &self.settings).await {
-                Ok(timings) => Ok((pool, timings)),
-                Err(error) => {
-                    pool.close();
-                    Err(error)
-                }
-            }
-        }
-        .instrument(info_span!("db_warmup", "pool.generation" = id))
-        .await;
+    /// Records the end of an attempt to build generation `id`.
+    fn attempt_finished(
+        &self,
+        id: u64,
+        result: Result<(S::Pool, WarmupTimings), WarmupError>,
+    ) -> Result<Generation<S::Pool>, WarmupError> {
         match result {
             Ok((pool, timings)) => {
                 self.record_success(timings);
@@ -598,12 +591,7 @@ impl<S: ConnectionSource> Driver<S> {
                 _ = self.stop.cancelled() => return Err(Stopped),
                 _ = tokio::time::sleep_until(deadline) => return Ok(()),
                 _ = self.demand.arrived.notified() => {}
-                command = self.commands.recv() => match command {
-                    None => return Err(Stopped),
-                    Some(Command::Pause) => self.paused = true,
-                    Some(Command::Resume) => self.paused = false,
-                    Some(_) => {}
-                },
+                command = self.commands.recv() => absorb(&mut self.paused, command)?,
             }
         }
     }
@@ -632,6 +620,48 @@ impl<S: ConnectionSource> Driver<S> {
         let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
         update(&mut history);
     }
+}
+
+/// One attempt: opens the pool of generation `id` and warms it up; on
+/// failure the pool is closed.
+async fn warm_generation<S: ConnectionSource>(
+    source: &S,
+    settings: &LifecycleSettings,
+    command_tx: &mpsc::UnboundedSender<Command>,
+    id: u64,
+) -> Result<(S::Pool, WarmupTimings), WarmupError> {
+    let commands = command_tx.clone();
+    let on_loss = LossHook::new(move || {
+        let _ = commands.send(Command::ConnectionLost { generation: id });
+    });
+    let open = async {
+        let pool = source.open(on_loss).map_err(|e| WarmupError {
+            phase: WarmupPhase::Ping,
+            message: e.message,
+        })?;
+        match warm_up(&pool, settings).await {
+            Ok(timings) => Ok((pool, timings)),
+            Err(error) => {
+                pool.close();
+                Err(error)
+            }
+        }
+    };
+    open.instrument(info_span!("db_warmup", "pool.generation" = id))
+        .await
+}
+
+/// A command received while a generation is being built: pause and resume
+/// apply at once; reconnect requests and reports are absorbed, since a
+/// reconnect is already under way.
+fn absorb(paused: &mut bool, command: Option<Command>) -> Result<(), Stopped> {
+    match command {
+        None => return Err(Stopped),
+        Some(Command::Pause) => *paused = true,
+        Some(Command::Resume) => *paused = false,
+        Some(_) => {}
+    }
+    Ok(())
 }
 
 /// Asks the server whether it is up, on the health check's own session.
