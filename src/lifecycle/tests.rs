@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use super::fake::{FakeSource, Harness};
+use super::settings::DEFAULT_HEALTH_CHECK_INTERVAL;
 use super::*;
 use crate::telemetry::labels::PoolState;
 
@@ -246,4 +247,68 @@ async fn with_requests_waiting_a_long_outage_is_retried_at_the_lower_cap() {
     let before = failed();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(failed() - before <= 2.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_that_refuses_new_sessions_passes_its_health_checks() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    // Full before the first check: the check's own session is refused.
+    h.source.set(|s| s.full = true);
+    tokio::time::sleep(DEFAULT_HEALTH_CHECK_INTERVAL * 3).await;
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 0.0);
+    assert!(h.metric("pgwarden_health_checks_total", &[("result", "ok")]) >= 2.0);
+    assert_eq!(
+        h.metric("pgwarden_health_checks_total", &[("result", "failed")]),
+        0.0
+    );
+    let refused = h.metric(
+        "pgwarden_session_refusals_total",
+        &[("reason", "resources")],
+    );
+    assert!(
+        refused >= 2.0,
+        "each check that needed a session counts one: {refused}"
+    );
+
+    // Once a session could be had, the check keeps it and asks on it.
+    h.source.set(|s| s.full = false);
+    tokio::time::sleep(DEFAULT_HEALTH_CHECK_INTERVAL * 2).await;
+    h.source.set(|s| s.full = true);
+    tokio::time::sleep(DEFAULT_HEALTH_CHECK_INTERVAL * 2).await;
+    let later = h.metric(
+        "pgwarden_session_refusals_total",
+        &[("reason", "resources")],
+    );
+    assert_eq!(later, refused, "the check's session is kept, not reopened");
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 0.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_that_cannot_be_reached_by_a_new_session_is_judged_by_an_immediate_check() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    let checks = || h.metric("pgwarden_health_checks_total", &[]);
+
+    // A suspicion against a healthy server: one check at once, no reconnect.
+    let before = checks();
+    h.lifecycle.report_unreachable(1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        checks(),
+        before + 1.0,
+        "checked at once, not at the next tick"
+    );
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 0.0);
+
+    // A suspicion against a server that is down: the check fails and decides.
+    h.source.set(|s| s.up = false);
+    h.lifecycle.report_unreachable(1);
+    h.retired(1).await;
+    assert_eq!(
+        h.metric("pgwarden_reconnects_total", &[("reason", "health_check")]),
+        1.0
+    );
+    h.source.set(|s| s.up = true);
+    h.reach(PoolState::Ready, 2).await;
 }
