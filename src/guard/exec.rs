@@ -326,19 +326,31 @@ const TERMINATE_SQL: &str = "SELECT pg_catalog.pg_terminate_backend(pid) \
 /// within it.
 const AGE_SLACK: Duration = Duration::from_secs(1);
 
-/// The class to rerun a statement as, when Postgres refused it as run:
-/// a hidden write in a read (25006) runs as a write, unless the client
-/// asked for a read-only transaction itself; a statement that cannot run in
-/// a transaction block (25001) runs bare.
-fn reclassify(
+/// How to rerun a request Postgres refused as run: a hidden write in a
+/// read (25006) runs as a write, unless the client asked for a read-only
+/// transaction itself; a statement that cannot run in a transaction block
+/// (25001) runs bare. A write refused at its first statement as read-only
+/// (25006) may have been refused for the identify step, which a server in
+/// recovery does not run (`txid_current()`): such a server cannot commit a
+/// write, so there is no outcome to resolve, and the request runs again
+/// without the step, to get its own statements' answer or error.
+fn rerun_as(
     class: Class,
     options: &TransactionOptions,
     error: &DbError,
+    statement: usize,
     statements: usize,
-) -> Option<Class> {
+) -> Option<(Class, TransactionOptions)> {
     match (class, error.code.as_str()) {
-        (Class::Read, "25006") if !options.read_only => Some(Class::Write),
-        (Class::Write, "25001") if statements == 1 => Some(Class::Bare),
+        (Class::Read, "25006") if !options.read_only => Some((Class::Write, *options)),
+        (Class::Write, "25001") if statements == 1 => Some((Class::Bare, *options)),
+        (Class::Write, "25006") if options.identify && statement == 0 => {
+            let unidentified = TransactionOptions {
+                identify: false,
+                ..*options
+            };
+            Some((Class::Write, unidentified))
+        }
         _ => None,
     }
 }
@@ -428,11 +440,23 @@ impl Executor {
         let deadline = lease.deadline();
         let mut lease = self.guard.refresh(lease).await?;
         let mut replays = 0u32;
+        // Writes identify their transaction, so that every outcome can be
+        // resolved; `rerun_as` may drop the step.
+        let mut options = TransactionOptions {
+            identify: self.settings.write_safety == WriteSafety::Resolve,
+            ..*options
+        };
         loop {
             let mut old = OldSession::of(&mut lease);
             let abandon = CancelOnDrop(lease.conn().cancel_token());
             let attempt = self
-                .attempt(&mut lease, class, options, statements, transaction_deadline)
+                .attempt(
+                    &mut lease,
+                    class,
+                    &options,
+                    statements,
+                    transaction_deadline,
+                )
                 .await;
             match &attempt {
                 // Cancelled now, before its outcome is asked: a COMMIT held
@@ -447,8 +471,8 @@ impl Executor {
             };
             match broken {
                 Broken::Sql(error, statement) => {
-                    match reclassify(class, options, &error, statements.len()) {
-                        Some(next) => class = next,
+                    match rerun_as(class, &options, &error, statement, statements.len()) {
+                        Some(next) => (class, options) = next,
                         None => {
                             return self
                                 .replayed(replays, Err(ExecError::Sql { error, statement }));
@@ -655,8 +679,7 @@ impl Executor {
                 // Only a write's outcome may need resolving: a read-only
                 // transaction changed nothing, whatever became of it.
                 let identified = TransactionOptions {
-                    identify: class == Class::Write
-                        && self.settings.write_safety == WriteSafety::Resolve,
+                    identify: class == Class::Write && options.identify,
                     ..*options
                 };
                 transaction(conn, &identified, statements, transaction_deadline).await
