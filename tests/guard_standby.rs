@@ -1,8 +1,9 @@
 //! `role = "any"` in front of a hot standby, the way read replicas are
 //! served: reads and read-only batches run (a read-only batch skips the
 //! identify step, whose `txid_current()` a standby refuses), a write is
-//! answered with the server's own error (25006, read-only transaction) as
-//! any SQL error is, and none of it is taken for a database failure.
+//! answered with the server's refusal of the write itself (25006, "cannot
+//! execute INSERT in a read-only transaction") as any SQL error is, and
+//! none of it is taken for a database failure.
 
 mod support;
 
@@ -50,10 +51,9 @@ async fn reconnects(daemon: &TestDaemon) -> f64 {
 fn assert_read_only_error(status: StatusCode, body: &Value, what: &str) {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {body}");
     assert_eq!(body["code"], "25006", "{what}: {body}");
-    assert!(
-        body["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{what}: {body}"
-    );
+    // The refusal of the client's own statement, not of a step of pgwarden's.
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("INSERT"), "{what}: {body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
