@@ -271,6 +271,9 @@ struct OldSession {
     scope: Scope,
     /// Its server process, and pgwarden's port of it (`client_port`).
     backend: Option<(i32, Option<u16>)>,
+    /// When pgwarden opened it: its server process is at least this old,
+    /// a later process that reused its pid is younger (see [`TERMINATE_SQL`]).
+    opened: std::time::Instant,
 }
 
 impl OldSession {
@@ -282,6 +285,7 @@ impl OldSession {
             generation,
             scope: Scope::Statement,
             backend,
+            opened: conn.created_at(),
         }
     }
 
@@ -299,25 +303,54 @@ impl OldSession {
 /// Ends the old session's server process if it still runs (a network
 /// break leaves it holding its transaction's row locks until the server
 /// notices), so a replay or an outcome question need not wait behind it.
-/// The port check keeps a reused pid from being hit; the role may end its
-/// own sessions without any special privilege.
+/// The role may end its own sessions without any special privilege.
+///
+/// Two checks keep a process that reused the pid from being hit. Its age:
+/// the old process started before pgwarden opened the session (`$2`, its
+/// age in milliseconds less [`AGE_SLACK`]), a reuser only after the old one
+/// ended, so it is younger. Its port (`$3`, pgwarden's port of the old
+/// session), only where the server sees pgwarden's own ports, which it
+/// tells by this session's (`$4`): behind a proxy or a NAT `client_port`
+/// is someone else's.
 const TERMINATE_SQL: &str = "SELECT pg_catalog.pg_terminate_backend(pid) \
      FROM pg_catalog.pg_stat_activity \
-     WHERE pid = $1::int AND ($2::int IS NULL OR client_port = $2::int)";
+     WHERE pid = $1::int \
+     AND backend_start <= statement_timestamp() - $2::bigint * interval '1 millisecond' \
+     AND ($3::int IS NULL OR client_port = $3::int \
+          OR pg_catalog.inet_client_port() IS DISTINCT FROM $4::int)";
 
-/// The class to rerun a statement as, when Postgres refused it as run:
-/// a hidden write in a read (25006) runs as a write, unless the client
-/// asked for a read-only transaction itself; a statement that cannot run in
-/// a transaction block (25001) runs bare.
-fn reclassify(
+/// Allowance in the age check of [`TERMINATE_SQL`]: without TLS the server
+/// may start the process a little after pgwarden's socket connected. A pid
+/// reused within this much of the old session's start gets through, which
+/// would take the old process to end and its pid to come round again
+/// within it.
+const AGE_SLACK: Duration = Duration::from_secs(1);
+
+/// How to rerun a request Postgres refused as run: a hidden write in a
+/// read (25006) runs as a write, unless the client asked for a read-only
+/// transaction itself; a statement that cannot run in a transaction block
+/// (25001) runs bare. A write refused at its first statement as read-only
+/// (25006) may have been refused for the identify step, which a server in
+/// recovery does not run (`txid_current()`): such a server cannot commit a
+/// write, so there is no outcome to resolve, and the request runs again
+/// without the step, to get its own statements' answer or error.
+fn rerun_as(
     class: Class,
     options: &TransactionOptions,
     error: &DbError,
+    statement: usize,
     statements: usize,
-) -> Option<Class> {
+) -> Option<(Class, TransactionOptions)> {
     match (class, error.code.as_str()) {
-        (Class::Read, "25006") if !options.read_only => Some(Class::Write),
-        (Class::Write, "25001") if statements == 1 => Some(Class::Bare),
+        (Class::Read, "25006") if !options.read_only => Some((Class::Write, *options)),
+        (Class::Write, "25001") if statements == 1 => Some((Class::Bare, *options)),
+        (Class::Write, "25006") if options.identify && statement == 0 => {
+            let unidentified = TransactionOptions {
+                identify: false,
+                ..*options
+            };
+            Some((Class::Write, unidentified))
+        }
         _ => None,
     }
 }
@@ -407,14 +440,30 @@ impl Executor {
         let deadline = lease.deadline();
         let mut lease = self.guard.refresh(lease).await?;
         let mut replays = 0u32;
+        // Writes identify their transaction, so that every outcome can be
+        // resolved; `rerun_as` may drop the step.
+        let mut options = TransactionOptions {
+            identify: self.settings.write_safety == WriteSafety::Resolve,
+            ..*options
+        };
         loop {
             let mut old = OldSession::of(&mut lease);
             let abandon = CancelOnDrop(lease.conn().cancel_token());
             let attempt = self
-                .attempt(&mut lease, class, options, statements, transaction_deadline)
+                .attempt(
+                    &mut lease,
+                    class,
+                    &options,
+                    statements,
+                    transaction_deadline,
+                )
                 .await;
-            if !matches!(attempt, Err(Broken::TimedOut { .. })) {
-                abandon.disarm();
+            match &attempt {
+                // Cancelled now, before its outcome is asked: a COMMIT held
+                // by a synchronous standby is committed here but stays
+                // invisible to others until its backend leaves the wait.
+                Err(Broken::TimedOut { .. }) => drop(abandon),
+                _ => abandon.disarm(),
             }
             let broken = match attempt {
                 Ok(results) => return self.replayed(replays, Ok(results)),
@@ -422,8 +471,8 @@ impl Executor {
             };
             match broken {
                 Broken::Sql(error, statement) => {
-                    match reclassify(class, options, &error, statements.len()) {
-                        Some(next) => class = next,
+                    match rerun_as(class, &options, &error, statement, statements.len()) {
+                        Some(next) => (class, options) = next,
                         None => {
                             return self
                                 .replayed(replays, Err(ExecError::Sql { error, statement }));
@@ -630,8 +679,7 @@ impl Executor {
                 // Only a write's outcome may need resolving: a read-only
                 // transaction changed nothing, whatever became of it.
                 let identified = TransactionOptions {
-                    identify: class == Class::Write
-                        && self.settings.write_safety == WriteSafety::Resolve,
+                    identify: class == Class::Write && options.identify,
                     ..*options
                 };
                 transaction(conn, &identified, statements, transaction_deadline).await
@@ -710,7 +758,13 @@ async fn end_old_backend(conn: &mut Connection, old: &OldSession, deadline: Inst
     let Some((pid, port)) = old.backend else {
         return;
     };
-    let params = vec![Some(pid.to_string()), port.map(|p| p.to_string())];
+    let age = old.opened.elapsed().saturating_sub(AGE_SLACK);
+    let params = vec![
+        Some(pid.to_string()),
+        Some(age.as_millis().to_string()),
+        port.map(|p| p.to_string()),
+        conn.local_port().map(|p| p.to_string()),
+    ];
     let statement = Statement::with_params(TERMINATE_SQL, params);
     match tokio::time::timeout_at(deadline, conn.query(&statement)).await {
         Ok(Ok(result)) if result.rows.first().and_then(|r| r.get(0)).as_deref() == Some("t") => {

@@ -78,3 +78,29 @@ pub fn wait_until_none(cluster: &Cluster, probe: &str, within: Duration, failure
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Waits (20 s at most) until a session of pgwarden's (application_name
+/// `pgwarden`) sits in `state` after running `query`, and returns its
+/// server process id. With latency on a proxy in between, the session's
+/// answer is then still on its way: a fault injected now hits the request
+/// at exactly that point (e.g. `idle in transaction` after the first round
+/// trip of a write: its row locks held, COMMIT not yet sent).
+pub fn wait_for_session(cluster: &Cluster, state: &str, query: &str) -> i32 {
+    let probe = format!(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgwarden' \
+         AND state = '{state}' AND query = '{}'",
+        query.replace('\'', "''")
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = cluster.psql(&probe);
+        if let Ok(pid) = found.trim().parse() {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no session {state} after {query}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -10,8 +10,12 @@
 //! a duplicate of its socket descriptors, so `cut_all` can shut the sockets
 //! down immediately from synchronous code, whichever runtime flavour the
 //! test uses.
+//!
+//! `partition_all` cuts only the client's side: the server's side stays
+//! open and silent, as after a network partition, which a server does not
+//! notice for a long time (its backends keep their transactions and locks).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsFd;
@@ -56,6 +60,11 @@ struct Shared {
     latency_nanos: AtomicU64,
     next_id: AtomicU64,
     connections: Mutex<HashMap<u64, Connection>>,
+    /// Connections cut on the client's side only; their tasks hold the
+    /// server's side open and forward nothing more.
+    partitioned: Mutex<HashSet<u64>>,
+    /// The tasks of partitioned connections, stopped when the proxy is dropped.
+    held: Mutex<Vec<AbortHandle>>,
 }
 
 /// A connection the proxy holds open.
@@ -81,6 +90,8 @@ impl FaultProxy {
             latency_nanos: AtomicU64::new(0),
             next_id: AtomicU64::new(0),
             connections: Mutex::default(),
+            partitioned: Mutex::default(),
+            held: Mutex::default(),
         });
         let accept_task = tokio::spawn(accept_loop(listener, Arc::clone(&shared))).abort_handle();
         FaultProxy {
@@ -129,6 +140,25 @@ impl FaultProxy {
         cut.len()
     }
 
+    /// Cuts every connection the proxy holds open on the client's side
+    /// only, and returns how many there were. The client sees its
+    /// connection closed; the server sees nothing: its side stays open and
+    /// silent until the proxy is dropped, as after a network partition.
+    pub fn partition_all(&self) -> usize {
+        let cut: Vec<(u64, Connection)> = lock(&self.shared.connections).drain().collect();
+        // Marked before the client sockets close, so no task forwards the
+        // end of stream (or anything else) to the server.
+        lock(&self.shared.partitioned).extend(cut.iter().map(|(id, _)| *id));
+        for (_, connection) in &cut {
+            if let Some(client) = connection.sockets.first() {
+                let _ = client.shutdown(Shutdown::Both);
+            }
+        }
+        let tasks = cut.iter().filter_map(|(_, c)| c.task.clone());
+        lock(&self.shared.held).extend(tasks);
+        cut.len()
+    }
+
     /// Delays every forwarded chunk, in both directions, by `delay`
     /// (zero for none). Applies to live connections too.
     pub fn set_latency(&self, delay: Duration) {
@@ -147,6 +177,9 @@ impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.accept_task.abort();
         self.cut_all();
+        for task in lock(&self.shared.held).drain(..) {
+            task.abort();
+        }
     }
 }
 
@@ -201,6 +234,16 @@ impl Shared {
             // Already finished, or cut before it started: make sure it stops.
             None => task.abort(),
         }
+    }
+
+    /// Passes `result` on, unless connection `id` was partitioned: then it
+    /// never returns, so its task keeps the server's side open and silent
+    /// (dropping a write half would send the server an end of stream).
+    async fn unless_partitioned<T>(&self, id: u64, result: T) -> T {
+        if lock(&self.partitioned).contains(&id) {
+            std::future::pending::<()>().await;
+        }
+        result
     }
 
     /// Records the upstream socket of connection `id`, so `cut_all` closes it too.
@@ -269,17 +312,24 @@ async fn forward(shared: Arc<Shared>, id: u64, client: TcpStream) {
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
     let _ = tokio::try_join!(
-        pump(&shared, client_read, upstream_write),
-        pump(&shared, upstream_read, client_write),
+        pump(&shared, id, client_read, upstream_write),
+        pump(&shared, id, upstream_read, client_write),
     );
 }
 
 /// Copies one direction chunk by chunk, applying the current latency, and
-/// passes end-of-stream on as a write shutdown.
-async fn pump(shared: &Shared, mut from: OwnedReadHalf, mut to: OwnedWriteHalf) -> io::Result<()> {
+/// passes end-of-stream on as a write shutdown; a partitioned connection
+/// forwards nothing more (see [`Shared::unless_partitioned`]).
+async fn pump(
+    shared: &Shared,
+    id: u64,
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+) -> io::Result<()> {
     let mut buffer = vec![0; CHUNK];
     loop {
-        let read = from.read(&mut buffer).await?;
+        let read = from.read(&mut buffer).await;
+        let read = shared.unless_partitioned(id, read).await?;
         if read == 0 {
             return to.shutdown().await;
         }
@@ -287,7 +337,10 @@ async fn pump(shared: &Shared, mut from: OwnedReadHalf, mut to: OwnedWriteHalf) 
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        to.write_all(&buffer[..read]).await?;
+        // A chunk still delayed when the partition came is lost with it.
+        shared.unless_partitioned(id, ()).await;
+        let written = to.write_all(&buffer[..read]).await;
+        shared.unless_partitioned(id, written).await?;
     }
 }
 

@@ -21,6 +21,8 @@ pub struct Stack {
     pub executor: Executor,
     /// Where every metric is registered.
     pub registry: Registry,
+    /// The metrics every part of the stack reports to.
+    pub metrics: Metrics,
 }
 
 /// Lifecycle settings that detect failures quickly, for tests.
@@ -48,13 +50,20 @@ impl Stack {
         };
         let lifecycle = Lifecycle::start(source, settings, metrics.clone());
         let guard = Guard::new(lifecycle.clone(), budget, metrics.clone());
-        let executor = Executor::new(guard.clone(), ExecSettings::default(), metrics);
+        let executor = Executor::new(guard.clone(), ExecSettings::default(), metrics.clone());
         Stack {
             lifecycle,
             guard,
             executor,
             registry,
+            metrics,
         }
+    }
+
+    /// Another executor over the same guard and metrics, with `settings`
+    /// (e.g. a short transaction timeout).
+    pub fn executor_with(&self, settings: ExecSettings) -> Executor {
+        Executor::new(self.guard.clone(), settings, self.metrics.clone())
     }
 
     /// Waits until `generation` is ready (generous bound: 30 s).

@@ -37,6 +37,26 @@ impl Cluster {
         }
     }
 
+    /// Makes every commit on this primary wait until `standby` (named by its
+    /// `application_name`) has flushed it; returns once the primary reports
+    /// the standby as synchronous. While the standby is paused or stopped,
+    /// commits are durable here but their COMMIT gets no answer.
+    #[track_caller]
+    pub fn require_synchronous(&self, standby: &Cluster) {
+        let name = config::cluster_name(standby.port);
+        self.psql(&format!(
+            "ALTER SYSTEM SET synchronous_standby_names = '\"{name}\"'"
+        ));
+        self.psql("SELECT pg_reload_conf()");
+        let query =
+            format!("SELECT sync_state FROM pg_stat_replication WHERE application_name = '{name}'");
+        if !wait::eventually(FAULT_TIMEOUT, || {
+            self.psql_rows(&query) == [[Some("sync".to_string())]]
+        }) {
+            self.fail("require_synchronous(): the standby never became synchronous");
+        }
+    }
+
     /// Whether `pg_is_in_recovery()` is true, i.e. the server is a standby.
     #[track_caller]
     pub fn in_recovery(&self) -> bool {
