@@ -23,7 +23,7 @@ use subtle::ConstantTimeEq;
 use tracing::info;
 
 use crate::backend::Secret;
-use crate::guard::{Executor, Rule};
+use crate::guard::Executor;
 use crate::lifecycle::{BackendSource, Lifecycle};
 use crate::telemetry::Metrics;
 use crate::telemetry::labels::PoolState;
@@ -104,7 +104,7 @@ async fn status(State(state): State<Arc<OpsState>>) -> Response {
         .executor
         .rule_counts()
         .into_iter()
-        .map(|(rule, count)| (rule_name(rule).to_owned(), json!(count)))
+        .map(|(rule, count)| (rule.as_str().to_owned(), json!(count)))
         .collect();
     let body = json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -122,23 +122,6 @@ async fn status(State(state): State<Arc<OpsState>>) -> Response {
         "settings": state.settings,
     });
     axum::Json(body).into_response()
-}
-
-/// The snake_case name `/status` gives a replay rule, like every other key
-/// there. Written out rather than derived from `Debug`, so that renaming a
-/// variant cannot silently rename a key operators' scripts read; the match
-/// is exhaustive, so a new rule cannot be left out.
-fn rule_name(rule: Rule) -> &'static str {
-    match rule {
-        Rule::NeverSent => "never_sent",
-        Rule::Read => "read",
-        Rule::BeforeCommit => "before_commit",
-        Rule::Committed => "committed",
-        Rule::Aborted => "aborted",
-        Rule::NeverLogged => "never_logged",
-        Rule::InProgress => "in_progress",
-        Rule::Unknown => "unknown",
-    }
 }
 
 async fn admin(

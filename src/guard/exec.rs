@@ -15,7 +15,7 @@ use tracing::{Instrument, field, info, info_span, warn};
 
 use super::admission::{Guard, Lease};
 use super::error::GuardError;
-use super::replay::{BreakPoint, Class, Decision, TxOutcome, decide, is_read};
+use super::replay::{BreakPoint, Class, Decision, Rule, TxOutcome, decide, is_read};
 use crate::backend::{
     BackendError, CancelToken, Connection, DbError, QueryResult, Scope, Statement,
     TransactionError, TransactionOptions, TransactionProgress, TxIdentity,
@@ -157,53 +157,6 @@ enum Broken {
     /// The request did not run (its connection's session could not be
     /// reset, and is retired): run it on another connection.
     Elsewhere,
-}
-
-/// Which replay rule decided a broken request (for `/status` and tests).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rule {
-    /// Nothing had been sent: replayed.
-    NeverSent,
-    /// A read in a read-only transaction: replayed.
-    Read,
-    /// A write broken before COMMIT was sent: replayed.
-    BeforeCommit,
-    /// A write broken after COMMIT, found committed: answered from the result in hand.
-    Committed,
-    /// A write broken after COMMIT, found aborted: replayed.
-    Aborted,
-    /// A write broken after COMMIT whose xid was never logged before a crash: replayed.
-    NeverLogged,
-    /// A write still in progress when the budget ran out: 08007.
-    InProgress,
-    /// The database could not tell, or a bare statement broke after sending: 08007.
-    Unknown,
-}
-
-impl Rule {
-    const ALL: [Rule; 8] = [
-        Rule::NeverSent,
-        Rule::Read,
-        Rule::BeforeCommit,
-        Rule::Committed,
-        Rule::Aborted,
-        Rule::NeverLogged,
-        Rule::InProgress,
-        Rule::Unknown,
-    ];
-
-    fn of(class: Class, point: BreakPoint, outcome: Option<TxOutcome>) -> Rule {
-        match (class, point, outcome) {
-            (_, BreakPoint::BeforeSend, _) => Rule::NeverSent,
-            (Class::Read, _, _) => Rule::Read,
-            (Class::Write, BreakPoint::BeforeCommit, _) => Rule::BeforeCommit,
-            (_, _, Some(TxOutcome::Committed)) => Rule::Committed,
-            (_, _, Some(TxOutcome::Aborted)) => Rule::Aborted,
-            (_, _, Some(TxOutcome::NeverLogged)) => Rule::NeverLogged,
-            (_, _, Some(TxOutcome::InProgress)) => Rule::InProgress,
-            _ => Rule::Unknown,
-        }
-    }
 }
 
 /// One counter per [`Rule`].

@@ -14,7 +14,8 @@ pub mod replay;
 
 pub use admission::{DEFAULT_GUARD_TIMEOUT, Guard, Lease};
 pub use error::GuardError;
-pub use exec::{ExecError, ExecSettings, Executor, Rule, WriteSafety};
+pub use exec::{ExecError, ExecSettings, Executor, WriteSafety};
+pub use replay::Rule;
 
 #[cfg(test)]
 mod tests;

@@ -82,21 +82,94 @@ pub enum Decision {
     Unknown,
 }
 
-/// The replay decision table. `outcome` matters only for a write broken
-/// after its COMMIT was sent.
-pub fn decide(class: Class, point: BreakPoint, outcome: Option<TxOutcome>) -> Decision {
-    match (class, point) {
-        (_, BreakPoint::BeforeSend) => Decision::Replay,
-        (Class::Read, _) => Decision::Replay,
-        (Class::Write, BreakPoint::BeforeCommit) => Decision::Replay,
-        (Class::Write, BreakPoint::AfterCommit) => match outcome {
-            Some(TxOutcome::Committed) => Decision::Answer,
-            Some(TxOutcome::Aborted | TxOutcome::NeverLogged) => Decision::Replay,
-            Some(TxOutcome::InProgress) => Decision::AskAgain,
-            Some(TxOutcome::Unknown) | None => Decision::Unknown,
-        },
-        (Class::Bare, _) => Decision::Unknown,
+/// Which replay rule decides a broken request: the one table of this
+/// module. [`Rule::of`] picks the rule, [`Rule::decision`] says what it
+/// decides and [`Rule::as_str`] names it (for `/status` and the logs), so
+/// the decision and its label can never disagree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rule {
+    /// Nothing had been sent: replayed.
+    NeverSent,
+    /// A read in a read-only transaction: replayed.
+    Read,
+    /// A write broken before COMMIT was sent: replayed.
+    BeforeCommit,
+    /// A write broken after COMMIT, found committed: answered from the result in hand.
+    Committed,
+    /// A write broken after COMMIT, found aborted: replayed.
+    Aborted,
+    /// A write broken after COMMIT whose xid was never logged before a crash: replayed.
+    NeverLogged,
+    /// A write still in progress: asked again, 08007 when the budget runs out.
+    InProgress,
+    /// The database could not tell, or a bare statement broke after sending: 08007.
+    Unknown,
+}
+
+impl Rule {
+    /// Every rule, in declaration order.
+    pub const ALL: [Rule; 8] = [
+        Rule::NeverSent,
+        Rule::Read,
+        Rule::BeforeCommit,
+        Rule::Committed,
+        Rule::Aborted,
+        Rule::NeverLogged,
+        Rule::InProgress,
+        Rule::Unknown,
+    ];
+
+    /// The rule for a request run as `class` and broken at `point`;
+    /// `outcome` is what the database said of a write broken after its
+    /// COMMIT was sent (it matters for nothing else).
+    pub fn of(class: Class, point: BreakPoint, outcome: Option<TxOutcome>) -> Rule {
+        match (class, point) {
+            (_, BreakPoint::BeforeSend) => Rule::NeverSent,
+            (Class::Read, _) => Rule::Read,
+            (Class::Write, BreakPoint::BeforeCommit) => Rule::BeforeCommit,
+            (Class::Write, BreakPoint::AfterCommit) => match outcome {
+                Some(TxOutcome::Committed) => Rule::Committed,
+                Some(TxOutcome::Aborted) => Rule::Aborted,
+                Some(TxOutcome::NeverLogged) => Rule::NeverLogged,
+                Some(TxOutcome::InProgress) => Rule::InProgress,
+                Some(TxOutcome::Unknown) | None => Rule::Unknown,
+            },
+            (Class::Bare, _) => Rule::Unknown,
+        }
     }
+
+    /// What the rule decides.
+    pub fn decision(self) -> Decision {
+        match self {
+            Rule::NeverSent
+            | Rule::Read
+            | Rule::BeforeCommit
+            | Rule::Aborted
+            | Rule::NeverLogged => Decision::Replay,
+            Rule::Committed => Decision::Answer,
+            Rule::InProgress => Decision::AskAgain,
+            Rule::Unknown => Decision::Unknown,
+        }
+    }
+
+    /// The rule's snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rule::NeverSent => "never_sent",
+            Rule::Read => "read",
+            Rule::BeforeCommit => "before_commit",
+            Rule::Committed => "committed",
+            Rule::Aborted => "aborted",
+            Rule::NeverLogged => "never_logged",
+            Rule::InProgress => "in_progress",
+            Rule::Unknown => "unknown",
+        }
+    }
+}
+
+/// The replay decision: [`Rule::of`] then [`Rule::decision`].
+pub fn decide(class: Class, point: BreakPoint, outcome: Option<TxOutcome>) -> Decision {
+    Rule::of(class, point, outcome).decision()
 }
 
 /// Classifies a statement for [`Class::Read`] by a conservative keyword
@@ -207,6 +280,29 @@ mod tests {
             }
         }
         assert_eq!(cases, 54);
+    }
+
+    #[test]
+    fn every_rule_is_reachable_and_named_once() {
+        let outcomes = [
+            None,
+            Some(Committed),
+            Some(Aborted),
+            Some(InProgress),
+            Some(NeverLogged),
+            Some(TxOutcome::Unknown),
+        ];
+        let mut reached = std::collections::HashSet::new();
+        for class in [Read, Write, Bare] {
+            for point in [BeforeSend, BeforeCommit, AfterCommit] {
+                for outcome in outcomes {
+                    reached.insert(Rule::of(class, point, outcome));
+                }
+            }
+        }
+        assert_eq!(reached.len(), Rule::ALL.len());
+        let names: std::collections::HashSet<_> = Rule::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), Rule::ALL.len());
     }
 
     #[test]
