@@ -6,22 +6,20 @@
 //! the mark stays, the protocol state is unknown, and the connection refuses
 //! further use with [`BackendError::Broken`]; the pool then discards it.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::time::Instant;
 
-use bytes::{Buf, BytesMut};
 use postgres_protocol::IsNull;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::cancel::CancelToken;
 use super::connect::Connector;
 use super::error::{BackendError, DbError, Stage};
+use super::framing::{Allowance, Framer, Incoming, message_name, protocol};
 use super::result::{QueryResult, Row, parse_fields};
 use super::statement::{Statement, TransactionOptions};
-use super::stream::{Drained, IdleProbe, Socket};
+use super::stream::Socket;
 
 /// Transaction status reported by the last ReadyForQuery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,16 +76,10 @@ const IDENTIFY_SQL: &str = "SELECT txid_current(), pg_postmaster_start_time()::t
 
 /// An authenticated session with a PostgreSQL server.
 pub struct Connection {
-    /// The transport.
-    socket: Socket,
-    /// Bytes received but not yet parsed into messages.
-    read_buf: BytesMut,
-    /// Messages encoded but not yet written.
-    write_buf: BytesMut,
+    /// Message I/O with the server.
+    pub(super) framer: Framer,
     /// How this connection was opened; cancel requests reuse it.
     connector: Connector,
-    /// ParameterStatus values (server_version, TimeZone, ...), kept current.
-    parameters: HashMap<String, String>,
     /// BackendKeyData: the process id and secret that cancel requests need.
     backend_key: Option<(i32, i32)>,
     /// From the last ReadyForQuery.
@@ -111,11 +103,8 @@ pub struct Connection {
 impl Connection {
     pub(crate) fn new(socket: Socket, connector: Connector) -> Self {
         Self {
-            socket,
-            read_buf: BytesMut::with_capacity(8192),
-            write_buf: BytesMut::with_capacity(1024),
+            framer: Framer::new(socket),
             connector,
-            parameters: HashMap::new(),
             backend_key: None,
             transaction_status: TransactionStatus::Idle,
             // Until the startup exchange completes (see `connect`).
@@ -131,7 +120,7 @@ impl Connection {
 
     /// A ParameterStatus value the server reported, e.g. `server_version`.
     pub fn parameter(&self, name: &str) -> Option<&str> {
-        self.parameters.get(name).map(String::as_str)
+        self.framer.parameter(name)
     }
 
     /// The server process serving this session.
@@ -142,7 +131,7 @@ impl Connection {
     /// The session's port on pgwarden's side (`client_port` on the server's);
     /// `None` over a Unix socket.
     pub fn local_port(&self) -> Option<u16> {
-        self.socket.local_port()
+        self.framer.local_port()
     }
 
     /// Transaction status from the last ReadyForQuery.
@@ -347,7 +336,7 @@ impl Connection {
     /// Drops a request that could not be encoded (nothing was sent), so no
     /// half-written message precedes the next one; a queued reset stays owed.
     fn unsend(&mut self, reset_queued: bool, error: BackendError) -> BackendError {
-        self.write_buf.clear();
+        self.framer.write_buf().clear();
         self.reset_owed |= reset_queued;
         error
     }
@@ -358,8 +347,8 @@ impl Connection {
         if !std::mem::take(&mut self.reset_owed) {
             return Ok(());
         }
-        frontend::query("DISCARD ALL", &mut self.write_buf).map_err(invalid_sql)?;
-        self.flush(Stage::Sending).await?;
+        frontend::query("DISCARD ALL", self.framer.write_buf()).map_err(invalid_sql)?;
+        self.framer.flush(Stage::Sending).await?;
         let result = self.collect_results(Protocol::Simple).await;
         self.reset_outcome(result.map(|_| ()))
     }
@@ -384,7 +373,7 @@ impl Connection {
         if self.is_broken() {
             return Err(BackendError::Broken);
         }
-        let result = self.poll_unsolicited();
+        let result = self.framer.poll_unsolicited();
         if result.is_err() {
             self.closed = true;
         }
@@ -395,10 +384,7 @@ impl Connection {
     pub async fn close(mut self) {
         // Marked first, so `Drop` adds nothing even if this is cancelled.
         self.closed = true;
-        self.write_buf.clear();
-        frontend::terminate(&mut self.write_buf);
-        let _ = self.socket.write_all(&self.write_buf).await;
-        let _ = self.socket.shutdown().await;
+        self.framer.terminate().await;
     }
 
     /// The startup exchange is over: the session may take requests (until
@@ -432,10 +418,10 @@ impl Connection {
 
     /// One simple-protocol exchange, as is: an owed reset stays owed.
     async fn send_simple(&mut self, sql: &str) -> Result<Vec<QueryResult>, BackendError> {
-        if let Err(e) = frontend::query(sql, &mut self.write_buf) {
+        if let Err(e) = frontend::query(sql, self.framer.write_buf()) {
             return Err(self.unsend(false, invalid_sql(e)));
         }
-        self.flush(Stage::Sending).await?;
+        self.framer.flush(Stage::Sending).await?;
         self.collect_results(Protocol::Simple).await
     }
 
@@ -452,8 +438,8 @@ impl Connection {
             Ok(statements) => statements,
             Err(error) => return Err(self.unsend(reset, error)),
         };
-        frontend::sync(&mut self.write_buf);
-        self.flush(Stage::Sending).await?;
+        frontend::sync(self.framer.write_buf());
+        self.framer.flush(Stage::Sending).await?;
         let results = self
             .collect_results(Protocol::Extended { statements })
             .await;
@@ -567,7 +553,7 @@ impl Connection {
             Part::Sql(sql) => (sql, &[][..]),
             Part::Statement(statement) => (statement.sql.as_str(), statement.params.as_slice()),
         };
-        let buf = &mut self.write_buf;
+        let buf = self.framer.write_buf();
         frontend::parse("", sql, std::iter::empty(), buf).map_err(invalid_sql)?;
         frontend::bind(
             "",
@@ -602,7 +588,7 @@ impl Connection {
         let mut collector = Collector::new(self.result_limit);
         loop {
             let allowance = collector.allowance();
-            let message = match self.read_within(Stage::Receiving, allowance).await? {
+            let message = match self.framer.read_within(Stage::Receiving, allowance).await? {
                 Incoming::Message(message) => message,
                 Incoming::Skipped(tag) => {
                     collector.skipped(tag);
@@ -612,7 +598,7 @@ impl Connection {
             match message {
                 Message::ReadyForQuery(body) => {
                     self.set_transaction_status(body.status())?;
-                    self.shrink_read_buf();
+                    self.framer.shrink_read_buf();
                     return collector.finish();
                 }
                 Message::CopyInResponse(_) => self.refuse_copy_in(protocol, &mut collector).await?,
@@ -645,151 +631,11 @@ impl Connection {
             Protocol::Extended { statements } if collector.position() + 1 >= statements => true,
             Protocol::Extended { .. } => return Ok(()),
         };
-        frontend::copy_fail(COPY_IN_REFUSED, &mut self.write_buf).map_err(invalid_sql)?;
+        frontend::copy_fail(COPY_IN_REFUSED, self.framer.write_buf()).map_err(invalid_sql)?;
         if sync {
-            frontend::sync(&mut self.write_buf);
+            frontend::sync(self.framer.write_buf());
         }
-        self.flush(Stage::Receiving).await
-    }
-
-    /// Reads the next message that is not asynchronous bookkeeping
-    /// (ParameterStatus is recorded, notices and notifications are skipped).
-    pub(crate) async fn read_message(&mut self, stage: Stage) -> Result<Message, BackendError> {
-        match self.read_within(stage, None).await? {
-            Incoming::Message(message) => Ok(message),
-            // Without an allowance nothing is skipped.
-            Incoming::Skipped(tag) => Err(BackendError::Protocol(format!(
-                "message {:?} skipped without a size limit",
-                char::from(tag)
-            ))),
-        }
-    }
-
-    /// Like [`Connection::read_message`], but a message over `allowance` is
-    /// never buffered: its bytes are discarded as they arrive, and only its
-    /// type is reported. The buffer thus never grows past what the
-    /// allowance admits, however large a message the server announces.
-    async fn read_within(
-        &mut self,
-        stage: Stage,
-        allowance: Option<Allowance>,
-    ) -> Result<Incoming, BackendError> {
-        loop {
-            match self.parse_within(allowance)? {
-                Parsed::Message(message) => return Ok(Incoming::Message(message)),
-                Parsed::Oversized { tag, total } => {
-                    self.skip_bytes(total, stage).await?;
-                    return Ok(Incoming::Skipped(tag));
-                }
-                Parsed::Incomplete => {}
-            }
-            let read = self.socket.read_buf(&mut self.read_buf).await;
-            match read {
-                Ok(0) => return Err(BackendError::Closed { stage }),
-                Ok(_) => {}
-                Err(source) => return Err(BackendError::Io { stage, source }),
-            }
-        }
-    }
-
-    /// Discards the next `len` bytes of the stream: those already buffered,
-    /// then the rest straight from the socket, a small chunk at a time.
-    async fn skip_bytes(&mut self, len: usize, stage: Stage) -> Result<(), BackendError> {
-        let buffered = len.min(self.read_buf.len());
-        self.read_buf.advance(buffered);
-        match self.socket.discard(len - buffered).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                Err(BackendError::Closed { stage })
-            }
-            Err(source) => Err(BackendError::Io { stage, source }),
-        }
-    }
-
-    /// A buffer grown for one large message gives its memory back once the
-    /// request is over, so an idle pooled session holds little.
-    fn shrink_read_buf(&mut self) {
-        if self.read_buf.capacity() <= READ_BUF_KEPT {
-            return;
-        }
-        let mut fresh = BytesMut::with_capacity(READ_BUF_INITIAL.max(self.read_buf.len()));
-        fresh.extend_from_slice(&self.read_buf);
-        self.read_buf = fresh;
-    }
-
-    fn parse_buffered(&mut self) -> Result<Option<Message>, BackendError> {
-        match self.parse_within(None)? {
-            Parsed::Message(message) => Ok(Some(message)),
-            // Without an allowance nothing is oversized.
-            Parsed::Incomplete | Parsed::Oversized { .. } => Ok(None),
-        }
-    }
-
-    /// Parses the next buffered message that is not bookkeeping. The header
-    /// is checked against `allowance` before the message is parsed, because
-    /// parsing an incomplete message reserves buffer room for all of it.
-    fn parse_within(&mut self, allowance: Option<Allowance>) -> Result<Parsed, BackendError> {
-        loop {
-            if let (Some(allowance), Some((tag, total))) = (allowance, peek_header(&self.read_buf))
-                && !allowance.admits(tag, total)
-            {
-                return Ok(Parsed::Oversized { tag, total });
-            }
-            let message = Message::parse(&mut self.read_buf).map_err(protocol)?;
-            match message {
-                Some(Message::ParameterStatus(body)) => {
-                    let name = body.name().map_err(protocol)?.to_owned();
-                    let value = body.value().map_err(protocol)?.to_owned();
-                    self.parameters.insert(name, value);
-                }
-                Some(Message::NoticeResponse(_) | Message::NotificationResponse(_)) => {}
-                Some(other) => return Ok(Parsed::Message(other)),
-                None => return Ok(Parsed::Incomplete),
-            }
-        }
-    }
-
-    fn poll_unsolicited(&mut self) -> Result<(), BackendError> {
-        let closed = BackendError::Closed {
-            stage: Stage::Sending,
-        };
-        let probe = self
-            .socket
-            .probe_idle()
-            .map_err(BackendError::io(Stage::Sending))?;
-        match probe {
-            IdleProbe::Quiet => return Ok(()),
-            IdleProbe::Closed => return Err(closed),
-            IdleProbe::Data => {}
-        }
-        let read = self.socket.read_available(&mut self.read_buf);
-        if read.map_err(BackendError::io(Stage::Sending))? == Drained::Closed {
-            return Err(closed);
-        }
-        match self.parse_buffered()? {
-            None => Ok(()),
-            Some(Message::ErrorResponse(body)) => {
-                Err(fatal_or_protocol(DbError::parse(body.fields())))
-            }
-            Some(other) => Err(BackendError::Protocol(format!(
-                "unsolicited {} on an idle connection",
-                message_name(&other)
-            ))),
-        }
-    }
-
-    pub(crate) async fn flush(&mut self, stage: Stage) -> Result<(), BackendError> {
-        let result = async {
-            self.socket.write_all(&self.write_buf).await?;
-            self.socket.flush().await
-        }
-        .await;
-        self.write_buf.clear();
-        result.map_err(BackendError::io(stage))
-    }
-
-    pub(crate) fn write_buf(&mut self) -> &mut BytesMut {
-        &mut self.write_buf
+        self.framer.flush(Stage::Receiving).await
     }
 
     pub(crate) fn connector(&self) -> &Connector {
@@ -856,8 +702,7 @@ impl Drop for Connection {
         if self.closed || self.in_flight {
             return;
         }
-        // The Terminate message: type 'X', length 4, no body.
-        self.socket.write_now(&[b'X', 0, 0, 0, 4]);
+        self.framer.terminate_now();
     }
 }
 
@@ -945,12 +790,6 @@ fn skip_leading_comments(mut sql: &str) -> &str {
     }
 }
 
-/// Read buffer capacity a session shrinks back to (that of a new one).
-const READ_BUF_INITIAL: usize = 8 * 1024;
-
-/// Read buffer capacity kept between requests; more is given back.
-const READ_BUF_KEPT: usize = 64 * 1024;
-
 /// Smallest allowance for a message other than a row, whatever the result
 /// limit: row descriptions of wide tables and ordinary errors must pass.
 const MIN_MESSAGE_ALLOWANCE: usize = 1024 * 1024;
@@ -960,62 +799,13 @@ const MIN_MESSAGE_ALLOWANCE: usize = 1024 * 1024;
 /// limit with them, so even rows without columns add up.
 const DATA_ROW_OVERHEAD: usize = 7;
 
-/// The largest messages a request under a result limit may still buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Allowance {
-    /// For a DataRow: what is left of the limit, in whole-message bytes.
-    row: usize,
-    /// For any other message, in bytes of its body.
-    other: usize,
-}
-
-impl Allowance {
-    /// Whether a message of type `tag`, `total` bytes long with its header,
-    /// may be buffered. Messages that steer the protocol (ReadyForQuery, COPY
-    /// responses, completions) are far below the smallest allowance.
-    fn admits(self, tag: u8, total: usize) -> bool {
-        let body = total.saturating_sub(5);
-        match tag {
-            b'D' => total <= self.row,
-            _ => body <= self.other,
-        }
-    }
-}
-
-/// What the buffer holds next.
-enum Parsed {
-    /// A whole message.
-    Message(Message),
-    /// The header of a message over the allowance: its type, and its
-    /// length with the header.
-    Oversized { tag: u8, total: usize },
-    /// Not a whole message yet.
-    Incomplete,
-}
-
-/// The next message of a response, or the type of one that was skipped.
-enum Incoming {
-    Message(Message),
-    /// A message over the allowance was discarded as it arrived.
-    Skipped(u8),
-}
-
-/// Type and whole length of the next message, once its 5-byte header is
-/// in (the length field counts itself but not the type byte).
-fn peek_header(buf: &[u8]) -> Option<(u8, usize)> {
-    let header = buf.get(..5)?;
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-    Some((header[0], len as usize + 1))
-}
-
 /// The session's state, without what must not reach a log: the cancel
 /// key's secret (it authorizes cancelling this session's statements) and
-/// the buffers' contents (rows, parameters, and during startup the
-/// password exchange); buffers show only their length.
+/// the buffers' contents, which the framer's `Debug` leaves out.
 impl fmt::Debug for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connection")
-            .field("socket", &self.socket)
+            .field("framer", &self.framer)
             .field("connector", &self.connector)
             .field("process_id", &self.process_id())
             .field("transaction_status", &self.transaction_status)
@@ -1025,8 +815,6 @@ impl fmt::Debug for Connection {
             .field("reset_owed", &self.reset_owed)
             .field("retired", &self.retired)
             .field("result_limit", &self.result_limit)
-            .field("read_buffered", &self.read_buf.len())
-            .field("write_buffered", &self.write_buf.len())
             .field("created_at", &self.created_at)
             .finish_non_exhaustive()
     }
@@ -1166,44 +954,8 @@ impl Collector {
     }
 }
 
-fn protocol(e: std::io::Error) -> BackendError {
-    BackendError::Protocol(e.to_string())
-}
-
 fn invalid_sql(e: std::io::Error) -> BackendError {
     BackendError::Config(format!("statement cannot be sent: {e}"))
-}
-
-fn fatal_or_protocol(parsed: std::io::Result<DbError>) -> BackendError {
-    match parsed {
-        Ok(error) => BackendError::Fatal(Box::new(error)),
-        Err(e) => protocol(e),
-    }
-}
-
-/// A short name of a backend message for error texts.
-pub(crate) fn message_name(message: &Message) -> &'static str {
-    match message {
-        Message::AuthenticationOk => "AuthenticationOk",
-        Message::BackendKeyData(_) => "BackendKeyData",
-        Message::BindComplete => "BindComplete",
-        Message::CloseComplete => "CloseComplete",
-        Message::CommandComplete(_) => "CommandComplete",
-        Message::CopyData(_) => "CopyData",
-        Message::CopyDone => "CopyDone",
-        Message::CopyInResponse(_) => "CopyInResponse",
-        Message::CopyOutResponse(_) => "CopyOutResponse",
-        Message::DataRow(_) => "DataRow",
-        Message::EmptyQueryResponse => "EmptyQueryResponse",
-        Message::ErrorResponse(_) => "ErrorResponse",
-        Message::NoData => "NoData",
-        Message::ParameterDescription(_) => "ParameterDescription",
-        Message::ParseComplete => "ParseComplete",
-        Message::PortalSuspended => "PortalSuspended",
-        Message::ReadyForQuery(_) => "ReadyForQuery",
-        Message::RowDescription(_) => "RowDescription",
-        _ => "authentication or other message",
-    }
 }
 
 #[cfg(test)]
@@ -1219,7 +971,7 @@ mod tests {
         let (ours, _server) = tokio::net::UnixStream::pair().unwrap();
         let mut conn = Connection::new(Socket::Unix(ours), connector);
         conn.set_backend_key(4242, 918_273_645);
-        conn.read_buf.extend_from_slice(b"row-secret");
+        conn.framer.write_buf().extend_from_slice(b"row-secret");
         let shown = format!("{conn:?}");
         assert!(shown.contains("process_id: Some(4242)"), "{shown}");
         assert!(!shown.contains("918273645"), "{shown}");
@@ -1240,19 +992,5 @@ mod tests {
         for (sql, expected) in cases {
             assert_eq!(may_copy_in(sql), expected, "{sql}");
         }
-    }
-
-    #[test]
-    fn an_allowance_admits_rows_up_to_what_is_left_and_others_up_to_the_limit() {
-        let allowance = Allowance {
-            row: 100,
-            other: 1000,
-        };
-        assert!(allowance.admits(b'D', 100));
-        assert!(!allowance.admits(b'D', 101));
-        assert!(allowance.admits(b'E', 1005));
-        assert!(!allowance.admits(b'E', 1006));
-        assert_eq!(peek_header(&[b'D', 0, 0, 1, 0]), Some((b'D', 257)));
-        assert_eq!(peek_header(&[b'D', 0, 0]), None);
     }
 }

@@ -34,6 +34,7 @@ pub mod cancel;
 pub mod connect;
 pub mod connection;
 pub mod error;
+pub(crate) mod framing;
 pub mod options;
 pub mod result;
 pub mod statement;
