@@ -31,6 +31,7 @@
 //! - [`error`]: every failure, classified by [`ErrorKind`].
 
 pub mod cancel;
+mod collect;
 pub mod connect;
 pub mod connection;
 pub mod error;
