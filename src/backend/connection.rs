@@ -1,4 +1,11 @@
-//! One session with the server: message I/O, transaction status, and the requests.
+//! One session with the server and its requests: simple query, pipelined
+//! extended query, read-only statement, reset and idle check.
+//!
+//! A [`Connection`] sits on a `Framer`, which does the message I/O; what
+//! it adds is the session's state (transaction status, an owed reset,
+//! whether it is broken, retired or dirty) and the requests, encoded here
+//! and read back by `collect`. Transaction batches are in
+//! [`transaction`](super::transaction).
 //!
 //! Requests follow one discipline: `begin_request` marks the connection busy,
 //! `end_request` clears the mark and records connection-level failures. If a
@@ -18,7 +25,7 @@ use super::connect::Connector;
 use super::error::{BackendError, Stage};
 use super::framing::Framer;
 use super::result::QueryResult;
-use super::statement::{Statement, TransactionOptions};
+use super::statement::Statement;
 use super::stream::Socket;
 
 /// Transaction status reported by the last ReadyForQuery.
@@ -31,48 +38,6 @@ pub enum TransactionStatus {
     /// In a failed transaction block, only ROLLBACK will be accepted (`E`).
     Failed,
 }
-
-/// A transaction batch that failed, with whether its COMMIT had been sent.
-///
-/// `commit_sent` is what decides, after a connection-level failure, whether
-/// the batch certainly did not commit (false) or its outcome must be asked of
-/// the server (true).
-#[derive(Debug, thiserror::Error)]
-#[error("{error}")]
-pub struct TransactionError {
-    /// What went wrong.
-    pub error: BackendError,
-    /// True once the COMMIT started to be written.
-    pub commit_sent: bool,
-    /// The transaction's identity, when it was asked for and received.
-    pub identity: Option<TxIdentity>,
-    /// The statements' results, received before COMMIT was sent (empty
-    /// when it was not): the answer if the transaction turns out committed.
-    pub results: Vec<QueryResult>,
-}
-
-/// Who a transaction was, so its fate can be asked after a broken connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TxIdentity {
-    /// `txid_current()`: the 64-bit, epoch-extended transaction id.
-    pub xid: u64,
-    /// `pg_postmaster_start_time()` as text: changes when the server restarts.
-    pub server_started: String,
-    /// The server's current timeline (from its WAL file name): changes when
-    /// a standby is promoted, so a failover is never mistaken for a restart.
-    pub timeline: String,
-    /// When the server's shared statistics were last reset
-    /// (`pg_stat_get_bgwriter_stat_reset_time()`). Crash recovery discards
-    /// them, also when the postmaster recovers in place after one backend
-    /// was killed and its start time does not change; a clean restart
-    /// keeps them. `None` when the server reports none.
-    pub stats_reset: Option<String>,
-}
-
-/// The statement that identifies a transaction (see [`TxIdentity`]).
-const IDENTIFY_SQL: &str = "SELECT txid_current(), pg_postmaster_start_time()::text, \
-     substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8), \
-     pg_stat_get_bgwriter_stat_reset_time()::text";
 
 /// An authenticated session with a PostgreSQL server.
 pub struct Connection {
@@ -192,8 +157,7 @@ impl Connection {
     /// Runs one or more `;`-separated statements with the simple query
     /// protocol (results in text). Meant for health checks and warm-up.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<QueryResult>, BackendError> {
-        self.begin_request()?;
-        self.dirty = true;
+        self.begin_caller_request()?;
         let result = self.simple_query_inner(sql).await;
         self.end_request(result)
     }
@@ -245,8 +209,7 @@ impl Connection {
         &mut self,
         statements: &[Statement],
     ) -> Result<Vec<QueryResult>, BackendError> {
-        self.begin_request()?;
-        self.dirty = true;
+        self.begin_caller_request()?;
         let result = self
             .pipeline_inner(statements.iter().map(Part::Statement))
             .await;
@@ -258,8 +221,7 @@ impl Connection {
     /// transaction changed nothing; a statement that writes fails with 25006.
     /// On an SQL error the transaction is rolled back.
     pub async fn read_only(&mut self, statement: &Statement) -> Result<QueryResult, BackendError> {
-        self.begin_request()?;
-        self.dirty = true;
+        self.begin_caller_request()?;
         let parts = [
             Part::Sql("BEGIN READ ONLY"),
             Part::Statement(statement),
@@ -273,45 +235,6 @@ impl Connection {
             Err(error) => Err(self.roll_back_after(error, 1).await),
         };
         self.end_request(result)
-    }
-
-    /// Runs statements as one transaction: `START TRANSACTION` with the
-    /// options and the statements in one round trip, then `COMMIT` in a
-    /// second. On an SQL error the transaction is rolled back.
-    pub async fn transaction(
-        &mut self,
-        options: &TransactionOptions,
-        statements: &[Statement],
-    ) -> Result<Vec<QueryResult>, TransactionError> {
-        let mut progress = TransactionProgress::default();
-        self.transaction_tracked(options, statements, &mut progress)
-            .await
-    }
-
-    /// [`Connection::transaction`], recording how far it got in `progress`
-    /// as it goes, so a caller that gives up on it (a transaction timeout)
-    /// still knows whether COMMIT was sent and who the transaction was.
-    pub async fn transaction_tracked(
-        &mut self,
-        options: &TransactionOptions,
-        statements: &[Statement],
-        progress: &mut TransactionProgress,
-    ) -> Result<Vec<QueryResult>, TransactionError> {
-        let not_started = |error| TransactionError {
-            error,
-            commit_sent: false,
-            identity: None,
-            results: Vec::new(),
-        };
-        self.begin_request().map_err(not_started)?;
-        self.dirty = true;
-        let result = self.transaction_inner(options, statements, progress).await;
-        self.end_request(result).map_err(|error| TransactionError {
-            error,
-            commit_sent: progress.commit_sent,
-            identity: progress.identity.take(),
-            results: std::mem::take(&mut progress.results),
-        })
     }
 
     /// Makes the session as good as new for the next user: rolls back an
@@ -393,6 +316,14 @@ impl Connection {
         self.in_flight = false;
     }
 
+    /// Starts a request that runs caller statements: from here on the
+    /// session may hold state they left (see [`Connection::is_dirty`]).
+    pub(super) fn begin_caller_request(&mut self) -> Result<(), BackendError> {
+        self.begin_request()?;
+        self.dirty = true;
+        Ok(())
+    }
+
     fn begin_request(&mut self) -> Result<(), BackendError> {
         if self.is_broken() {
             return Err(BackendError::Broken);
@@ -401,7 +332,10 @@ impl Connection {
         Ok(())
     }
 
-    fn end_request<T>(&mut self, result: Result<T, BackendError>) -> Result<T, BackendError> {
+    pub(super) fn end_request<T>(
+        &mut self,
+        result: Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
         if let Err(e) = &result
             && e.is_connection_level()
         {
@@ -411,7 +345,10 @@ impl Connection {
         result
     }
 
-    async fn simple_query_inner(&mut self, sql: &str) -> Result<Vec<QueryResult>, BackendError> {
+    pub(super) async fn simple_query_inner(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<QueryResult>, BackendError> {
         self.pay_owed_reset().await?;
         self.send_simple(sql).await
     }
@@ -425,7 +362,7 @@ impl Connection {
         self.collect_results(Protocol::Simple).await
     }
 
-    async fn pipeline_inner<'a>(
+    pub(super) async fn pipeline_inner<'a>(
         &mut self,
         parts: impl IntoIterator<Item = Part<'a>>,
     ) -> Result<Vec<QueryResult>, BackendError> {
@@ -458,65 +395,6 @@ impl Connection {
                 })
             }
             other => self.reset_outcome(other),
-        }
-    }
-
-    async fn transaction_inner(
-        &mut self,
-        options: &TransactionOptions,
-        statements: &[Statement],
-        progress: &mut TransactionProgress,
-    ) -> Result<Vec<QueryResult>, BackendError> {
-        let start = options.start_sql();
-        let identify = options.identify.then_some(Part::Sql(IDENTIFY_SQL));
-        let prelude = 1 + usize::from(options.identify);
-        let parts = std::iter::once(Part::Sql(&start))
-            .chain(identify)
-            .chain(statements.iter().map(Part::Statement));
-        let mut results = match self.pipeline_inner(parts).await {
-            Ok(results) => results,
-            Err(error) => return Err(self.roll_back_after(error, prelude).await),
-        };
-        let mut prelude_results: Vec<QueryResult> = results.drain(..prelude).collect();
-        if options.identify {
-            progress.identity = Some(parse_identity(&prelude_results.pop())?);
-        }
-        progress.commit_sent = true;
-        progress.results = results;
-        let commit = self.simple_query_inner("COMMIT").await;
-        match commit {
-            Ok(tags) if tags.first().is_some_and(|r| r.command_tag == "COMMIT") => {
-                Ok(std::mem::take(&mut progress.results))
-            }
-            Ok(_) => Err(BackendError::Protocol("COMMIT did not commit".into())),
-            Err(BackendError::Sql { error, .. }) => Err(BackendError::Sql {
-                error,
-                statement: statements.len(),
-            }),
-            Err(error) => Err(error),
-        }
-    }
-
-    /// After a failed batch statement: roll back, and report the statement's
-    /// index among the caller's statements (the START is not one of them).
-    async fn roll_back_after(&mut self, error: BackendError, prelude: usize) -> BackendError {
-        // Both leave the session in step, inside the failed transaction.
-        let in_step = matches!(
-            error,
-            BackendError::Sql { .. } | BackendError::ResultTooLarge { .. }
-        );
-        if in_step
-            && self.transaction_status != TransactionStatus::Idle
-            && let Err(rollback) = self.simple_query_inner("ROLLBACK").await
-        {
-            return rollback;
-        }
-        match error {
-            BackendError::Sql { error, statement } => BackendError::Sql {
-                error,
-                statement: statement.saturating_sub(prelude),
-            },
-            other => other,
         }
     }
 
@@ -616,7 +494,7 @@ impl Connection {
 /// connection adds around it (transaction control), so that wrapping a
 /// request never copies it.
 #[derive(Clone, Copy, Debug)]
-enum Part<'a> {
+pub(super) enum Part<'a> {
     /// SQL without parameters.
     Sql(&'a str),
     /// A caller's statement.
@@ -633,17 +511,6 @@ impl Part<'_> {
     }
 }
 
-/// How far a transaction batch got (see [`Connection::transaction_tracked`]).
-#[derive(Debug, Default)]
-pub struct TransactionProgress {
-    /// True once the COMMIT started to be written.
-    pub commit_sent: bool,
-    /// The transaction's identity, once asked for and received.
-    pub identity: Option<TxIdentity>,
-    /// The statements' results, once COMMIT was sent.
-    pub results: Vec<QueryResult>,
-}
-
 /// A session the pool lets go of says goodbye: a Terminate message, sent
 /// if the socket takes it at once, so the server ends the session as a
 /// normal disconnect instead of counting it abandoned. A broken session
@@ -654,23 +521,6 @@ impl Drop for Connection {
             return;
         }
         self.framer.terminate_now();
-    }
-}
-
-fn parse_identity(result: &Option<QueryResult>) -> Result<TxIdentity, BackendError> {
-    let row = result.as_ref().and_then(|r| r.rows.first());
-    let xid = row.and_then(|r| r.get(0)).and_then(|v| v.parse().ok());
-    let text = |i: usize| row.and_then(|r| r.get(i)).map(|v| v.into_owned());
-    match (xid, text(1), text(2)) {
-        (Some(xid), Some(server_started), Some(timeline)) => Ok(TxIdentity {
-            xid,
-            server_started,
-            timeline,
-            stats_reset: text(3),
-        }),
-        _ => Err(BackendError::Protocol(
-            "unexpected answer to the transaction identity query".into(),
-        )),
     }
 }
 
