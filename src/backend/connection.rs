@@ -332,6 +332,8 @@ impl Connection {
         Ok(())
     }
 
+    /// Ends a request: a connection-level failure closes the session for
+    /// good, anything else leaves it ready for the next request.
     pub(super) fn end_request<T>(
         &mut self,
         result: Result<T, BackendError>,
@@ -345,6 +347,7 @@ impl Connection {
         result
     }
 
+    /// A simple-protocol request inside a larger one, an owed reset paid first.
     pub(super) async fn simple_query_inner(
         &mut self,
         sql: &str,
@@ -362,6 +365,8 @@ impl Connection {
         self.collect_results(Protocol::Simple).await
     }
 
+    /// Sends `parts` as one pipeline (one Sync, one round trip) and
+    /// collects one result per part; an owed reset is paid in front.
     pub(super) async fn pipeline_inner<'a>(
         &mut self,
         parts: impl IntoIterator<Item = Part<'a>>,
