@@ -15,6 +15,7 @@ use tokio_rustls::TlsConnector;
 
 use super::connection::Connection;
 use super::error::{BackendError, DbError, Stage};
+use super::framing::{message_name, protocol};
 use super::options::{ConnectOptions, Host, SslMode};
 use super::stream::Socket;
 use super::tls;
@@ -130,7 +131,7 @@ impl Connection {
     async fn start(socket: Socket, connector: Connector) -> Result<Connection, BackendError> {
         let mut conn = Connection::new(socket, connector);
         conn.send_startup()?;
-        conn.flush(Stage::Connecting).await?;
+        conn.framer.flush(Stage::Connecting).await?;
         conn.authenticate().await?;
         conn.await_ready_for_query().await?;
         conn.startup_done();
@@ -148,13 +149,13 @@ impl Connection {
         if let Some(extra) = &options.options {
             params.push(("options", extra.as_str()));
         }
-        frontend::startup_message(params, self.write_buf())
+        frontend::startup_message(params, self.framer.write_buf())
             .map_err(|e| BackendError::Config(format!("invalid startup parameter: {e}")))
     }
 
     async fn authenticate(&mut self) -> Result<(), BackendError> {
         loop {
-            match self.read_message(Stage::Connecting).await? {
+            match self.framer.read_message(Stage::Connecting).await? {
                 Message::AuthenticationOk => return Ok(()),
                 Message::AuthenticationCleartextPassword => {
                     let password = self.password()?;
@@ -193,10 +194,10 @@ impl Connection {
         // server, while "y" would be refused when the server offers -PLUS.
         let password = self.password()?;
         let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-        frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), self.write_buf())
+        frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), self.framer.write_buf())
             .map_err(|e| BackendError::Protocol(e.to_string()))?;
-        self.flush(Stage::Connecting).await?;
-        let server_first = match self.read_message(Stage::Connecting).await? {
+        self.framer.flush(Stage::Connecting).await?;
+        let server_first = match self.framer.read_message(Stage::Connecting).await? {
             Message::AuthenticationSaslContinue(body) => body,
             Message::ErrorResponse(body) => {
                 return Err(auth_failure(DbError::parse(body.fields())));
@@ -206,10 +207,10 @@ impl Connection {
         scram
             .update(server_first.data())
             .map_err(|e| BackendError::AuthMethod(format!("SCRAM exchange failed: {e}")))?;
-        frontend::sasl_response(scram.message(), self.write_buf())
+        frontend::sasl_response(scram.message(), self.framer.write_buf())
             .map_err(|e| BackendError::Protocol(e.to_string()))?;
-        self.flush(Stage::Connecting).await?;
-        let server_final = match self.read_message(Stage::Connecting).await? {
+        self.framer.flush(Stage::Connecting).await?;
+        let server_final = match self.framer.read_message(Stage::Connecting).await? {
             Message::AuthenticationSaslFinal(body) => body,
             Message::ErrorResponse(body) => {
                 return Err(auth_failure(DbError::parse(body.fields())));
@@ -235,14 +236,14 @@ impl Connection {
     }
 
     async fn send_password(&mut self, password: &[u8]) -> Result<(), BackendError> {
-        frontend::password_message(password, self.write_buf())
+        frontend::password_message(password, self.framer.write_buf())
             .map_err(|e| BackendError::Protocol(e.to_string()))?;
-        self.flush(Stage::Connecting).await
+        self.framer.flush(Stage::Connecting).await
     }
 
     async fn await_ready_for_query(&mut self) -> Result<(), BackendError> {
         loop {
-            match self.read_message(Stage::Connecting).await? {
+            match self.framer.read_message(Stage::Connecting).await? {
                 Message::BackendKeyData(body) => {
                     self.set_backend_key(body.process_id(), body.secret_key())
                 }
@@ -268,10 +269,6 @@ fn auth_failure(parsed: std::io::Result<DbError>) -> BackendError {
     }
 }
 
-fn protocol(e: std::io::Error) -> BackendError {
-    BackendError::Protocol(e.to_string())
-}
-
 fn unsupported_auth(message: &Message) -> BackendError {
     let method = match message {
         Message::AuthenticationGss | Message::AuthenticationGssContinue(_) => "GSSAPI",
@@ -288,6 +285,6 @@ fn unsupported_auth(message: &Message) -> BackendError {
 fn unexpected_in_auth(message: &Message) -> BackendError {
     BackendError::Protocol(format!(
         "unexpected message during startup: {}",
-        super::connection::message_name(message)
+        message_name(message)
     ))
 }

@@ -1,4 +1,11 @@
-//! One session with the server: message I/O, transaction status, and the requests.
+//! One session with the server and its requests: simple query, pipelined
+//! extended query, read-only statement, reset and idle check.
+//!
+//! A [`Connection`] sits on a `Framer`, which does the message I/O; what
+//! it adds is the session's state (transaction status, an owed reset,
+//! whether it is broken, retired or dirty) and the requests, encoded here
+//! and read back by `collect`. Transaction batches are in
+//! [`transaction`](super::transaction).
 //!
 //! Requests follow one discipline: `begin_request` marks the connection busy,
 //! `end_request` clears the mark and records connection-level failures. If a
@@ -6,22 +13,20 @@
 //! the mark stays, the protocol state is unknown, and the connection refuses
 //! further use with [`BackendError::Broken`]; the pool then discards it.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::time::Instant;
 
-use bytes::{Buf, BytesMut};
 use postgres_protocol::IsNull;
-use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::cancel::CancelToken;
+use super::collect::{self, Protocol, copy_in_refused, may_copy_in};
 use super::connect::Connector;
-use super::error::{BackendError, DbError, Stage};
-use super::result::{QueryResult, Row, parse_fields};
-use super::statement::{Statement, TransactionOptions};
-use super::stream::{Drained, IdleProbe, Socket};
+use super::error::{BackendError, Stage};
+use super::framing::Framer;
+use super::result::QueryResult;
+use super::statement::Statement;
+use super::stream::Socket;
 
 /// Transaction status reported by the last ReadyForQuery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,60 +39,12 @@ pub enum TransactionStatus {
     Failed,
 }
 
-/// A transaction batch that failed, with whether its COMMIT had been sent.
-///
-/// `commit_sent` is what decides, after a connection-level failure, whether
-/// the batch certainly did not commit (false) or its outcome must be asked of
-/// the server (true).
-#[derive(Debug, thiserror::Error)]
-#[error("{error}")]
-pub struct TransactionError {
-    /// What went wrong.
-    pub error: BackendError,
-    /// True once the COMMIT started to be written.
-    pub commit_sent: bool,
-    /// The transaction's identity, when it was asked for and received.
-    pub identity: Option<TxIdentity>,
-    /// The statements' results, received before COMMIT was sent (empty
-    /// when it was not): the answer if the transaction turns out committed.
-    pub results: Vec<QueryResult>,
-}
-
-/// Who a transaction was, so its fate can be asked after a broken connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TxIdentity {
-    /// `txid_current()`: the 64-bit, epoch-extended transaction id.
-    pub xid: u64,
-    /// `pg_postmaster_start_time()` as text: changes when the server restarts.
-    pub server_started: String,
-    /// The server's current timeline (from its WAL file name): changes when
-    /// a standby is promoted, so a failover is never mistaken for a restart.
-    pub timeline: String,
-    /// When the server's shared statistics were last reset
-    /// (`pg_stat_get_bgwriter_stat_reset_time()`). Crash recovery discards
-    /// them, also when the postmaster recovers in place after one backend
-    /// was killed and its start time does not change; a clean restart
-    /// keeps them. `None` when the server reports none.
-    pub stats_reset: Option<String>,
-}
-
-/// The statement that identifies a transaction (see [`TxIdentity`]).
-const IDENTIFY_SQL: &str = "SELECT txid_current(), pg_postmaster_start_time()::text, \
-     substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8), \
-     pg_stat_get_bgwriter_stat_reset_time()::text";
-
 /// An authenticated session with a PostgreSQL server.
 pub struct Connection {
-    /// The transport.
-    socket: Socket,
-    /// Bytes received but not yet parsed into messages.
-    read_buf: BytesMut,
-    /// Messages encoded but not yet written.
-    write_buf: BytesMut,
+    /// Message I/O with the server.
+    pub(super) framer: Framer,
     /// How this connection was opened; cancel requests reuse it.
     connector: Connector,
-    /// ParameterStatus values (server_version, TimeZone, ...), kept current.
-    parameters: HashMap<String, String>,
     /// BackendKeyData: the process id and secret that cancel requests need.
     backend_key: Option<(i32, i32)>,
     /// From the last ReadyForQuery.
@@ -111,11 +68,8 @@ pub struct Connection {
 impl Connection {
     pub(crate) fn new(socket: Socket, connector: Connector) -> Self {
         Self {
-            socket,
-            read_buf: BytesMut::with_capacity(8192),
-            write_buf: BytesMut::with_capacity(1024),
+            framer: Framer::new(socket),
             connector,
-            parameters: HashMap::new(),
             backend_key: None,
             transaction_status: TransactionStatus::Idle,
             // Until the startup exchange completes (see `connect`).
@@ -131,7 +85,7 @@ impl Connection {
 
     /// A ParameterStatus value the server reported, e.g. `server_version`.
     pub fn parameter(&self, name: &str) -> Option<&str> {
-        self.parameters.get(name).map(String::as_str)
+        self.framer.parameter(name)
     }
 
     /// The server process serving this session.
@@ -142,7 +96,7 @@ impl Connection {
     /// The session's port on pgwarden's side (`client_port` on the server's);
     /// `None` over a Unix socket.
     pub fn local_port(&self) -> Option<u16> {
-        self.socket.local_port()
+        self.framer.local_port()
     }
 
     /// Transaction status from the last ReadyForQuery.
@@ -203,8 +157,7 @@ impl Connection {
     /// Runs one or more `;`-separated statements with the simple query
     /// protocol (results in text). Meant for health checks and warm-up.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<QueryResult>, BackendError> {
-        self.begin_request()?;
-        self.dirty = true;
+        self.begin_caller_request()?;
         let result = self.simple_query_inner(sql).await;
         self.end_request(result)
     }
@@ -256,8 +209,7 @@ impl Connection {
         &mut self,
         statements: &[Statement],
     ) -> Result<Vec<QueryResult>, BackendError> {
-        self.begin_request()?;
-        self.dirty = true;
+        self.begin_caller_request()?;
         let result = self
             .pipeline_inner(statements.iter().map(Part::Statement))
             .await;
@@ -269,8 +221,7 @@ impl Connection {
     /// transaction changed nothing; a statement that writes fails with 25006.
     /// On an SQL error the transaction is rolled back.
     pub async fn read_only(&mut self, statement: &Statement) -> Result<QueryResult, BackendError> {
-        self.begin_request()?;
-        self.dirty = true;
+        self.begin_caller_request()?;
         let parts = [
             Part::Sql("BEGIN READ ONLY"),
             Part::Statement(statement),
@@ -284,45 +235,6 @@ impl Connection {
             Err(error) => Err(self.roll_back_after(error, 1).await),
         };
         self.end_request(result)
-    }
-
-    /// Runs statements as one transaction: `START TRANSACTION` with the
-    /// options and the statements in one round trip, then `COMMIT` in a
-    /// second. On an SQL error the transaction is rolled back.
-    pub async fn transaction(
-        &mut self,
-        options: &TransactionOptions,
-        statements: &[Statement],
-    ) -> Result<Vec<QueryResult>, TransactionError> {
-        let mut progress = TransactionProgress::default();
-        self.transaction_tracked(options, statements, &mut progress)
-            .await
-    }
-
-    /// [`Connection::transaction`], recording how far it got in `progress`
-    /// as it goes, so a caller that gives up on it (a transaction timeout)
-    /// still knows whether COMMIT was sent and who the transaction was.
-    pub async fn transaction_tracked(
-        &mut self,
-        options: &TransactionOptions,
-        statements: &[Statement],
-        progress: &mut TransactionProgress,
-    ) -> Result<Vec<QueryResult>, TransactionError> {
-        let not_started = |error| TransactionError {
-            error,
-            commit_sent: false,
-            identity: None,
-            results: Vec::new(),
-        };
-        self.begin_request().map_err(not_started)?;
-        self.dirty = true;
-        let result = self.transaction_inner(options, statements, progress).await;
-        self.end_request(result).map_err(|error| TransactionError {
-            error,
-            commit_sent: progress.commit_sent,
-            identity: progress.identity.take(),
-            results: std::mem::take(&mut progress.results),
-        })
     }
 
     /// Makes the session as good as new for the next user: rolls back an
@@ -347,7 +259,7 @@ impl Connection {
     /// Drops a request that could not be encoded (nothing was sent), so no
     /// half-written message precedes the next one; a queued reset stays owed.
     fn unsend(&mut self, reset_queued: bool, error: BackendError) -> BackendError {
-        self.write_buf.clear();
+        self.framer.write_buf().clear();
         self.reset_owed |= reset_queued;
         error
     }
@@ -358,8 +270,8 @@ impl Connection {
         if !std::mem::take(&mut self.reset_owed) {
             return Ok(());
         }
-        frontend::query("DISCARD ALL", &mut self.write_buf).map_err(invalid_sql)?;
-        self.flush(Stage::Sending).await?;
+        frontend::query("DISCARD ALL", self.framer.write_buf()).map_err(invalid_sql)?;
+        self.framer.flush(Stage::Sending).await?;
         let result = self.collect_results(Protocol::Simple).await;
         self.reset_outcome(result.map(|_| ()))
     }
@@ -384,7 +296,7 @@ impl Connection {
         if self.is_broken() {
             return Err(BackendError::Broken);
         }
-        let result = self.poll_unsolicited();
+        let result = self.framer.poll_unsolicited();
         if result.is_err() {
             self.closed = true;
         }
@@ -395,16 +307,21 @@ impl Connection {
     pub async fn close(mut self) {
         // Marked first, so `Drop` adds nothing even if this is cancelled.
         self.closed = true;
-        self.write_buf.clear();
-        frontend::terminate(&mut self.write_buf);
-        let _ = self.socket.write_all(&self.write_buf).await;
-        let _ = self.socket.shutdown().await;
+        self.framer.terminate().await;
     }
 
     /// The startup exchange is over: the session may take requests (until
     /// then, `Drop` sends nothing into a half-finished handshake).
     pub(crate) fn startup_done(&mut self) {
         self.in_flight = false;
+    }
+
+    /// Starts a request that runs caller statements: from here on the
+    /// session may hold state they left (see [`Connection::is_dirty`]).
+    pub(super) fn begin_caller_request(&mut self) -> Result<(), BackendError> {
+        self.begin_request()?;
+        self.dirty = true;
+        Ok(())
     }
 
     fn begin_request(&mut self) -> Result<(), BackendError> {
@@ -415,7 +332,12 @@ impl Connection {
         Ok(())
     }
 
-    fn end_request<T>(&mut self, result: Result<T, BackendError>) -> Result<T, BackendError> {
+    /// Ends a request: a connection-level failure closes the session for
+    /// good, anything else leaves it ready for the next request.
+    pub(super) fn end_request<T>(
+        &mut self,
+        result: Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
         if let Err(e) = &result
             && e.is_connection_level()
         {
@@ -425,21 +347,27 @@ impl Connection {
         result
     }
 
-    async fn simple_query_inner(&mut self, sql: &str) -> Result<Vec<QueryResult>, BackendError> {
+    /// A simple-protocol request inside a larger one, an owed reset paid first.
+    pub(super) async fn simple_query_inner(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<QueryResult>, BackendError> {
         self.pay_owed_reset().await?;
         self.send_simple(sql).await
     }
 
     /// One simple-protocol exchange, as is: an owed reset stays owed.
     async fn send_simple(&mut self, sql: &str) -> Result<Vec<QueryResult>, BackendError> {
-        if let Err(e) = frontend::query(sql, &mut self.write_buf) {
+        if let Err(e) = frontend::query(sql, self.framer.write_buf()) {
             return Err(self.unsend(false, invalid_sql(e)));
         }
-        self.flush(Stage::Sending).await?;
+        self.framer.flush(Stage::Sending).await?;
         self.collect_results(Protocol::Simple).await
     }
 
-    async fn pipeline_inner<'a>(
+    /// Sends `parts` as one pipeline (one Sync, one round trip) and
+    /// collects one result per part; an owed reset is paid in front.
+    pub(super) async fn pipeline_inner<'a>(
         &mut self,
         parts: impl IntoIterator<Item = Part<'a>>,
     ) -> Result<Vec<QueryResult>, BackendError> {
@@ -452,8 +380,8 @@ impl Connection {
             Ok(statements) => statements,
             Err(error) => return Err(self.unsend(reset, error)),
         };
-        frontend::sync(&mut self.write_buf);
-        self.flush(Stage::Sending).await?;
+        frontend::sync(self.framer.write_buf());
+        self.framer.flush(Stage::Sending).await?;
         let results = self
             .collect_results(Protocol::Extended { statements })
             .await;
@@ -475,72 +403,13 @@ impl Connection {
         }
     }
 
-    async fn transaction_inner(
-        &mut self,
-        options: &TransactionOptions,
-        statements: &[Statement],
-        progress: &mut TransactionProgress,
-    ) -> Result<Vec<QueryResult>, BackendError> {
-        let start = options.start_sql();
-        let identify = options.identify.then_some(Part::Sql(IDENTIFY_SQL));
-        let prelude = 1 + usize::from(options.identify);
-        let parts = std::iter::once(Part::Sql(&start))
-            .chain(identify)
-            .chain(statements.iter().map(Part::Statement));
-        let mut results = match self.pipeline_inner(parts).await {
-            Ok(results) => results,
-            Err(error) => return Err(self.roll_back_after(error, prelude).await),
-        };
-        let mut prelude_results: Vec<QueryResult> = results.drain(..prelude).collect();
-        if options.identify {
-            progress.identity = Some(parse_identity(&prelude_results.pop())?);
-        }
-        progress.commit_sent = true;
-        progress.results = results;
-        let commit = self.simple_query_inner("COMMIT").await;
-        match commit {
-            Ok(tags) if tags.first().is_some_and(|r| r.command_tag == "COMMIT") => {
-                Ok(std::mem::take(&mut progress.results))
-            }
-            Ok(_) => Err(BackendError::Protocol("COMMIT did not commit".into())),
-            Err(BackendError::Sql { error, .. }) => Err(BackendError::Sql {
-                error,
-                statement: statements.len(),
-            }),
-            Err(error) => Err(error),
-        }
-    }
-
-    /// After a failed batch statement: roll back, and report the statement's
-    /// index among the caller's statements (the START is not one of them).
-    async fn roll_back_after(&mut self, error: BackendError, prelude: usize) -> BackendError {
-        // Both leave the session in step, inside the failed transaction.
-        let in_step = matches!(
-            error,
-            BackendError::Sql { .. } | BackendError::ResultTooLarge { .. }
-        );
-        if in_step
-            && self.transaction_status != TransactionStatus::Idle
-            && let Err(rollback) = self.simple_query_inner("ROLLBACK").await
-        {
-            return rollback;
-        }
-        match error {
-            BackendError::Sql { error, statement } => BackendError::Sql {
-                error,
-                statement: statement.saturating_sub(prelude),
-            },
-            other => other,
-        }
-    }
-
     /// Encodes the statements of a pipeline and returns how many there are.
     ///
     /// A COPY FROM STDIN is refused here, before anything is sent, unless it
     /// is the last statement: the server would read the next statement's
     /// Parse while in copy-in mode, and it answers that by terminating the
     /// session ("protocol synchronization was lost"). A COPY that is last
-    /// is refused once it starts (see [`Connection::refuse_copy_in`]). The
+    /// is refused once it starts (see `collect::refuse_copy_in`). The
     /// error's index counts the caller's statements, not an owed reset.
     fn encode_pipeline<'a>(
         &mut self,
@@ -567,7 +436,7 @@ impl Connection {
             Part::Sql(sql) => (sql, &[][..]),
             Part::Statement(statement) => (statement.sql.as_str(), statement.params.as_slice()),
         };
-        let buf = &mut self.write_buf;
+        let buf = self.framer.write_buf();
         frontend::parse("", sql, std::iter::empty(), buf).map_err(invalid_sql)?;
         frontend::bind(
             "",
@@ -590,206 +459,17 @@ impl Connection {
         Ok(())
     }
 
-    /// Reads every message up to ReadyForQuery, building one result per
-    /// statement. The first SQL error is kept and returned once the server
-    /// is ready again, so the session stays in step. Under a result limit no
-    /// message larger than the collector allows is ever held: it is skipped
-    /// as it arrives (see [`Collector::allowance`]).
+    /// Reads the request's response (see [`collect::read_response`]) and
+    /// takes the transaction status of its ReadyForQuery.
     async fn collect_results(
         &mut self,
         protocol: Protocol,
     ) -> Result<Vec<QueryResult>, BackendError> {
-        let mut collector = Collector::new(self.result_limit);
-        loop {
-            let allowance = collector.allowance();
-            let message = match self.read_within(Stage::Receiving, allowance).await? {
-                Incoming::Message(message) => message,
-                Incoming::Skipped(tag) => {
-                    collector.skipped(tag);
-                    continue;
-                }
-            };
-            match message {
-                Message::ReadyForQuery(body) => {
-                    self.set_transaction_status(body.status())?;
-                    self.shrink_read_buf();
-                    return collector.finish();
-                }
-                Message::CopyInResponse(_) => self.refuse_copy_in(protocol, &mut collector).await?,
-                other => collector.accept(other)?,
-            }
-        }
-    }
-
-    /// COPY FROM STDIN would wait for data no request carries: it is refused
-    /// with a clear error, and the session is brought back in step. How
-    /// depends on what the server does next:
-    /// - simple protocol: CopyFail ends the copy, the rest of the query
-    ///   string is abandoned, one ReadyForQuery follows;
-    /// - extended, COPY last in the pipeline: copy-in mode ignored the
-    ///   pipeline's Sync, so CopyFail is followed by a Sync of our own, and
-    ///   its ReadyForQuery is the only one;
-    /// - extended, more statements behind the COPY: only when the check
-    ///   before sending missed it (see [`Connection::encode_pipeline`]). The
-    ///   server reads the next Parse in copy-in mode and ends the session
-    ///   with a FATAL error, which the collector then reports; a Sync sent
-    ///   now could only leave a reply unread, so nothing is sent.
-    async fn refuse_copy_in(
-        &mut self,
-        protocol: Protocol,
-        collector: &mut Collector,
-    ) -> Result<(), BackendError> {
-        collector.refuse_copy(copy_refusal(COPY_IN_REFUSED));
-        let sync = match protocol {
-            Protocol::Simple => false,
-            Protocol::Extended { statements } if collector.position() + 1 >= statements => true,
-            Protocol::Extended { .. } => return Ok(()),
-        };
-        frontend::copy_fail(COPY_IN_REFUSED, &mut self.write_buf).map_err(invalid_sql)?;
-        if sync {
-            frontend::sync(&mut self.write_buf);
-        }
-        self.flush(Stage::Receiving).await
-    }
-
-    /// Reads the next message that is not asynchronous bookkeeping
-    /// (ParameterStatus is recorded, notices and notifications are skipped).
-    pub(crate) async fn read_message(&mut self, stage: Stage) -> Result<Message, BackendError> {
-        match self.read_within(stage, None).await? {
-            Incoming::Message(message) => Ok(message),
-            // Without an allowance nothing is skipped.
-            Incoming::Skipped(tag) => Err(BackendError::Protocol(format!(
-                "message {:?} skipped without a size limit",
-                char::from(tag)
-            ))),
-        }
-    }
-
-    /// Like [`Connection::read_message`], but a message over `allowance` is
-    /// never buffered: its bytes are discarded as they arrive, and only its
-    /// type is reported. The buffer thus never grows past what the
-    /// allowance admits, however large a message the server announces.
-    async fn read_within(
-        &mut self,
-        stage: Stage,
-        allowance: Option<Allowance>,
-    ) -> Result<Incoming, BackendError> {
-        loop {
-            match self.parse_within(allowance)? {
-                Parsed::Message(message) => return Ok(Incoming::Message(message)),
-                Parsed::Oversized { tag, total } => {
-                    self.skip_bytes(total, stage).await?;
-                    return Ok(Incoming::Skipped(tag));
-                }
-                Parsed::Incomplete => {}
-            }
-            let read = self.socket.read_buf(&mut self.read_buf).await;
-            match read {
-                Ok(0) => return Err(BackendError::Closed { stage }),
-                Ok(_) => {}
-                Err(source) => return Err(BackendError::Io { stage, source }),
-            }
-        }
-    }
-
-    /// Discards the next `len` bytes of the stream: those already buffered,
-    /// then the rest straight from the socket, a small chunk at a time.
-    async fn skip_bytes(&mut self, len: usize, stage: Stage) -> Result<(), BackendError> {
-        let buffered = len.min(self.read_buf.len());
-        self.read_buf.advance(buffered);
-        match self.socket.discard(len - buffered).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                Err(BackendError::Closed { stage })
-            }
-            Err(source) => Err(BackendError::Io { stage, source }),
-        }
-    }
-
-    /// A buffer grown for one large message gives its memory back once the
-    /// request is over, so an idle pooled session holds little.
-    fn shrink_read_buf(&mut self) {
-        if self.read_buf.capacity() <= READ_BUF_KEPT {
-            return;
-        }
-        let mut fresh = BytesMut::with_capacity(READ_BUF_INITIAL.max(self.read_buf.len()));
-        fresh.extend_from_slice(&self.read_buf);
-        self.read_buf = fresh;
-    }
-
-    fn parse_buffered(&mut self) -> Result<Option<Message>, BackendError> {
-        match self.parse_within(None)? {
-            Parsed::Message(message) => Ok(Some(message)),
-            // Without an allowance nothing is oversized.
-            Parsed::Incomplete | Parsed::Oversized { .. } => Ok(None),
-        }
-    }
-
-    /// Parses the next buffered message that is not bookkeeping. The header
-    /// is checked against `allowance` before the message is parsed, because
-    /// parsing an incomplete message reserves buffer room for all of it.
-    fn parse_within(&mut self, allowance: Option<Allowance>) -> Result<Parsed, BackendError> {
-        loop {
-            if let (Some(allowance), Some((tag, total))) = (allowance, peek_header(&self.read_buf))
-                && !allowance.admits(tag, total)
-            {
-                return Ok(Parsed::Oversized { tag, total });
-            }
-            let message = Message::parse(&mut self.read_buf).map_err(protocol)?;
-            match message {
-                Some(Message::ParameterStatus(body)) => {
-                    let name = body.name().map_err(protocol)?.to_owned();
-                    let value = body.value().map_err(protocol)?.to_owned();
-                    self.parameters.insert(name, value);
-                }
-                Some(Message::NoticeResponse(_) | Message::NotificationResponse(_)) => {}
-                Some(other) => return Ok(Parsed::Message(other)),
-                None => return Ok(Parsed::Incomplete),
-            }
-        }
-    }
-
-    fn poll_unsolicited(&mut self) -> Result<(), BackendError> {
-        let closed = BackendError::Closed {
-            stage: Stage::Sending,
-        };
-        let probe = self
-            .socket
-            .probe_idle()
-            .map_err(BackendError::io(Stage::Sending))?;
-        match probe {
-            IdleProbe::Quiet => return Ok(()),
-            IdleProbe::Closed => return Err(closed),
-            IdleProbe::Data => {}
-        }
-        let read = self.socket.read_available(&mut self.read_buf);
-        if read.map_err(BackendError::io(Stage::Sending))? == Drained::Closed {
-            return Err(closed);
-        }
-        match self.parse_buffered()? {
-            None => Ok(()),
-            Some(Message::ErrorResponse(body)) => {
-                Err(fatal_or_protocol(DbError::parse(body.fields())))
-            }
-            Some(other) => Err(BackendError::Protocol(format!(
-                "unsolicited {} on an idle connection",
-                message_name(&other)
-            ))),
-        }
-    }
-
-    pub(crate) async fn flush(&mut self, stage: Stage) -> Result<(), BackendError> {
-        let result = async {
-            self.socket.write_all(&self.write_buf).await?;
-            self.socket.flush().await
-        }
-        .await;
-        self.write_buf.clear();
-        result.map_err(BackendError::io(stage))
-    }
-
-    pub(crate) fn write_buf(&mut self) -> &mut BytesMut {
-        &mut self.write_buf
+        let limit = self.result_limit;
+        let response = collect::read_response(&mut self.framer, limit, protocol).await?;
+        self.set_transaction_status(response.status)?;
+        self.framer.shrink_read_buf();
+        response.results
     }
 
     pub(crate) fn connector(&self) -> &Connector {
@@ -819,7 +499,7 @@ impl Connection {
 /// connection adds around it (transaction control), so that wrapping a
 /// request never copies it.
 #[derive(Clone, Copy, Debug)]
-enum Part<'a> {
+pub(super) enum Part<'a> {
     /// SQL without parameters.
     Sql(&'a str),
     /// A caller's statement.
@@ -836,17 +516,6 @@ impl Part<'_> {
     }
 }
 
-/// How far a transaction batch got (see [`Connection::transaction_tracked`]).
-#[derive(Debug, Default)]
-pub struct TransactionProgress {
-    /// True once the COMMIT started to be written.
-    pub commit_sent: bool,
-    /// The transaction's identity, once asked for and received.
-    pub identity: Option<TxIdentity>,
-    /// The statements' results, once COMMIT was sent.
-    pub results: Vec<QueryResult>,
-}
-
 /// A session the pool lets go of says goodbye: a Terminate message, sent
 /// if the socket takes it at once, so the server ends the session as a
 /// normal disconnect instead of counting it abandoned. A broken session
@@ -856,166 +525,17 @@ impl Drop for Connection {
         if self.closed || self.in_flight {
             return;
         }
-        // The Terminate message: type 'X', length 4, no body.
-        self.socket.write_now(&[b'X', 0, 0, 0, 4]);
+        self.framer.terminate_now();
     }
-}
-
-fn parse_identity(result: &Option<QueryResult>) -> Result<TxIdentity, BackendError> {
-    let row = result.as_ref().and_then(|r| r.rows.first());
-    let xid = row.and_then(|r| r.get(0)).and_then(|v| v.parse().ok());
-    let text = |i: usize| row.and_then(|r| r.get(i)).map(|v| v.into_owned());
-    match (xid, text(1), text(2)) {
-        (Some(xid), Some(server_started), Some(timeline)) => Ok(TxIdentity {
-            xid,
-            server_started,
-            timeline,
-            stats_reset: text(3),
-        }),
-        _ => Err(BackendError::Protocol(
-            "unexpected answer to the transaction identity query".into(),
-        )),
-    }
-}
-
-/// Which query protocol a request used; COPY handling differs between them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Protocol {
-    Simple,
-    /// A pipeline of `statements` Executes and one Sync: whether a COPY is
-    /// the last of them decides how it is refused.
-    Extended {
-        statements: usize,
-    },
-}
-
-/// The error a refused COPY FROM STDIN reports, to the client and in CopyFail.
-const COPY_IN_REFUSED: &str = "COPY FROM STDIN is not supported";
-
-/// The error a refused COPY TO STDOUT reports.
-const COPY_OUT_REFUSED: &str = "COPY TO STDOUT is not supported";
-
-/// A refused COPY, as the client sees it: SQLSTATE 0A000, feature_not_supported.
-fn copy_refusal(message: &str) -> DbError {
-    DbError {
-        severity: "ERROR".into(),
-        code: "0A000".into(),
-        message: message.into(),
-        ..DbError::default()
-    }
-}
-
-/// A pipeline refused before sending, for a COPY FROM STDIN at `statement`.
-fn copy_in_refused(statement: usize) -> BackendError {
-    BackendError::Sql {
-        error: Box::new(copy_refusal(COPY_IN_REFUSED)),
-        statement,
-    }
-}
-
-/// Whether a statement may start COPY FROM STDIN: its first word is COPY
-/// and the word STDIN appears in it. Only a top-level COPY can (PL/pgSQL
-/// refuses COPY to or from the client), and one extended-protocol statement
-/// holds one command. Conservative: a server-side COPY that merely mentions
-/// a `stdin` name or string is also caught.
-fn may_copy_in(sql: &str) -> bool {
-    let mut words = sql_words(sql);
-    words.next().is_some_and(|w| w.eq_ignore_ascii_case("copy"))
-        && words.any(|w| w.eq_ignore_ascii_case("stdin"))
-}
-
-/// The words of a statement, after its leading comments.
-fn sql_words(sql: &str) -> impl Iterator<Item = &str> {
-    skip_leading_comments(sql)
-        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
-        .filter(|w| !w.is_empty())
-}
-
-/// The statement without the whitespace and comments in front of it.
-fn skip_leading_comments(mut sql: &str) -> &str {
-    loop {
-        sql = sql.trim_start();
-        if let Some(rest) = sql.strip_prefix("--") {
-            sql = rest.split_once('\n').map_or("", |(_, after)| after);
-        } else if let Some(rest) = sql.strip_prefix("/*") {
-            sql = rest.split_once("*/").map_or("", |(_, after)| after);
-        } else {
-            return sql;
-        }
-    }
-}
-
-/// Read buffer capacity a session shrinks back to (that of a new one).
-const READ_BUF_INITIAL: usize = 8 * 1024;
-
-/// Read buffer capacity kept between requests; more is given back.
-const READ_BUF_KEPT: usize = 64 * 1024;
-
-/// Smallest allowance for a message other than a row, whatever the result
-/// limit: row descriptions of wide tables and ordinary errors must pass.
-const MIN_MESSAGE_ALLOWANCE: usize = 1024 * 1024;
-
-/// Bytes of a DataRow message besides its values (type, length and column
-/// count), which [`Row::wire_size`] leaves out. A row counts against the
-/// limit with them, so even rows without columns add up.
-const DATA_ROW_OVERHEAD: usize = 7;
-
-/// The largest messages a request under a result limit may still buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Allowance {
-    /// For a DataRow: what is left of the limit, in whole-message bytes.
-    row: usize,
-    /// For any other message, in bytes of its body.
-    other: usize,
-}
-
-impl Allowance {
-    /// Whether a message of type `tag`, `total` bytes long with its header,
-    /// may be buffered. Messages that steer the protocol (ReadyForQuery, COPY
-    /// responses, completions) are far below the smallest allowance.
-    fn admits(self, tag: u8, total: usize) -> bool {
-        let body = total.saturating_sub(5);
-        match tag {
-            b'D' => total <= self.row,
-            _ => body <= self.other,
-        }
-    }
-}
-
-/// What the buffer holds next.
-enum Parsed {
-    /// A whole message.
-    Message(Message),
-    /// The header of a message over the allowance: its type, and its
-    /// length with the header.
-    Oversized { tag: u8, total: usize },
-    /// Not a whole message yet.
-    Incomplete,
-}
-
-/// The next message of a response, or the type of one that was skipped.
-enum Incoming {
-    Message(Message),
-    /// A message over the allowance was discarded as it arrived.
-    Skipped(u8),
-}
-
-/// Type and whole length of the next message, once its 5-byte header is
-/// in (the length field counts itself but not the type byte).
-fn peek_header(buf: &[u8]) -> Option<(u8, usize)> {
-    let header = buf.get(..5)?;
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-    Some((header[0], len as usize + 1))
 }
 
 /// The session's state, without what must not reach a log: the cancel
 /// key's secret (it authorizes cancelling this session's statements) and
-/// the buffers' contents (rows, parameters, and during startup the
-/// password exchange); buffers show only their length.
+/// the buffers' contents, which the framer's `Debug` leaves out.
 impl fmt::Debug for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connection")
-            .field("socket", &self.socket)
+            .field("framer", &self.framer)
             .field("connector", &self.connector)
             .field("process_id", &self.process_id())
             .field("transaction_status", &self.transaction_status)
@@ -1025,185 +545,13 @@ impl fmt::Debug for Connection {
             .field("reset_owed", &self.reset_owed)
             .field("retired", &self.retired)
             .field("result_limit", &self.result_limit)
-            .field("read_buffered", &self.read_buf.len())
-            .field("write_buffered", &self.write_buf.len())
             .field("created_at", &self.created_at)
             .finish_non_exhaustive()
     }
 }
 
-/// Builds results from the messages of one request.
-struct Collector {
-    results: Vec<QueryResult>,
-    current: QueryResult,
-    failure: Option<BackendError>,
-    limit: Option<usize>,
-    bytes: usize,
-}
-
-impl Collector {
-    fn new(limit: Option<usize>) -> Self {
-        Self {
-            results: Vec::new(),
-            current: QueryResult::default(),
-            failure: None,
-            limit,
-            bytes: 0,
-        }
-    }
-
-    /// The largest messages the request may still buffer, under a limit:
-    /// a row only as large as what is left of it, so a row that would take
-    /// the result over is never held; anything else up to the limit itself
-    /// (at least [`MIN_MESSAGE_ALLOWANCE`]). Rows held plus the message
-    /// being read thus stay within about twice the limit.
-    fn allowance(&self) -> Option<Allowance> {
-        let limit = self.limit?;
-        Some(Allowance {
-            row: limit.saturating_sub(self.bytes),
-            other: limit.max(MIN_MESSAGE_ALLOWANCE),
-        })
-    }
-
-    /// Index of the statement whose messages arrive now: earlier ones have
-    /// completed (after an error the server runs none).
-    fn position(&self) -> usize {
-        self.results.len()
-    }
-
-    /// A message over the allowance went by unread. Notices, notifications
-    /// and parameter reports are skipped without consequence (only the
-    /// parameter's new value is lost); anything else made the result too large.
-    fn skipped(&mut self, tag: u8) {
-        match tag {
-            b'N' | b'A' | b'S' => {}
-            _ => self.overflow(),
-        }
-    }
-
-    fn accept(&mut self, message: Message) -> Result<(), BackendError> {
-        match message {
-            Message::ParseComplete | Message::BindComplete | Message::NoData => {}
-            Message::RowDescription(body) => {
-                self.current.fields = parse_fields(&body).map_err(protocol)?
-            }
-            Message::DataRow(body) => self.push_row(Row::parse(&body).map_err(protocol)?),
-            Message::CommandComplete(body) => {
-                self.current.command_tag = body.tag().map_err(protocol)?.to_owned();
-                self.results.push(std::mem::take(&mut self.current));
-            }
-            Message::EmptyQueryResponse => self.results.push(std::mem::take(&mut self.current)),
-            Message::ErrorResponse(body) => {
-                self.fail(DbError::parse(body.fields()).map_err(protocol)?)?
-            }
-            Message::CopyOutResponse(_) | Message::CopyData(_) | Message::CopyDone => {
-                self.refuse_copy(copy_refusal(COPY_OUT_REFUSED))
-            }
-            other => {
-                return Err(BackendError::Protocol(format!(
-                    "unexpected {} in a query response",
-                    message_name(&other)
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    fn push_row(&mut self, row: Row) {
-        let cost = row.wire_size().saturating_add(DATA_ROW_OVERHEAD);
-        self.bytes = self.bytes.saturating_add(cost);
-        match self.limit {
-            Some(limit) if self.bytes > limit => self.overflow(),
-            _ => self.current.rows.push(row),
-        }
-    }
-
-    /// The result went over the limit: the request fails, and the rows held
-    /// so far are let go at once, since none of them will be returned.
-    /// Counting continues at the limit, so later rows are skipped unread.
-    fn overflow(&mut self) {
-        let Some(limit) = self.limit else { return };
-        self.bytes = self.bytes.max(limit.saturating_add(1));
-        self.current.rows = Vec::new();
-        for result in &mut self.results {
-            result.rows = Vec::new();
-        }
-        self.failure
-            .get_or_insert(BackendError::ResultTooLarge { limit });
-    }
-
-    fn fail(&mut self, error: DbError) -> Result<(), BackendError> {
-        if error.is_fatal() {
-            return Err(BackendError::Fatal(Box::new(error)));
-        }
-        let statement = self.results.len();
-        if !matches!(self.failure, Some(BackendError::Sql { .. })) {
-            self.failure = Some(BackendError::Sql {
-                error: Box::new(error),
-                statement,
-            });
-        }
-        Ok(())
-    }
-
-    /// Records a COPY the request cannot take part in; the server's own
-    /// error about the aborted copy that follows is then not the one reported.
-    fn refuse_copy(&mut self, error: DbError) {
-        let statement = self.results.len();
-        if !matches!(self.failure, Some(BackendError::Sql { .. })) {
-            self.failure = Some(BackendError::Sql {
-                error: Box::new(error),
-                statement,
-            });
-        }
-    }
-
-    fn finish(self) -> Result<Vec<QueryResult>, BackendError> {
-        match self.failure {
-            Some(error) => Err(error),
-            None => Ok(self.results),
-        }
-    }
-}
-
-fn protocol(e: std::io::Error) -> BackendError {
-    BackendError::Protocol(e.to_string())
-}
-
-fn invalid_sql(e: std::io::Error) -> BackendError {
+pub(super) fn invalid_sql(e: std::io::Error) -> BackendError {
     BackendError::Config(format!("statement cannot be sent: {e}"))
-}
-
-fn fatal_or_protocol(parsed: std::io::Result<DbError>) -> BackendError {
-    match parsed {
-        Ok(error) => BackendError::Fatal(Box::new(error)),
-        Err(e) => protocol(e),
-    }
-}
-
-/// A short name of a backend message for error texts.
-pub(crate) fn message_name(message: &Message) -> &'static str {
-    match message {
-        Message::AuthenticationOk => "AuthenticationOk",
-        Message::BackendKeyData(_) => "BackendKeyData",
-        Message::BindComplete => "BindComplete",
-        Message::CloseComplete => "CloseComplete",
-        Message::CommandComplete(_) => "CommandComplete",
-        Message::CopyData(_) => "CopyData",
-        Message::CopyDone => "CopyDone",
-        Message::CopyInResponse(_) => "CopyInResponse",
-        Message::CopyOutResponse(_) => "CopyOutResponse",
-        Message::DataRow(_) => "DataRow",
-        Message::EmptyQueryResponse => "EmptyQueryResponse",
-        Message::ErrorResponse(_) => "ErrorResponse",
-        Message::NoData => "NoData",
-        Message::ParameterDescription(_) => "ParameterDescription",
-        Message::ParseComplete => "ParseComplete",
-        Message::PortalSuspended => "PortalSuspended",
-        Message::ReadyForQuery(_) => "ReadyForQuery",
-        Message::RowDescription(_) => "RowDescription",
-        _ => "authentication or other message",
-    }
 }
 
 #[cfg(test)]
@@ -1219,40 +567,10 @@ mod tests {
         let (ours, _server) = tokio::net::UnixStream::pair().unwrap();
         let mut conn = Connection::new(Socket::Unix(ours), connector);
         conn.set_backend_key(4242, 918_273_645);
-        conn.read_buf.extend_from_slice(b"row-secret");
+        conn.framer.write_buf().extend_from_slice(b"row-secret");
         let shown = format!("{conn:?}");
         assert!(shown.contains("process_id: Some(4242)"), "{shown}");
         assert!(!shown.contains("918273645"), "{shown}");
         assert!(!shown.contains("row-secret"), "{shown}");
-    }
-
-    #[test]
-    fn copy_from_stdin_is_recognised_before_sending() {
-        let cases = [
-            ("COPY c FROM STDIN", true),
-            ("  copy c (a, b) from stdin with (format csv)", true),
-            ("-- load\n/* rows */ COPY c FROM stdin", true),
-            ("COPY c TO STDOUT", false),
-            ("COPY c FROM '/tmp/c.csv'", false),
-            ("SELECT 'COPY c FROM STDIN'", false),
-            ("INSERT INTO c VALUES (1)", false),
-        ];
-        for (sql, expected) in cases {
-            assert_eq!(may_copy_in(sql), expected, "{sql}");
-        }
-    }
-
-    #[test]
-    fn an_allowance_admits_rows_up_to_what_is_left_and_others_up_to_the_limit() {
-        let allowance = Allowance {
-            row: 100,
-            other: 1000,
-        };
-        assert!(allowance.admits(b'D', 100));
-        assert!(!allowance.admits(b'D', 101));
-        assert!(allowance.admits(b'E', 1005));
-        assert!(!allowance.admits(b'E', 1006));
-        assert_eq!(peek_header(&[b'D', 0, 0, 1, 0]), Some((b'D', 257)));
-        assert_eq!(peek_header(&[b'D', 0, 0]), None);
     }
 }

@@ -24,28 +24,35 @@
 //! # Layout
 //! - [`options`]: where and how to connect (from a `postgresql://` URL);
 //! - [`connect`]: socket, TLS (`sslmode`), startup and authentication;
+//! - `framing`: message I/O on a session's socket: whole messages in
+//!   and out, within a size allowance (the part a wire front end shares);
 //! - [`connection`]: a session and its requests (simple query, pipelined
-//!   extended query, transaction batch, reset, idle check);
+//!   extended query, reset, idle check);
+//! - [`transaction`]: a batch of statements as one transaction, and what
+//!   is known of it when it fails;
+//! - `collect`: a response read into results, and the refusal of COPY;
 //! - [`cancel`]: cancel requests;
 //! - [`result`] and [`statement`]: what goes in and comes out;
 //! - [`error`]: every failure, classified by [`ErrorKind`].
 
 pub mod cancel;
+mod collect;
 pub mod connect;
 pub mod connection;
 pub mod error;
+pub(crate) mod framing;
 pub mod options;
 pub mod result;
 pub mod statement;
 mod stream;
 mod tls;
+pub mod transaction;
 
 pub use cancel::CancelToken;
 pub use connect::Connector;
-pub use connection::{
-    Connection, TransactionError, TransactionProgress, TransactionStatus, TxIdentity,
-};
+pub use connection::{Connection, TransactionStatus};
 pub use error::{BackendError, DbError, ErrorKind, Refusal, Scope, Stage};
 pub use options::{ConnectOptions, Host, Secret, SslMode};
 pub use result::{Field, QueryResult, Row};
 pub use statement::{IsolationLevel, Statement, TransactionOptions};
+pub use transaction::{TransactionError, TransactionProgress, TxIdentity};
