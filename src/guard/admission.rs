@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, Span, field, info_span};
 
 use super::error::GuardError;
+use super::refusals::RefusalGate;
 use crate::backend::Scope;
 use crate::lifecycle::{
     ConnectionSource, Generation, GenerationPool, Lifecycle, Snapshot, SourceError,
@@ -56,6 +57,8 @@ pub struct Guard<S: ConnectionSource> {
     snapshot: watch::Receiver<Snapshot<Pool<S>>>,
     budget: Duration,
     metrics: Metrics,
+    /// Holds back asks for new sessions after the server refused one.
+    refusals: Arc<RefusalGate>,
 }
 
 impl<S: ConnectionSource> Clone for Guard<S> {
@@ -65,6 +68,7 @@ impl<S: ConnectionSource> Clone for Guard<S> {
             snapshot: self.snapshot.clone(),
             budget: self.budget,
             metrics: self.metrics.clone(),
+            refusals: self.refusals.clone(),
         }
     }
 }
@@ -102,6 +106,7 @@ impl<S: ConnectionSource> Guard<S> {
             lifecycle,
             budget,
             metrics,
+            refusals: Arc::new(RefusalGate::new()),
         }
     }
 
@@ -152,15 +157,15 @@ impl<S: ConnectionSource> Guard<S> {
             Fast::NotReady => None,
             Fast::NoSession(error) => Some(error),
         };
+        // The request waits either way; a state still `ready` means its
+        // generation was just retired and the reconnect not yet published.
         let cause = match pending {
-            Some(_) => Some(GuardCause::Busy),
-            None => wait_cause(self.snapshot.borrow().state),
+            Some(_) => GuardCause::Busy,
+            None => wait_cause(self.snapshot.borrow().state).unwrap_or(GuardCause::Reconnecting),
         };
-        if let Some(cause) = cause {
-            Span::current().record("guard.cause", cause.as_str());
-        }
+        Span::current().record("guard.cause", cause.as_str());
         // Boxed: the waiting machinery stays out of the fast path's future.
-        Box::pin(self.wait_and_admit(cause, deadline, 0, pending)).await
+        Box::pin(self.wait_and_admit(Some(cause), deadline, 0, pending)).await
     }
 
     /// Checks a held lease before use: if its generation was retired, counts
@@ -215,6 +220,12 @@ impl<S: ConnectionSource> Guard<S> {
                 _ => return Ok(Fast::NotReady),
             }
         };
+        // Shortly after a refusal, only a session given back will do.
+        if let Some(refusal) = self.refusals.holding()
+            && generation.pool().status().idle == 0
+        {
+            return Ok(Fast::NoSession(refusal));
+        }
         // A ready pool usually has a connection at hand: try once before
         // arming the budget's timer, which costs more than the rest.
         let got = {
@@ -249,7 +260,10 @@ impl<S: ConnectionSource> Guard<S> {
     ) -> Result<Fast<S>, GuardError> {
         match error.scope {
             Scope::Statement => return Err(GuardError::Pool(error)),
-            Scope::Refused(reason) => self.metrics.session_refused(reason),
+            Scope::Refused(reason) => {
+                self.metrics.session_refused(reason);
+                self.refusals.refused(&error);
+            }
             Scope::Unreachable | Scope::Server => {
                 self.lifecycle.report_unreachable(generation.id())
             }

@@ -10,6 +10,7 @@ pub mod admission;
 pub mod error;
 pub mod exec;
 pub mod outcome;
+mod refusals;
 pub mod replay;
 
 pub use admission::{DEFAULT_GUARD_TIMEOUT, Guard, Lease};

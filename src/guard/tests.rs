@@ -165,3 +165,28 @@ async fn a_stopping_daemon_refuses_at_once() {
     let error = guard(&h).admit().await.unwrap_err();
     assert!(matches!(error, GuardError::Stopping), "{error}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_server_that_refuses_new_sessions_is_not_hammered_by_waiting_requests() {
+    let h = Harness::start(slow_warmup());
+    h.reach(PoolState::Ready, 1).await;
+    h.source.set(|s| s.full = true);
+    let asked_before = h.source.asked(0);
+    let guard = guard(&h);
+    let started = Instant::now();
+    let requests = (0..20).map(|_| guard.admit());
+    let results = futures_util::future::join_all(requests).await;
+    assert!(started.elapsed() >= DEFAULT_GUARD_TIMEOUT);
+    for result in results {
+        let error = result.unwrap_err();
+        assert!(matches!(error, GuardError::NoSession { .. }), "{error}");
+        assert!(error.to_string().contains("too many clients"), "{error}");
+        assert_eq!(error.kind(), ClientErrorKind::GuardTimeout);
+    }
+    // Twenty first asks, then about one per hold while the budget lasts;
+    // without the hold each waiter would ask every 10 to 200 ms (~360).
+    let asked = h.source.asked(0) - asked_before;
+    assert!(asked <= 20 + 2 * 12 + 5, "{asked} asks for a session");
+    assert_eq!(waits(&h, GuardCause::Busy, "timeout"), 20.0);
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 0.0);
+}

@@ -34,6 +34,8 @@ pub(crate) struct FakeSource {
 struct FakeState {
     closed: AtomicBool,
     lent: AtomicUsize,
+    /// Every `get`, lent or refused.
+    asked: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -64,6 +66,13 @@ impl FakeSource {
 
     pub fn set(&self, change: impl FnOnce(&mut Script)) {
         change(&mut self.script.lock().unwrap());
+    }
+
+    /// How many sessions the pool of generation `index + 1` was asked for.
+    pub fn asked(&self, index: usize) -> usize {
+        self.pools.lock().unwrap()[index]
+            .asked
+            .load(Ordering::SeqCst)
     }
 
     pub fn pool_closed(&self, index: usize) -> bool {
@@ -113,6 +122,7 @@ impl GenerationPool for FakePool {
     type Error = SourceError;
 
     async fn get(&self) -> Result<FakeConn, SourceError> {
+        self.state.asked.fetch_add(1, Ordering::SeqCst);
         if let Some(error) = cannot_open(&self.script.lock().unwrap()) {
             return Err(error);
         }
