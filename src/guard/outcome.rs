@@ -3,7 +3,7 @@
 //!
 //! The argument for when `txid_status` is authoritative is in the module doc
 //! of [`super::replay`]; this module turns it into one query and one
-//! decision function, [`judge`], tested as a table.
+//! decision function, `judge`, tested as a table.
 
 use tracing::warn;
 

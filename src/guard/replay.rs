@@ -19,18 +19,36 @@
 //! clean restart the shutdown checkpoint recorded the next xid, so again no
 //! xid is reused. After a **crash**, the server recovers its next xid from
 //! the WAL: an xid that left no trace in flushed WAL can be handed out again
-//! to a new transaction, and `txid_status` would then describe *that*
-//! transaction. Such an xid is at or above the next xid recorded by the
-//! end-of-recovery checkpoint, so: when the server restarted since the write
-//! was sent and its latest checkpoint was taken after that restart, an xid at
-//! or above the checkpoint's next xid was never logged and never committed
-//! (replay), and one below it is described truthfully. After a **failover**
-//! (the server's timeline changed) the new primary's history may lack the
-//! write and reuse its xid: "aborted" still means the write is absent, but
-//! "committed" cannot be told from someone else's commit. When the answer
-//! cannot be established (a failover reporting "committed", a restart seen
-//! by a role without permission to read `pg_control_checkpoint()`, or an
-//! xid too old to have a status), the answer is 08007, never a guess.
+//! to a new transaction (pgwarden's own replay, say), and `txid_status`
+//! would then describe *that* transaction.
+//!
+//! A crash does not always restart the postmaster: when one backend is
+//! killed (the OOM killer's SIGKILL), the postmaster ends every session and
+//! recovers **in place**, and `pg_postmaster_start_time()` does not change.
+//! What changes on every crash recovery, in place or not, is the shared
+//! statistics: recovery discards them, so their reset time
+//! (`pg_stat_get_bgwriter_stat_reset_time()`) moves, while a clean restart
+//! keeps it. A write records it with its xid, in the same round trip.
+//!
+//! Every crash recovery ends with a checkpoint taken before any session is
+//! accepted, whose next xid is above every xid the WAL holds. So, when the
+//! statistics were reset since the write was identified:
+//! - an xid at or above the latest checkpoint's next xid was never logged
+//!   before the crash, so it never committed: replay;
+//! - below it, `txid_status` is authoritative only when that checkpoint is
+//!   the one that ended the recovery: a shutdown-type checkpoint (its redo
+//!   point is its own record), taken after the reset, and the only one
+//!   counted since. A later checkpoint hides where the recovery ended: 08007.
+//!
+//! After a **failover** (the server's timeline changed) the new primary's
+//! history may lack the write and reuse its xid: "aborted" still means the
+//! write is absent, but "committed" cannot be told from someone else's
+//! commit. When the answer cannot be established (a failover reporting
+//! "committed", a crash seen by a role without permission to read
+//! `pg_control_checkpoint()`, statistics reset by hand, or an xid too old to
+//! have a status), the answer is 08007, never a guess. The judgement is
+//! `outcome::judge`, tested as a table; the twenty-kill and twenty-crash
+//! ledger tests prove it end to end.
 
 /// How a statement was run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
