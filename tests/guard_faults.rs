@@ -131,59 +131,44 @@ async fn no_request_fails_when_the_network_is_cut() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn twenty_crashes_under_load_lose_no_write_and_double_none() {
-    const CRASHES: u64 = 20;
+/// Runs the ledger load through `faults` rounds of `fault`, each one a
+/// real failure of the server that must cost exactly one reconnect.
+async fn survives_repeated(faults: u64, fault: fn(&Cluster)) {
     let cluster = prepared_cluster();
     let stack = stack_for(&cluster);
     stack.ready(1).await;
     let load = start_load(&stack.executor);
     let started = Instant::now();
-    for crash in 1..=CRASHES {
+    for round in 1..=faults {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let kit = cluster.clone();
-        tokio::task::spawn_blocking(move || kit.crash_and_restart())
+        tokio::task::spawn_blocking(move || fault(&kit))
             .await
             .unwrap();
-        stack.ready(crash + 1).await;
+        stack.ready(round + 1).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let writes = finish(load, &cluster).await;
     assert_eq!(
         stack.metric("pgwarden_reconnects_total", &[]),
-        CRASHES as f64,
-        "one reconnect per crash"
+        faults as f64,
+        "one reconnect per fault"
     );
     report(&stack, started.elapsed(), writes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_crashes_under_load_lose_no_write_and_double_none() {
+    survives_repeated(20, Cluster::crash_and_restart).await;
 }
 
 /// What the OOM killer does: one backend SIGKILLed. The postmaster ends
 /// every session and recovers in place (same postmaster, same start time),
 /// and transaction ids that never reached the WAL are handed out again, so
 /// a write broken after its COMMIT must not be judged by `txid_status`
-/// alone. Twenty kills under load: no write lost or doubled, no failure.
+/// alone. Twenty kills under load: no write lost or doubled, no failure,
+/// and one reconnect each, since the server really crashed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_killed_backends_under_load_lose_no_write_and_double_none() {
-    const KILLS: u64 = 20;
-    let cluster = prepared_cluster();
-    let stack = stack_for(&cluster);
-    stack.ready(1).await;
-    let load = start_load(&stack.executor);
-    let started = Instant::now();
-    for kill in 1..=KILLS {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let kit = cluster.clone();
-        tokio::task::spawn_blocking(move || kit.kill_one_backend())
-            .await
-            .unwrap();
-        stack.ready(kill + 1).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let writes = finish(load, &cluster).await;
-    assert_eq!(
-        stack.metric("pgwarden_reconnects_total", &[]),
-        KILLS as f64,
-        "one reconnect per killed backend: the server really crashed"
-    );
-    report(&stack, started.elapsed(), writes);
+    survives_repeated(20, Cluster::kill_one_backend).await;
 }

@@ -38,15 +38,6 @@ async fn batch(
     (reply.status, reply.body)
 }
 
-/// Reconnects of every reason, from `/metrics`.
-async fn reconnects(daemon: &TestDaemon) -> f64 {
-    let text = daemon.metrics().await;
-    text.lines()
-        .filter(|l| l.starts_with("pgwarden_reconnects_total{"))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
-}
-
 /// Asserts that `body` is the JSON error of a read-only transaction.
 fn assert_read_only_error(status: StatusCode, body: &Value, what: &str) {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {body}");
@@ -89,7 +80,7 @@ async fn with_role_any_a_standby_serves_reads_and_read_only_batches_and_refuses_
     assert_read_only_error(status, &body, "a write batch");
 
     assert_eq!(
-        reconnects(&daemon).await,
+        daemon.reconnects().await,
         0.0,
         "a standby's refusal is not a failure"
     );

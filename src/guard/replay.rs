@@ -263,8 +263,8 @@ mod tests {
     use Decision::*;
     use TxOutcome::*;
 
-    #[test]
-    fn the_decision_table_is_pinned() {
+    /// Every (class, break point, outcome) a request can meet.
+    fn every_case() -> impl Iterator<Item = (Class, BreakPoint, Option<TxOutcome>)> {
         let outcomes = [
             None,
             Some(Committed),
@@ -273,6 +273,15 @@ mod tests {
             Some(NeverLogged),
             Some(TxOutcome::Unknown),
         ];
+        [Read, Write, Bare].into_iter().flat_map(move |class| {
+            [BeforeSend, BeforeCommit, AfterCommit]
+                .into_iter()
+                .flat_map(move |point| outcomes.map(|outcome| (class, point, outcome)))
+        })
+    }
+
+    #[test]
+    fn the_decision_table_is_pinned() {
         let expected = |class, point, outcome| match (class, point, outcome) {
             (_, BeforeSend, _) => Replay,
             (Read, _, _) => Replay,
@@ -285,39 +294,22 @@ mod tests {
             (Bare, _, _) => Decision::Unknown,
         };
         let mut cases = 0;
-        for class in [Read, Write, Bare] {
-            for point in [BeforeSend, BeforeCommit, AfterCommit] {
-                for outcome in outcomes {
-                    assert_eq!(
-                        decide(class, point, outcome),
-                        expected(class, point, outcome),
-                        "{class:?} {point:?} {outcome:?}"
-                    );
-                    cases += 1;
-                }
-            }
+        for (class, point, outcome) in every_case() {
+            assert_eq!(
+                decide(class, point, outcome),
+                expected(class, point, outcome),
+                "{class:?} {point:?} {outcome:?}"
+            );
+            cases += 1;
         }
         assert_eq!(cases, 54);
     }
 
     #[test]
     fn every_rule_is_reachable_and_named_once() {
-        let outcomes = [
-            None,
-            Some(Committed),
-            Some(Aborted),
-            Some(InProgress),
-            Some(NeverLogged),
-            Some(TxOutcome::Unknown),
-        ];
-        let mut reached = std::collections::HashSet::new();
-        for class in [Read, Write, Bare] {
-            for point in [BeforeSend, BeforeCommit, AfterCommit] {
-                for outcome in outcomes {
-                    reached.insert(Rule::of(class, point, outcome));
-                }
-            }
-        }
+        let reached: std::collections::HashSet<Rule> = every_case()
+            .map(|(class, point, outcome)| Rule::of(class, point, outcome))
+            .collect();
         assert_eq!(reached.len(), Rule::ALL.len());
         let names: std::collections::HashSet<_> = Rule::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(names.len(), Rule::ALL.len());

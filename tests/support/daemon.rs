@@ -143,6 +143,15 @@ impl TestDaemon {
         line.rsplit(' ').next().unwrap().parse().unwrap()
     }
 
+    /// Reconnects of every reason, from `/metrics`.
+    pub async fn reconnects(&self) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .filter(|l| l.starts_with("pgwarden_reconnects_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    }
+
     /// Shuts the daemon down; true when in-flight requests finished in time.
     pub async fn shutdown(&mut self) -> bool {
         self.daemon.take().expect("running").shutdown().await
