@@ -16,7 +16,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use support::Cluster;
 use support::daemon::{TestDaemon, config_for};
-use support::pg::superuser;
+use support::pg::{superuser, wait_until_none};
 
 fn daemon_config(cluster: &Cluster) -> pgwarden::config::Config {
     pgwarden::config::Config {
@@ -83,12 +83,13 @@ async fn everyday_events_never_rebuild_the_pool() {
     drop(held);
     assert_healthy(&daemon, "a full server").await;
 
-    // Twenty clients that give up half a second into a two-second query.
+    // Twenty clients that give up half a second into a ten-second query:
+    // their statements are cancelled on the server.
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))
         .build()
         .unwrap();
-    let body = json!({ "query": "SELECT pg_sleep(2)", "params": [] }).to_string();
+    let body = json!({ "query": "SELECT pg_sleep(10)", "params": [] }).to_string();
     let abandoned = (0..20).map(|_| {
         impatient
             .post(format!("{}/sql", daemon.data))
@@ -98,6 +99,12 @@ async fn everyday_events_never_rebuild_the_pool() {
     });
     let gave_up = join_all(abandoned).await;
     assert!(gave_up.iter().all(|r| r.is_err()), "every client gave up");
+    wait_until_none(
+        &cluster,
+        "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(10)'",
+        Duration::from_secs(5),
+        "the abandoned statements were not cancelled",
+    );
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_healthy(&daemon, "clients gave up").await;
 
