@@ -80,7 +80,8 @@ pub struct Config {
     pub transaction_timeout_ms: u64,
     /// `resolve` (never doubt a write) or `fast` (one round trip; 08007 on a break).
     pub write_safety: String,
-    /// Connections per generation at most.
+    /// Connections per generation at most (the health check holds one
+    /// more session of its own).
     pub max_connections: usize,
     /// Connections opened and warmed up per generation.
     pub min_connections: usize,
