@@ -34,3 +34,4 @@ pub mod lifecycle;
 pub mod ops;
 pub mod pool;
 pub mod telemetry;
+pub mod wire;
