@@ -18,6 +18,7 @@ COPY pgwarden.example.toml /etc/pgwarden/pgwarden.example.toml
 USER 10001
 ENV PGWARDEN_LISTEN=0.0.0.0:4444 \
     PGWARDEN_OPS_LISTEN=0.0.0.0:9464 \
+    PGWARDEN_PG_LISTEN=0.0.0.0:6432 \
     PGWARDEN_LOG_FORMAT=json
-EXPOSE 4444 9464
+EXPOSE 4444 6432 9464
 ENTRYPOINT ["/usr/local/bin/pgwarden"]

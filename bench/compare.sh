@@ -94,7 +94,7 @@ as_pg pgbouncer -d "$WORK/pgbouncer.ini"
 
 echo "== pgwarden on port $WPORT (ops $OPORT)"
 "$PGWARDEN" --database-url "postgresql://postgres@127.0.0.1:$PGPORT/postgres?sslmode=disable" \
-    --listen "127.0.0.1:$WPORT" --ops-listen "127.0.0.1:$OPORT" > "$WORK/pgwarden.out" 2> "$WORK/pgwarden.log" &
+    --listen "127.0.0.1:$WPORT" --ops-listen "127.0.0.1:$OPORT" --pg-listen "" > "$WORK/pgwarden.out" 2> "$WORK/pgwarden.log" &
 PGWARDEN_PID=$!
 
 wait_ready() {
@@ -192,7 +192,7 @@ for target in direct pgbouncer pgwarden; do
         as_pg pgbouncer -d "$PAIR/pgbouncer.ini"
         url="postgresql://postgres@127.0.0.1:$FB_PORT/postgres?sslmode=disable" ;;
     pgwarden)
-        "$PGWARDEN" --database-url "$VIP_DSN" --listen "127.0.0.1:$FW_PORT" --ops-listen "127.0.0.1:$FO_PORT" \
+        "$PGWARDEN" --database-url "$VIP_DSN" --listen "127.0.0.1:$FW_PORT" --ops-listen "127.0.0.1:$FO_PORT" --pg-listen "" \
             > /dev/null 2> "$PAIR/pgwarden.log" &
         FW_PID=$!
         for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$FO_PORT/readyz" >/dev/null && break; sleep 0.1; done

@@ -34,7 +34,7 @@ $RUNAS "$PGBIN/pg_ctl" -D "$DATA" -l "$WORK/postgres.log" -w start >/dev/null
 
 PGWARDEN_MAX_CONNECTIONS=64 target/release/pgwarden \
     --database-url "postgresql://postgres@127.0.0.1:$PGPORT/postgres?sslmode=disable" \
-    --listen "127.0.0.1:$WPORT" --ops-listen "127.0.0.1:$OPORT" > /dev/null 2> "$WORK/pgwarden.log" &
+    --listen "127.0.0.1:$WPORT" --ops-listen "127.0.0.1:$OPORT" --pg-listen "" > /dev/null 2> "$WORK/pgwarden.log" &
 PGWARDEN_PID=$!
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$OPORT/readyz" >/dev/null && break; sleep 0.1; done
 

@@ -26,6 +26,8 @@ use crate::lifecycle::{BackendSource, Lifecycle, LifecycleSettings, RequiredRole
 use crate::ops::OpsState;
 use crate::pool::PoolConfig;
 use crate::telemetry::Metrics;
+use crate::wire::scram::ScramVerifier;
+use crate::wire::{ClientAuth, Wire, WireLimits};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +56,8 @@ pub enum AppError {
 pub struct Daemon {
     data_addr: SocketAddr,
     ops_addr: SocketAddr,
+    /// Where the wire front end listens, and its task, when it is on.
+    wire: Option<(SocketAddr, JoinHandle<()>)>,
     lifecycle: Lifecycle<BackendSource>,
     stop_data: CancellationToken,
     stop_ops: CancellationToken,
@@ -95,7 +99,9 @@ pub async fn start(config: &Config) -> Result<Daemon, AppError> {
         ms(config.guard_timeout_ms),
         metrics.clone(),
     );
-    let executor = Executor::new(guard, exec_settings(config), metrics.clone());
+    let executor = Executor::new(guard.clone(), exec_settings(config), metrics.clone());
+    let stop_data = CancellationToken::new();
+    let wire = start_wire(config, &credentials, guard, &metrics, &stop_data).await?;
 
     let data_state = DataState {
         executor: executor.clone(),
@@ -113,20 +119,26 @@ pub async fn start(config: &Config) -> Result<Daemon, AppError> {
         metrics,
         admin_token: config.admin_token.clone().map(crate::backend::Secret::new),
         settings: public_settings(config),
+        wire: wire
+            .as_ref()
+            .map(|(address, wire, _)| (*address, wire.clone())),
     };
     let data_listener = bind(&config.listen).await?;
     let ops_listener = bind(&config.ops_listen).await?;
     let (data_addr, ops_addr) = (local(&data_listener), local(&ops_listener));
-    let (stop_data, stop_ops) = (CancellationToken::new(), CancellationToken::new());
+    let stop_ops = CancellationToken::new();
     let data_router = crate::api::http::router(Arc::new(data_state));
     let limits = server_limits(config);
     let data_server = tokio::spawn(serve(data_listener, data_router, limits, stop_data.clone()));
     let ops_router = crate::ops::router(Arc::new(ops_state));
     let ops_server = tokio::spawn(serve(ops_listener, ops_router, limits, stop_ops.clone()));
-    info!(data = %data_addr, ops = %ops_addr, "Listening.");
+    let wire = wire.map(|(address, _, task)| (address, task));
+    let pg = wire.as_ref().map(|(address, _)| address.to_string());
+    info!(data = %data_addr, ops = %ops_addr, pg = pg.as_deref().unwrap_or("off"), "Listening.");
     Ok(Daemon {
         data_addr,
         ops_addr,
+        wire,
         lifecycle,
         stop_data,
         stop_ops,
@@ -147,6 +159,11 @@ impl Daemon {
         self.ops_addr
     }
 
+    /// Where the PostgreSQL wire front end listens, when it is on.
+    pub fn pg_addr(&self) -> Option<SocketAddr> {
+        self.wire.as_ref().map(|(address, _)| *address)
+    }
+
     /// The lifecycle, for status and tests.
     pub fn lifecycle(&self) -> &Lifecycle<BackendSource> {
         &self.lifecycle
@@ -161,9 +178,14 @@ impl Daemon {
             "Shutting down: no new requests, finishing those in flight."
         );
         self.stop_data.cancel();
-        let drained = tokio::time::timeout(self.grace, self.data_server)
-            .await
-            .is_ok();
+        let wire = self.wire.map(|(_, task)| task);
+        let data = async {
+            let _ = self.data_server.await;
+            if let Some(wire) = wire {
+                let _ = wire.await;
+            }
+        };
+        let drained = tokio::time::timeout(self.grace, data).await.is_ok();
         if !drained {
             warn!("The grace period ran out with requests still in flight.");
         }
@@ -173,6 +195,35 @@ impl Daemon {
         info!(drained, "Shutdown complete.");
         drained
     }
+}
+
+/// The wire front end's listener and task, unless `pg_listen` is empty.
+async fn start_wire(
+    config: &Config,
+    credentials: &Credentials,
+    guard: Guard<BackendSource>,
+    metrics: &Metrics,
+    stop: &CancellationToken,
+) -> Result<Option<(SocketAddr, Arc<Wire>, JoinHandle<()>)>, AppError> {
+    if config.pg_listen.is_empty() {
+        return Ok(None);
+    }
+    let listener = bind(&config.pg_listen).await?;
+    let address = local(&listener);
+    let auth = ClientAuth {
+        user: credentials.user.clone(),
+        database: credentials.database.clone(),
+        verifier: (!credentials.password.is_empty())
+            .then(|| Arc::new(ScramVerifier::new(&credentials.password))),
+    };
+    let limits = WireLimits {
+        max_clients: config.pg_max_clients,
+        startup_timeout: ms(config.pg_startup_timeout_ms),
+        max_message_bytes: config.pg_max_message_bytes,
+    };
+    let wire = Arc::new(Wire::new(guard, metrics.clone(), auth, limits));
+    let task = tokio::spawn(crate::wire::serve(listener, wire.clone(), stop.clone()));
+    Ok(Some((address, wire, task)))
 }
 
 async fn bind(address: &str) -> Result<TcpListener, AppError> {
@@ -249,6 +300,7 @@ fn public_settings(config: &Config) -> serde_json::Value {
         "health_check_interval_ms": config.health_check_interval_ms,
         "health_check_timeout_ms": config.health_check_timeout_ms,
         "role": config.role,
+        "pg_listen": config.pg_listen,
         "warmup_queries": config.warmup_queries.len(),
         "admin_token_configured": config.admin_token.is_some(),
     })

@@ -59,6 +59,14 @@ pub const MAX_MAX_HEADER_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5000;
 /// Default bound on receiving a request's body once its head is in.
 pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30000;
+/// Default address of the PostgreSQL wire front end.
+pub const DEFAULT_PG_LISTEN: &str = "127.0.0.1:6432";
+/// Default cap on connected wire clients.
+pub const DEFAULT_PG_MAX_CLIENTS: usize = 10_000;
+/// Default bound on a wire client's startup (connect to first ReadyForQuery).
+pub const DEFAULT_PG_STARTUP_TIMEOUT_MS: u64 = 10_000;
+/// Default cap on one wire protocol message, from a client or a server.
+pub const DEFAULT_PG_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Default grace period for in-flight requests at shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10000;
 
@@ -74,6 +82,14 @@ pub struct Config {
     pub listen: String,
     /// Address of the ops listener.
     pub ops_listen: String,
+    /// Address of the PostgreSQL wire front end; empty turns it off.
+    pub pg_listen: String,
+    /// Connected wire clients at most; one more is refused with 53300.
+    pub pg_max_clients: usize,
+    /// A wire client that has not finished startup by then is dropped, in ms.
+    pub pg_startup_timeout_ms: u64,
+    /// Largest wire protocol message accepted from a client or a server.
+    pub pg_max_message_bytes: usize,
     /// How long a request may wait for a usable connection, in ms.
     pub guard_timeout_ms: u64,
     /// Strict bound on a transaction batch once it runs, in ms.
@@ -146,6 +162,10 @@ impl Default for Config {
             database_password_file: None,
             listen: DEFAULT_LISTEN.into(),
             ops_listen: DEFAULT_OPS_LISTEN.into(),
+            pg_listen: DEFAULT_PG_LISTEN.into(),
+            pg_max_clients: DEFAULT_PG_MAX_CLIENTS,
+            pg_startup_timeout_ms: DEFAULT_PG_STARTUP_TIMEOUT_MS,
+            pg_max_message_bytes: DEFAULT_PG_MAX_MESSAGE_BYTES,
             guard_timeout_ms: DEFAULT_GUARD_TIMEOUT_MS,
             transaction_timeout_ms: DEFAULT_TRANSACTION_TIMEOUT_MS,
             write_safety: "resolve".into(),
@@ -188,6 +208,7 @@ impl std::fmt::Debug for Config {
             .field("database_url", &"***")
             .field("listen", &self.listen)
             .field("ops_listen", &self.ops_listen)
+            .field("pg_listen", &self.pg_listen)
             .field("guard_timeout_ms", &self.guard_timeout_ms)
             .field("transaction_timeout_ms", &self.transaction_timeout_ms)
             .field("write_safety", &self.write_safety)
@@ -269,6 +290,25 @@ impl Config {
                 format!("{key}: {value:?} is not an address like 127.0.0.1:4444"),
             );
         }
+        check(
+            self.pg_listen.is_empty() || self.pg_listen.parse::<SocketAddr>().is_ok(),
+            format!(
+                "pg_listen: {:?} is not an address like 127.0.0.1:6432 (or \"\" to turn it off)",
+                self.pg_listen
+            ),
+        );
+        check(
+            self.pg_max_clients >= 1,
+            "pg_max_clients: must be at least 1".into(),
+        );
+        check(
+            self.pg_startup_timeout_ms >= 1,
+            "pg_startup_timeout_ms: must be at least 1".into(),
+        );
+        check(
+            self.pg_max_message_bytes >= 64 * 1024,
+            "pg_max_message_bytes: must be at least 65536".into(),
+        );
         check(
             ["resolve", "fast"].contains(&self.write_safety.as_str()),
             format!(
@@ -470,6 +510,10 @@ fn known_keys() -> Vec<&'static str> {
         "database_password_file",
         "listen",
         "ops_listen",
+        "pg_listen",
+        "pg_max_clients",
+        "pg_startup_timeout_ms",
+        "pg_max_message_bytes",
         "guard_timeout_ms",
         "transaction_timeout_ms",
         "write_safety",

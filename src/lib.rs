@@ -17,6 +17,7 @@
 //! - [`guard`]: admission (bounded waits, stale-client hits), the replay
 //!   rules, and the [`guard::Executor`] the front ends call.
 //! - [`api`]: the Neon-compatible SQL-over-HTTP front end.
+//! - [`wire`]: the PostgreSQL wire front end, with transaction pooling.
 //! - [`ops`]: metrics, health, status and admin endpoints.
 //! - [`app`]: wires all of it from a [`config::Config`].
 //! - [`telemetry`] and [`config`] sit at the base and import nothing of ours.

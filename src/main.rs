@@ -27,6 +27,9 @@ struct Cli {
     /// Address of the ops listener (metrics, health, status, admin).
     #[arg(long)]
     ops_listen: Option<String>,
+    /// Address of the PostgreSQL wire front end, e.g. 127.0.0.1:6432 ("" turns it off).
+    #[arg(long)]
+    pg_listen: Option<String>,
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
@@ -43,6 +46,7 @@ impl Cli {
             ("database_url", self.database_url),
             ("listen", self.listen),
             ("ops_listen", self.ops_listen),
+            ("pg_listen", self.pg_listen),
             ("log_format", self.log_format),
         ];
         for (key, value) in pairs {
@@ -57,8 +61,12 @@ impl Cli {
 /// Prints where pgwarden serves. Best effort: a closed stdout must not
 /// take the daemon down.
 fn announce(daemon: &pgwarden::app::Daemon) {
+    let wire = match daemon.pg_addr() {
+        Some(address) => format!("  postgres   postgresql://{address}/\n"),
+        None => String::new(),
+    };
     let text = format!(
-        "pgwarden {} is serving:\n  data API   POST http://{}/sql\n  metrics    http://{}/metrics\n  status     http://{}/status\n",
+        "pgwarden {} is serving:\n  data API   POST http://{}/sql\n{wire}  metrics    http://{}/metrics\n  status     http://{}/status\n",
         env!("CARGO_PKG_VERSION"),
         daemon.data_addr(),
         daemon.ops_addr(),

@@ -43,6 +43,8 @@ pub struct OpsState {
     pub admin_token: Option<Secret>,
     /// Settings shown in `/status`.
     pub settings: serde_json::Value,
+    /// The wire front end and where it listens, when it is on.
+    pub wire: Option<(SocketAddr, Arc<crate::wire::Wire>)>,
 }
 
 /// The ops routes.
@@ -119,6 +121,10 @@ async fn status(State(state): State<Arc<OpsState>>) -> Response {
         "last_warmup": warmup,
         "last_failure": status.last_failure,
         "replay_decisions": rules,
+        "wire": state.wire.as_ref().map(|(address, wire)| json!({
+            "listen": address.to_string(),
+            "clients": wire.clients(),
+        })),
         "settings": state.settings,
     });
     axum::Json(body).into_response()

@@ -318,6 +318,74 @@ impl Connection {
 
     /// Starts a request that runs caller statements: from here on the
     /// session may hold state they left (see [`Connection::is_dirty`]).
+    /// Lends the session to a client speaking the protocol itself (the
+    /// wire front end): pays an owed reset first, in a round trip of its
+    /// own, then marks the session busy until [`Connection::passthrough_end`].
+    /// Dropped before that (the client left mid-transaction), the session
+    /// is discarded by the pool, never reused.
+    pub async fn passthrough_begin(&mut self) -> Result<(), BackendError> {
+        self.begin_caller_request()?;
+        let reset = self.pay_owed_reset().await;
+        if reset.is_err() {
+            return self.end_request(reset);
+        }
+        Ok(())
+    }
+
+    /// Sends a client's messages as they are.
+    pub async fn passthrough_send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        self.framer.write_buf().extend_from_slice(bytes);
+        let sent = self.framer.flush(Stage::Sending).await;
+        self.fail_on_connection_level(sent)
+    }
+
+    /// The next message from the server, raw, for the client; a
+    /// ReadyForQuery also updates [`Connection::transaction_status`].
+    /// Cancel-safe.
+    pub async fn passthrough_frame(
+        &mut self,
+        max_len: usize,
+    ) -> Result<bytes::Bytes, BackendError> {
+        let frame = self.framer.read_frame(Stage::Receiving, max_len).await;
+        let frame = self.fail_on_connection_level(frame)?;
+        if frame.first() == Some(&b'Z')
+            && let Some(&status) = frame.get(5)
+        {
+            self.set_transaction_status(status)?;
+        }
+        Ok(frame)
+    }
+
+    /// The client is done with the session: the server answered every
+    /// message sent (its last ReadyForQuery is in), so it may be pooled.
+    /// `left_state` says whether the client may have left session state
+    /// behind (a setting, a prepared statement, ...): then the session is
+    /// reset before its next user; otherwise it needs no reset, as after a
+    /// transaction that only ran statements.
+    pub fn passthrough_end(&mut self, left_state: bool) {
+        self.in_flight = false;
+        self.dirty = left_state;
+        self.framer.shrink_read_buf();
+    }
+
+    /// Every ParameterStatus value the server reported.
+    pub fn parameters(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.framer.parameters()
+    }
+
+    /// Marks the session closed on a connection-level failure.
+    fn fail_on_connection_level<T>(
+        &mut self,
+        result: Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        if let Err(e) = &result
+            && e.is_connection_level()
+        {
+            self.closed = true;
+        }
+        result
+    }
+
     pub(super) fn begin_caller_request(&mut self) -> Result<(), BackendError> {
         self.begin_request()?;
         self.dirty = true;

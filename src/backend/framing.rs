@@ -150,6 +150,59 @@ impl Framer {
         }
     }
 
+    /// Reads the next whole message as raw bytes (type, length and body),
+    /// for forwarding as is: nothing is skipped, ParameterStatus is also
+    /// recorded. Cancel-safe: a partial message stays buffered for the next
+    /// call. A message announcing more than `max_len` bytes is refused, so a
+    /// forwarding client never buffers an unbounded message.
+    pub(crate) async fn read_frame(
+        &mut self,
+        stage: Stage,
+        max_len: usize,
+    ) -> Result<bytes::Bytes, BackendError> {
+        loop {
+            if let Some((tag, total)) = peek_header(&self.read_buf) {
+                if total > max_len {
+                    return Err(BackendError::Protocol(format!(
+                        "a {:?} message of {total} bytes is over the limit of {max_len}",
+                        char::from(tag)
+                    )));
+                }
+                if self.read_buf.len() >= total {
+                    let frame = self.read_buf.split_to(total).freeze();
+                    if tag == b'S' {
+                        self.record_parameter(&frame)?;
+                    }
+                    return Ok(frame);
+                }
+                self.read_buf.reserve(total - self.read_buf.len());
+            }
+            match self.socket.read_buf(&mut self.read_buf).await {
+                Ok(0) => return Err(BackendError::Closed { stage }),
+                Ok(_) => {}
+                Err(source) => return Err(BackendError::Io { stage, source }),
+            }
+        }
+    }
+
+    /// Records the value of a raw ParameterStatus message.
+    fn record_parameter(&mut self, frame: &[u8]) -> Result<(), BackendError> {
+        let mut copy = BytesMut::from(frame);
+        if let Some(Message::ParameterStatus(body)) = Message::parse(&mut copy).map_err(protocol)? {
+            let name = body.name().map_err(protocol)?.to_owned();
+            let value = body.value().map_err(protocol)?.to_owned();
+            self.parameters.insert(name, value);
+        }
+        Ok(())
+    }
+
+    /// Every ParameterStatus value the server reported, as it last did.
+    pub(crate) fn parameters(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.parameters
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+    }
+
     /// Discards the next `len` bytes of the stream: those already buffered,
     /// then the rest straight from the socket, a small chunk at a time.
     async fn skip_bytes(&mut self, len: usize, stage: Stage) -> Result<(), BackendError> {

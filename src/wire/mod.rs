@@ -1,3 +1,198 @@
-//! The Postgres wire front end: clients such as psql, JDBC and node-postgres connect to pgwarden as if to PostgreSQL.
+//! The PostgreSQL wire front end: any PostgreSQL client (psql, pgbench,
+//! drivers) connects to pgwarden as if to PostgreSQL, and its work runs
+//! through the same guard, lifecycle and generations as the HTTP API's.
+//!
+//! # Layout
+//! - [`messages`]: the packets before startup, the messages pgwarden
+//!   writes to clients, and the 5-byte header that frames the rest.
+//! - [`scram`]: SCRAM-SHA-256 as a server, against the configured password.
+//! - [`startup`]: one client's startup: TLS refusal, protocol version,
+//!   authentication, the server's parameters, pgwarden's own cancel key.
+//! - [`session`]: one client's life after startup: transaction pooling
+//!   through the guard.
+//! - [`cancel`]: cancel requests, routed by pgwarden's own keys.
+//!
+//! # Transaction pooling
+//! A client holds no server session while idle. Its first complete unit
+//! (messages up to Sync, Query, Flush or FunctionCall) is admitted by the
+//! guard, which waits (bounded) during a reconnect, and the unit's bytes
+//! go to a session of the current generation as they came. The session
+//! goes back to the pool at the ReadyForQuery `I` that answers the last
+//! unit sent, unless something the client did cannot move to another
+//! session: a named prepared statement, a session-level `SET`, `LISTEN`,
+//! SQL `PREPARE`, a cursor, a temporary table or a session advisory lock
+//! *pin* the client to its session until it leaves; that session is reset
+//! (`DISCARD ALL`) before its next user, so nothing leaks. A session given
+//! back by an unpinned client holds no state of its, and goes to the next
+//! client without a reset (as PgBouncer's transaction mode does), which
+//! saves a round trip per transaction.
+//!
+//! Not yet: TLS to clients, startup parameters other than
+//! `application_name` applied on the client's sessions, replay of a unit
+//! whose session broke (the client gets 08006/08007 and stays connected),
+//! and named statements that follow a client across sessions (today they
+//! pin it).
 
+pub mod cancel;
+pub mod messages;
 pub mod scram;
+pub mod session;
+pub mod startup;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::guard::Guard;
+use crate::lifecycle::BackendSource;
+use crate::telemetry::Metrics;
+
+use cancel::CancelRegistry;
+use scram::ScramVerifier;
+
+/// Who may connect, and how.
+#[derive(Clone)]
+pub struct ClientAuth {
+    /// The user clients must name.
+    pub user: String,
+    /// The database clients must name.
+    pub database: String,
+    /// The password clients must prove with SCRAM-SHA-256; `None` admits
+    /// the configured user without a password (as `trust` would).
+    pub verifier: Option<Arc<ScramVerifier>>,
+}
+
+impl std::fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientAuth")
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .field("password", &self.verifier.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// Limits of the wire front end.
+#[derive(Clone, Copy, Debug)]
+pub struct WireLimits {
+    /// Connected clients at most; one more is refused with 53300.
+    pub max_clients: usize,
+    /// A client that has not finished startup by then is dropped.
+    pub startup_timeout: Duration,
+    /// Largest message accepted from a client or forwarded from a server.
+    pub max_message_bytes: usize,
+}
+
+/// What every client task shares.
+#[derive(Debug)]
+pub struct Wire {
+    /// The only way to a server session.
+    pub guard: Guard<BackendSource>,
+    /// The metrics (`api="pgwire"` on the request series).
+    pub metrics: Metrics,
+    /// Who may connect.
+    pub auth: ClientAuth,
+    /// Limits.
+    pub limits: WireLimits,
+    /// Cancel keys of connected clients.
+    cancels: Arc<CancelRegistry>,
+    /// Connected clients.
+    clients: AtomicUsize,
+    /// The server's ParameterStatus values, learned from a pooled session.
+    server_parameters: std::sync::Mutex<Vec<(String, String)>>,
+}
+
+impl Wire {
+    /// The shared state of a wire front end.
+    pub fn new(
+        guard: Guard<BackendSource>,
+        metrics: Metrics,
+        auth: ClientAuth,
+        limits: WireLimits,
+    ) -> Self {
+        Self {
+            guard,
+            metrics,
+            auth,
+            limits,
+            cancels: Arc::default(),
+            clients: AtomicUsize::new(0),
+            server_parameters: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Connected clients right now.
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a client as connected while it lives.
+struct Connected<'a>(&'a Wire);
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Accepts clients until `stop`, then waits for the connected ones, which
+/// leave at their next idle moment.
+pub async fn serve(listener: TcpListener, wire: Arc<Wire>, stop: CancellationToken) {
+    let mut clients = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let (wire, stop) = (wire.clone(), stop.clone());
+                    let span = info_span!("pg_client", "client.address" = %peer);
+                    clients.spawn(serve_client(wire, stream, peer, stop).instrument(span));
+                }
+                Err(error) => {
+                    warn!(error = %error, "Accepting a wire client failed.");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = clients.join_next(), if !clients.is_empty() => {}
+        }
+    }
+    drop(listener);
+    info!(
+        clients = clients.len(),
+        "Wire listener closed; waiting for connected clients."
+    );
+    while clients.join_next().await.is_some() {}
+}
+
+async fn serve_client(
+    wire: Arc<Wire>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let count = wire.clients.fetch_add(1, Ordering::Relaxed) + 1;
+    let _connected = Connected(&wire);
+    let limit = wire.limits.startup_timeout;
+    let started = tokio::time::timeout(limit, startup::run(&wire, &mut stream, count)).await;
+    let client = match started {
+        Ok(Ok(Some(client))) => client,
+        Ok(Ok(None)) => return,
+        Ok(Err(error)) => {
+            debug!(peer = %peer, error = %error, "Wire client startup failed.");
+            return;
+        }
+        Err(_) => {
+            debug!(peer = %peer, timeout_ms = limit.as_millis() as u64, "Wire client did not finish startup in time.");
+            return;
+        }
+    };
+    session::run(&wire, stream, client, stop).await;
+}

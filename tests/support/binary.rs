@@ -37,6 +37,8 @@ pub fn spawn(cluster: &Cluster, configure: impl FnOnce(&mut Command)) -> Running
             "127.0.0.1:0",
             "--ops-listen",
             "127.0.0.1:0",
+            "--pg-listen",
+            "127.0.0.1:0",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null());

@@ -41,6 +41,7 @@ pub fn config_for(cluster: &Cluster) -> Config {
         database_url: format!("{}?sslmode=disable", cluster.url("postgres", None)),
         listen: "127.0.0.1:0".into(),
         ops_listen: "127.0.0.1:0".into(),
+        pg_listen: "127.0.0.1:0".into(),
         health_check_interval_ms: 250,
         backoff_max_ms: 500,
         ..Config::default()

@@ -1,0 +1,290 @@
+//! One client's startup, from its first packet to its first ReadyForQuery.
+//!
+//! Every refusal (a wrong password `28P01`, another database `3D000`, too
+//! many clients `53300`, an encoding pgwarden does not serve) is answered
+//! before any server session is used, so a client that may not connect
+//! costs the database nothing. The client learns the real server's
+//! parameters (server_version, ...), taken from a pooled session, and a
+//! cancel key of pgwarden's own.
+
+use bytes::BytesMut;
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::info;
+
+use super::Wire;
+use super::cancel::Registration;
+use super::messages::{self, Initial, PROTOCOL_3_0, WireError};
+use super::scram::ScramServer;
+
+/// Largest packet accepted before authentication.
+const MAX_STARTUP_PACKET: usize = 10_000;
+
+/// A client that finished startup.
+#[derive(Debug)]
+pub struct Client {
+    /// Its cancel key and what it runs.
+    pub(crate) registration: Registration,
+    /// `application_name` from its startup packet.
+    pub application_name: Option<String>,
+}
+
+/// Runs the startup of one connection. `None` when the connection was a
+/// cancel request (handled) or a refused client (answered).
+pub(crate) async fn run<S>(
+    wire: &Wire,
+    stream: &mut S,
+    clients: usize,
+) -> Result<Option<Client>, WireError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let parameters = loop {
+        match messages::read_initial(stream, MAX_STARTUP_PACKET).await? {
+            // No TLS and no GSSAPI encryption (yet): the client may go on in
+            // the clear or give up, as with a server without them.
+            Initial::SslRequest | Initial::GssEncRequest => stream.write_all(b"N").await?,
+            Initial::Cancel {
+                process_id,
+                secret_key,
+            } => {
+                wire.cancels.cancel(process_id, secret_key);
+                return Ok(None);
+            }
+            Initial::Startup {
+                version,
+                parameters,
+            } => {
+                negotiate(stream, version, &parameters).await?;
+                break parameters;
+            }
+        }
+    };
+    let startup = Startup::from(parameters);
+    if let Some((code, text)) = refusal(wire, &startup, clients) {
+        return refuse(stream, code, &text).await;
+    }
+    if !authenticate(wire, stream, &startup).await? {
+        let text = format!(
+            "password authentication failed for user \"{}\"",
+            startup.user
+        );
+        return refuse(stream, "28P01", &text).await;
+    }
+    greet(wire, stream, startup).await.map(Some)
+}
+
+/// What a client's startup packet says.
+struct Startup {
+    user: String,
+    database: String,
+    application_name: Option<String>,
+    client_encoding: Option<String>,
+}
+
+impl From<Vec<(String, String)>> for Startup {
+    fn from(parameters: Vec<(String, String)>) -> Self {
+        let get = |name: &str| {
+            parameters
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        let user = get("user").unwrap_or_default();
+        Startup {
+            database: get("database").unwrap_or_else(|| user.clone()),
+            application_name: get("application_name"),
+            client_encoding: get("client_encoding"),
+            user,
+        }
+    }
+}
+
+/// A client asking a newer minor version or protocol options is told what
+/// pgwarden speaks (3.0, none of the options), as PostgreSQL does.
+async fn negotiate<S>(
+    stream: &mut S,
+    version: i32,
+    parameters: &[(String, String)],
+) -> Result<(), WireError>
+where
+    S: AsyncWrite + Unpin,
+{
+    let options: Vec<String> = parameters
+        .iter()
+        .filter(|(name, _)| name.starts_with("_pq_."))
+        .map(|(name, _)| name.clone())
+        .collect();
+    if version == PROTOCOL_3_0 && options.is_empty() {
+        return Ok(());
+    }
+    let mut buf = BytesMut::new();
+    messages::negotiate_protocol_version(&mut buf, &options);
+    stream.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Why a client may not connect, checked before any authentication.
+fn refusal(wire: &Wire, startup: &Startup, clients: usize) -> Option<(&'static str, String)> {
+    if startup.user.is_empty() {
+        return Some((
+            "28000",
+            "no PostgreSQL user name specified in startup packet".into(),
+        ));
+    }
+    if clients > wire.limits.max_clients {
+        return Some(("53300", "sorry, too many clients already".into()));
+    }
+    if startup.database != wire.auth.database {
+        return Some((
+            "3D000",
+            format!("database \"{}\" does not exist", startup.database),
+        ));
+    }
+    let encoding = startup.client_encoding.as_deref().unwrap_or("UTF8");
+    let utf8 = ["UTF8", "UTF-8", "UNICODE"]
+        .iter()
+        .any(|e| e.eq_ignore_ascii_case(encoding));
+    if !utf8 {
+        let text = format!("client_encoding {encoding:?} is not served: pgwarden serves UTF8");
+        return Some(("22023", text));
+    }
+    if wire.auth.verifier.is_none() && startup.user != wire.auth.user {
+        return Some(("28000", format!("role \"{}\" does not exist", startup.user)));
+    }
+    None
+}
+
+/// Proves the configured password with SCRAM-SHA-256, when one is set.
+/// The user name is compared in constant time after the proof, so a wrong
+/// user and a wrong password look the same from outside.
+async fn authenticate<S>(wire: &Wire, stream: &mut S, startup: &Startup) -> Result<bool, WireError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(verifier) = &wire.auth.verifier else {
+        return Ok(true);
+    };
+    let mut exchange = verifier.exchange();
+    let mut buf = BytesMut::new();
+    messages::authentication_sasl(&mut buf, ScramServer::MECHANISMS);
+    stream.write_all(&buf).await?;
+    let initial = read_password_message(stream).await?;
+    let (mechanism, client_first) = sasl_initial(&initial)?;
+    if !ScramServer::MECHANISMS.contains(&mechanism.as_str()) {
+        return Err(WireError::Protocol(format!(
+            "unsupported SASL mechanism {mechanism:?}"
+        )));
+    }
+    let Ok(server_first) = exchange.server_first(client_first) else {
+        return Ok(false);
+    };
+    buf.clear();
+    messages::authentication_sasl_data(&mut buf, 11, &server_first);
+    stream.write_all(&buf).await?;
+    let client_final = read_password_message(stream).await?;
+    let Ok(server_final) = exchange.server_final(&client_final) else {
+        return Ok(false);
+    };
+    let same_user = bool::from(startup.user.as_bytes().ct_eq(wire.auth.user.as_bytes()));
+    if !same_user {
+        return Ok(false);
+    }
+    buf.clear();
+    messages::authentication_sasl_data(&mut buf, 12, &server_final);
+    stream.write_all(&buf).await?;
+    Ok(true)
+}
+
+/// Reads a PasswordMessage-type message ('p') during authentication.
+async fn read_password_message<S>(stream: &mut S) -> Result<Vec<u8>, WireError>
+where
+    S: AsyncRead + Unpin,
+{
+    let tag = stream.read_u8().await?;
+    let len = stream.read_i32().await?;
+    if tag != b'p' || !(4..=MAX_STARTUP_PACKET as i32).contains(&len) {
+        return Err(WireError::Protocol("expected a password message".into()));
+    }
+    let mut body = vec![0; len as usize - 4];
+    stream.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+/// The mechanism and data of a SASLInitialResponse.
+fn sasl_initial(body: &[u8]) -> Result<(String, &[u8]), WireError> {
+    let mut rest = body;
+    let mechanism = messages::take_cstr(&mut rest)?;
+    let len = rest
+        .get(..4)
+        .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or_else(|| WireError::Protocol("truncated SASLInitialResponse".into()))?;
+    let data = &rest[4..];
+    if len < 0 || len as usize != data.len() {
+        return Err(WireError::Protocol("malformed SASLInitialResponse".into()));
+    }
+    Ok((mechanism, data))
+}
+
+/// Answers a refused client with a FATAL error, as PostgreSQL does.
+async fn refuse<S>(stream: &mut S, code: &str, text: &str) -> Result<Option<Client>, WireError>
+where
+    S: AsyncWrite + Unpin,
+{
+    info!(code, reason = text, "Wire client refused.");
+    let mut buf = BytesMut::new();
+    messages::error_response(&mut buf, "FATAL", code, text);
+    stream.write_all(&buf).await?;
+    Ok(None)
+}
+
+/// AuthenticationOk, the server's parameters, the cancel key, ready.
+async fn greet<S>(wire: &Wire, stream: &mut S, startup: Startup) -> Result<Client, WireError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(parameters) = server_parameters(wire).await else {
+        refuse(stream, "57P03", "the database system is not available yet").await?;
+        return Err(WireError::Protocol("no server parameters to report".into()));
+    };
+    let registration = wire.cancels.register();
+    let mut buf = BytesMut::new();
+    messages::authentication_ok(&mut buf);
+    for (name, value) in &parameters {
+        let value = match (name.as_str(), &startup.application_name) {
+            ("application_name", Some(own)) => own.as_str(),
+            ("application_name", None) => "",
+            _ => value.as_str(),
+        };
+        messages::parameter_status(&mut buf, name, value);
+    }
+    messages::backend_key_data(&mut buf, registration.process_id, registration.secret_key);
+    messages::ready_for_query(&mut buf, b'I');
+    stream.write_all(&buf).await?;
+    Ok(Client {
+        registration,
+        application_name: startup.application_name,
+    })
+}
+
+/// The server's ParameterStatus values: from a pooled session when the
+/// guard admits one within its budget, else the last ones learned.
+async fn server_parameters(wire: &Wire) -> Option<Vec<(String, String)>> {
+    if let Ok(mut lease) = wire.guard.admit().await {
+        let mut learned: Vec<(String, String)> = lease
+            .conn()
+            .parameters()
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .collect();
+        learned.sort();
+        *wire
+            .server_parameters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = learned;
+    }
+    let known = wire
+        .server_parameters
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    (!known.is_empty()).then(|| known.clone())
+}

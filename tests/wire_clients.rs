@@ -1,0 +1,312 @@
+//! The PostgreSQL wire front end with real clients against a real server:
+//! psql, pgbench and tokio-postgres connect to pgwarden as they would to
+//! PostgreSQL; transaction pooling shares few server sessions among more
+//! clients; refusals, hostile input and a broken server session each get a
+//! clear answer, and the client stays connected where PostgreSQL's would.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use pgwarden::config::Config;
+use support::Cluster;
+use support::daemon::{TestDaemon, config_for};
+use support::process;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::NoTls;
+
+fn pg_addr(daemon: &TestDaemon) -> SocketAddr {
+    daemon
+        .daemon
+        .as_ref()
+        .and_then(|d| d.pg_addr())
+        .expect("the wire front end is on")
+}
+
+/// A psql client of pgwarden's wire port, unaligned and quiet.
+fn psql(cluster: &Cluster, daemon: &TestDaemon, database: &str) -> Command {
+    let address = pg_addr(daemon);
+    let mut cmd = cluster.bin().command("psql");
+    cmd.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=0", "-w"])
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", database])
+        .args(["-p", &address.port().to_string()])
+        .env("PGSSLMODE", "prefer")
+        .env("PGCONNECT_TIMEOUT", "10");
+    cmd
+}
+
+/// Runs `sql` (psql `-c` each) and returns (stdout, stderr).
+fn run_psql(mut cmd: Command, statements: &[&str], stdin: Option<&str>) -> (String, String) {
+    for statement in statements {
+        cmd.arg("-c").arg(statement);
+    }
+    let output = process::run(&mut cmd, stdin.map(str::as_bytes), Duration::from_secs(60))
+        .expect("psql finishes");
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+async fn client(daemon: &TestDaemon) -> tokio_postgres::Client {
+    let address = pg_addr(daemon);
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable",
+        address.port()
+    );
+    let (client, connection) = tokio_postgres::connect(&dsn, NoTls)
+        .await
+        .expect("connects");
+    tokio::spawn(connection);
+    client
+}
+
+fn one_session(cluster: &Cluster) -> Config {
+    Config {
+        max_connections: 1,
+        min_connections: 1,
+        ..config_for(cluster)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_queries_errors_and_copy_work_as_against_postgres() {
+    let cluster = Cluster::start();
+    cluster.psql("CREATE TABLE item (id int PRIMARY KEY, name text)");
+    let daemon = TestDaemon::start(config_for(&cluster)).await;
+
+    let (out, err) = run_psql(
+        psql(&cluster, &daemon, "postgres"),
+        &[
+            "SELECT 1 AS one, 'two'",
+            "SELECT 1; SELECT 1/0; SELECT 2",
+            "SELECT current_setting('server_version_num')::int >= 150000",
+        ],
+        None,
+    );
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["1|two", "1", "t"],
+        "{err}"
+    );
+    assert!(err.contains("division by zero"), "{err}");
+
+    let (_, err) = run_psql(
+        psql(&cluster, &daemon, "postgres"),
+        &["\\copy item FROM STDIN WITH (FORMAT csv)"],
+        Some("1,pen\n2,ink\n"),
+    );
+    assert!(err.is_empty(), "{err}");
+    let (out, err) = run_psql(
+        psql(&cluster, &daemon, "postgres"),
+        &["\\copy (SELECT id, name FROM item ORDER BY id) TO STDOUT WITH (FORMAT csv)"],
+        None,
+    );
+    assert_eq!(out, "1,pen\n2,ink\n", "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_share_one_server_session_between_their_transactions() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(one_session(&cluster)).await;
+    let first = client(&daemon).await;
+    let second = client(&daemon).await;
+    for round in 0..5 {
+        for (name, client) in [("first", &first), ("second", &second)] {
+            let sql = format!("SELECT '{name} {round}', pg_backend_pid()");
+            let rows = client.simple_query(&sql).await.expect("runs");
+            assert!(!rows.is_empty());
+        }
+    }
+    // A transaction keeps its session; the other client waits for it.
+    let transaction = first.simple_query("BEGIN; SELECT 1").await.unwrap();
+    assert!(!transaction.is_empty());
+    let waiting = tokio::spawn(async move {
+        second
+            .simple_query("SELECT 'after the commit'")
+            .await
+            .map(|_| second)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the session was lent inside a transaction"
+    );
+    first.simple_query("COMMIT").await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting client got the session")
+        .unwrap()
+        .unwrap();
+    assert!(!second.simple_query("SELECT 1").await.unwrap().is_empty());
+    // The pool's one session and the health check's own.
+    let sessions =
+        cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgwarden'");
+    assert!(sessions.trim().parse::<u32>().unwrap() <= 2, "{sessions}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_with_typed_parameters_round_trip() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(one_session(&cluster)).await;
+    let client = client(&daemon).await;
+    let statement = client
+        .prepare("SELECT $1::int8 + 1, $2::text || '!', $3::float8 * 2, $4::bool")
+        .await
+        .unwrap();
+    for n in 0..3i64 {
+        let row = client
+            .query_one(&statement, &[&n, &"hi", &1.5f64, &true])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i64>(0), n + 1);
+        assert_eq!(row.get::<_, String>(1), "hi!");
+        assert_eq!(row.get::<_, f64>(2), 3.0);
+        assert!(row.get::<_, bool>(3));
+    }
+    let error = client.query_one("SELECT 1/0", &[]).await.unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
+    );
+    let row = client
+        .query_one("SELECT 'still connected'", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "still connected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_runs_without_a_failed_transaction_in_every_query_mode() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(Config {
+        max_connections: 4,
+        ..config_for(&cluster)
+    })
+    .await;
+    let port = pg_addr(&daemon).port().to_string();
+    let pgbench = |args: &[&str]| {
+        let mut cmd = cluster.bin().command("pgbench");
+        cmd.args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+            .args(args)
+            .arg("postgres")
+            .env("PGSSLMODE", "disable");
+        let output = process::run(&mut cmd, None, Duration::from_secs(120)).expect("pgbench runs");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let err = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "pgbench {args:?}: {text}\n{err}");
+        text
+    };
+    pgbench(&["-i", "-s", "1", "-q"]);
+    // Named statements pin a client to its session (for now), so prepared
+    // mode gets as many clients as there are sessions; the others share.
+    for (mode, clients) in [("simple", 8), ("extended", 8), ("prepared", 4)] {
+        let count = clients.to_string();
+        let report = pgbench(&["-S", "-M", mode, "-c", &count, "-j", "2", "-t", "200"]);
+        assert!(
+            report.contains("number of failed transactions: 0 (0.000%)"),
+            "{mode}: {report}"
+        );
+        let all = clients * 200;
+        let processed = format!("number of transactions actually processed: {all}/{all}");
+        assert!(report.contains(&processed), "{mode}: {report}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_and_databases_are_refused_before_any_server_session_is_used() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(Config {
+        client_password: Some("right-password".into()),
+        ..config_for(&cluster)
+    })
+    .await;
+    let mut good = psql(&cluster, &daemon, "postgres");
+    good.env("PGPASSWORD", "right-password");
+    let (out, err) = run_psql(good, &["SELECT 'in'"], None);
+    assert_eq!(out.trim(), "in", "{err}");
+
+    let mut wrong = psql(&cluster, &daemon, "postgres");
+    wrong.env("PGPASSWORD", "wrong-password");
+    let (_, err) = run_psql(wrong, &["SELECT 'in'"], None);
+    assert!(
+        err.contains("password authentication failed for user \"postgres\""),
+        "{err}"
+    );
+
+    let mut elsewhere = psql(&cluster, &daemon, "other");
+    elsewhere.env("PGPASSWORD", "right-password");
+    let (_, err) = run_psql(elsewhere, &["SELECT 'in'"], None);
+    assert!(err.contains("database \"other\" does not exist"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_session_killed_under_a_client_is_an_honest_error_and_the_client_stays() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(config_for(&cluster)).await;
+    let client = std::sync::Arc::new(client(&daemon).await);
+    let running = tokio::spawn({
+        let client = client.clone();
+        async move { client.simple_query("SELECT pg_sleep(30)").await }
+    });
+    support::pg::wait_for_session(&cluster, "active", "SELECT pg_sleep(30)");
+    cluster.terminate_backends();
+    let error = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("answered")
+        .unwrap()
+        .unwrap_err();
+    let code = error.code().map(|c| c.code().to_owned());
+    assert_eq!(code.as_deref(), Some("08007"), "{error}");
+    let rows = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.simple_query("SELECT 'next'"),
+    )
+    .await
+    .expect("answered")
+    .expect("the client is still connected");
+    assert!(!rows.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_is_closed_and_disturbs_nobody() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(Config {
+        pg_startup_timeout_ms: 1000,
+        ..config_for(&cluster)
+    })
+    .await;
+    let address = pg_addr(&daemon);
+    let closed_within = |mut stream: TcpStream| async move {
+        let mut sink = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink))
+            .await
+            .expect("closed within the limit")
+            .ok();
+        sink
+    };
+    // Garbage instead of a startup packet.
+    let mut garbage = TcpStream::connect(address).await.unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    closed_within(garbage).await;
+    // A startup packet announcing a gigabyte.
+    let mut huge = TcpStream::connect(address).await.unwrap();
+    huge.write_all(&[0x40, 0, 0, 0, 0, 3, 0, 0]).await.unwrap();
+    closed_within(huge).await;
+    // A client that never finishes its startup.
+    let mut silent = TcpStream::connect(address).await.unwrap();
+    silent.write_all(&[0, 0, 0, 40, 0, 3]).await.unwrap();
+    closed_within(silent).await;
+    // Everyone else is served as before.
+    let client = client(&daemon).await;
+    assert!(client.simple_query("SELECT 1").await.is_ok());
+    let (out, err) = run_psql(
+        psql(&cluster, &daemon, "postgres"),
+        &["SELECT 'unharmed'"],
+        None,
+    );
+    assert_eq!(out.trim(), "unharmed", "{err}");
+}
