@@ -142,6 +142,15 @@ async fn two_clients_share_one_server_session_between_their_transactions() {
         .unwrap()
         .unwrap();
     assert!(!second.simple_query("SELECT 1").await.unwrap().is_empty());
+    let units = daemon
+        .metric(
+            r#"pgwarden_requests_duration_seconds_count{api="pgwire",kind="query",outcome="ok"}"#,
+        )
+        .await;
+    assert!(
+        units >= 12.0,
+        "each unit is a request of the wire API: {units}"
+    );
     // The pool's one session and the health check's own.
     let sessions =
         cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgwarden'");
