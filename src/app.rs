@@ -49,6 +49,9 @@ pub enum AppError {
     /// The metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The wire front end's certificate or key is unusable.
+    #[error(transparent)]
+    WireTls(#[from] crate::wire::tls::TlsConfigError),
 }
 
 /// A running daemon.
@@ -221,7 +224,11 @@ async fn start_wire(
         startup_timeout: ms(config.pg_startup_timeout_ms),
         max_message_bytes: config.pg_max_message_bytes,
     };
-    let wire = Arc::new(Wire::new(guard, metrics.clone(), auth, limits));
+    let tls = match (&config.pg_tls_cert, &config.pg_tls_key) {
+        (Some(cert), Some(key)) => Some(crate::wire::tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let wire = Arc::new(Wire::new(guard, metrics.clone(), auth, limits, tls));
     let task = tokio::spawn(crate::wire::serve(listener, wire.clone(), stop.clone()));
     Ok(Some((address, wire, task)))
 }

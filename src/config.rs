@@ -90,6 +90,10 @@ pub struct Config {
     pub pg_startup_timeout_ms: u64,
     /// Largest wire protocol message accepted from a client or a server.
     pub pg_max_message_bytes: usize,
+    /// PEM certificate chain for TLS to wire clients (with `pg_tls_key`).
+    pub pg_tls_cert: Option<PathBuf>,
+    /// PEM private key of `pg_tls_cert`.
+    pub pg_tls_key: Option<PathBuf>,
     /// How long a request may wait for a usable connection, in ms.
     pub guard_timeout_ms: u64,
     /// Strict bound on a transaction batch once it runs, in ms.
@@ -166,6 +170,8 @@ impl Default for Config {
             pg_max_clients: DEFAULT_PG_MAX_CLIENTS,
             pg_startup_timeout_ms: DEFAULT_PG_STARTUP_TIMEOUT_MS,
             pg_max_message_bytes: DEFAULT_PG_MAX_MESSAGE_BYTES,
+            pg_tls_cert: None,
+            pg_tls_key: None,
             guard_timeout_ms: DEFAULT_GUARD_TIMEOUT_MS,
             transaction_timeout_ms: DEFAULT_TRANSACTION_TIMEOUT_MS,
             write_safety: "resolve".into(),
@@ -308,6 +314,10 @@ impl Config {
         check(
             self.pg_max_message_bytes >= 64 * 1024,
             "pg_max_message_bytes: must be at least 65536".into(),
+        );
+        check(
+            self.pg_tls_cert.is_some() == self.pg_tls_key.is_some(),
+            "pg_tls_cert, pg_tls_key: set both or neither".into(),
         );
         check(
             ["resolve", "fast"].contains(&self.write_safety.as_str()),
@@ -514,6 +524,8 @@ fn known_keys() -> Vec<&'static str> {
         "pg_max_clients",
         "pg_startup_timeout_ms",
         "pg_max_message_bytes",
+        "pg_tls_cert",
+        "pg_tls_key",
         "guard_timeout_ms",
         "transaction_timeout_ms",
         "write_safety",

@@ -319,3 +319,36 @@ async fn hostile_input_is_closed_and_disturbs_nobody() {
     );
     assert_eq!(out.trim(), "unharmed", "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_require_tls_get_it_with_pgwardens_certificate() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(Config {
+        pg_tls_cert: Some(cluster.data_dir().join("server.crt")),
+        pg_tls_key: Some(cluster.data_dir().join("server.key")),
+        ..config_for(&cluster)
+    })
+    .await;
+    let mut verified = psql(&cluster, &daemon, "postgres");
+    verified
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", cluster.ca_cert_path());
+    let (out, err) = run_psql(verified, &["SELECT 'over tls'", "\\conninfo"], None);
+    assert!(out.starts_with("over tls\n"), "{out}{err}");
+    assert!(out.contains("SSL connection"), "{out}");
+
+    let mut plain = psql(&cluster, &daemon, "postgres");
+    plain.env("PGSSLMODE", "disable");
+    let (out, err) = run_psql(plain, &["SELECT 'in the clear'"], None);
+    assert_eq!(out.trim(), "in the clear", "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_certificate_tls_is_declined_and_required_tls_fails_clearly() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(config_for(&cluster)).await;
+    let mut required = psql(&cluster, &daemon, "postgres");
+    required.env("PGSSLMODE", "require");
+    let (_, err) = run_psql(required, &["SELECT 1"], None);
+    assert!(err.contains("server does not support SSL"), "{err}");
+}

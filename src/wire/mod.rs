@@ -11,6 +11,7 @@
 //! - [`session`]: one client's life after startup: transaction pooling
 //!   through the guard.
 //! - [`cancel`]: cancel requests, routed by pgwarden's own keys.
+//! - [`tls`]: TLS to clients, with pgwarden's certificate.
 //!
 //! # Transaction pooling
 //! A client holds no server session while idle. Its first complete unit
@@ -27,7 +28,7 @@
 //! client without a reset (as PgBouncer's transaction mode does), which
 //! saves a round trip per transaction.
 //!
-//! Not yet: TLS to clients, startup parameters other than
+//! Not yet: startup parameters other than
 //! `application_name` applied on the client's sessions, replay of a unit
 //! whose session broke (the client gets 08006/08007 and stays connected),
 //! and named statements that follow a client across sessions (today they
@@ -38,12 +39,14 @@ pub mod messages;
 pub mod scram;
 pub mod session;
 pub mod startup;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -100,6 +103,8 @@ pub struct Wire {
     pub auth: ClientAuth,
     /// Limits.
     pub limits: WireLimits,
+    /// TLS to clients, when a certificate is configured.
+    pub tls: Option<tls::ClientTls>,
     /// Cancel keys of connected clients.
     cancels: Arc<CancelRegistry>,
     /// Connected clients.
@@ -115,12 +120,14 @@ impl Wire {
         metrics: Metrics,
         auth: ClientAuth,
         limits: WireLimits,
+        tls: Option<tls::ClientTls>,
     ) -> Self {
         Self {
             guard,
             metrics,
             auth,
             limits,
+            tls,
             cancels: Arc::default(),
             clients: AtomicUsize::new(0),
             server_parameters: std::sync::Mutex::default(),
@@ -181,7 +188,49 @@ async fn serve_client(
     let count = wire.clients.fetch_add(1, Ordering::Relaxed) + 1;
     let _connected = Connected(&wire);
     let limit = wire.limits.startup_timeout;
-    let started = tokio::time::timeout(limit, startup::run(&wire, &mut stream, count)).await;
+    let first = tokio::time::timeout(
+        limit,
+        messages::read_initial(&mut stream, startup::MAX_STARTUP_PACKET),
+    )
+    .await;
+    let first = match first {
+        Ok(Ok(first)) => first,
+        Ok(Err(error)) => {
+            return debug!(peer = %peer, error = %error, "Wire client startup failed.");
+        }
+        Err(_) => return debug!(peer = %peer, "Wire client did not finish startup in time."),
+    };
+    match (first, &wire.tls) {
+        (messages::Initial::SslRequest, Some(tls::ClientTls(acceptor))) => {
+            if stream.write_all(b"S").await.is_err() {
+                return;
+            }
+            let handshake = tokio::time::timeout(limit, acceptor.accept(stream)).await;
+            match handshake {
+                Ok(Ok(tls)) => serve_stream(&wire, tls, None, count, peer, stop).await,
+                Ok(Err(error)) => {
+                    debug!(peer = %peer, error = %error, "TLS handshake with a wire client failed.")
+                }
+                Err(_) => debug!(peer = %peer, "TLS handshake with a wire client timed out."),
+            }
+        }
+        (first, _) => serve_stream(&wire, stream, Some(first), count, peer, stop).await,
+    }
+}
+
+/// Startup, then the session, on a plain or TLS stream.
+async fn serve_stream<S>(
+    wire: &Wire,
+    mut stream: S,
+    first: Option<messages::Initial>,
+    count: usize,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let limit = wire.limits.startup_timeout;
+    let started = tokio::time::timeout(limit, startup::run(wire, &mut stream, first, count)).await;
     let client = match started {
         Ok(Ok(Some(client))) => client,
         Ok(Ok(None)) => return,
@@ -194,5 +243,5 @@ async fn serve_client(
             return;
         }
     };
-    session::run(&wire, stream, client, stop).await;
+    session::run(wire, stream, client, stop).await;
 }

@@ -18,7 +18,7 @@ use super::messages::{self, Initial, PROTOCOL_3_0, WireError};
 use super::scram::ScramServer;
 
 /// Largest packet accepted before authentication.
-const MAX_STARTUP_PACKET: usize = 10_000;
+pub(crate) const MAX_STARTUP_PACKET: usize = 10_000;
 
 /// A client that finished startup.
 #[derive(Debug)]
@@ -29,20 +29,27 @@ pub struct Client {
     pub application_name: Option<String>,
 }
 
-/// Runs the startup of one connection. `None` when the connection was a
-/// cancel request (handled) or a refused client (answered).
+/// Runs the startup of one connection, from its `first` packet when that
+/// was already read. `None` when the connection was a cancel request
+/// (handled) or a refused client (answered).
 pub(crate) async fn run<S>(
     wire: &Wire,
     stream: &mut S,
+    mut first: Option<Initial>,
     clients: usize,
 ) -> Result<Option<Client>, WireError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let parameters = loop {
-        match messages::read_initial(stream, MAX_STARTUP_PACKET).await? {
-            // No TLS and no GSSAPI encryption (yet): the client may go on in
-            // the clear or give up, as with a server without them.
+        let packet = match first.take() {
+            Some(packet) => packet,
+            None => messages::read_initial(stream, MAX_STARTUP_PACKET).await?,
+        };
+        match packet {
+            // TLS here means none is configured, or it is already on; no
+            // GSSAPI encryption: the client may go on in the clear or give
+            // up, as with a server without them.
             Initial::SslRequest | Initial::GssEncRequest => stream.write_all(b"N").await?,
             Initial::Cancel {
                 process_id,
