@@ -101,7 +101,7 @@ async fn everyday_events_never_rebuild_the_pool() {
     assert!(gave_up.iter().all(|r| r.is_err()), "every client gave up");
     wait_until_none(
         &cluster,
-        "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(10)'",
+        "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(10)' AND state = 'active'",
         Duration::from_secs(5),
         "the abandoned statements were not cancelled",
     );

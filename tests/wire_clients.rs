@@ -352,3 +352,70 @@ async fn without_a_certificate_tls_is_declined_and_required_tls_fails_clearly() 
     let (_, err) = run_psql(required, &["SELECT 1"], None);
     assert!(err.contains("server does not support SSL"), "{err}");
 }
+
+async fn client_with(daemon: &TestDaemon, extra: &str) -> tokio_postgres::Client {
+    let address = pg_addr(daemon);
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable {extra}",
+        address.port()
+    );
+    let (client, connection) = tokio_postgres::connect(&dsn, NoTls)
+        .await
+        .expect("connects");
+    tokio::spawn(connection);
+    client
+}
+
+/// A setting as the client's session has it; the simple protocol, since
+/// tokio-postgres names the statements it prepares (which pins).
+async fn setting(client: &tokio_postgres::Client, name: &str) -> String {
+    let sql = format!("SELECT pg_catalog.current_setting('{name}')");
+    let messages = client.simple_query(&sql).await.unwrap();
+    messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_settings_follow_each_client_onto_a_shared_session() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(one_session(&cluster)).await;
+    let tokyo = client_with(
+        &daemon,
+        "application_name=tokyo options='-c TimeZone=Asia/Tokyo -c search_path=pg_catalog'",
+    )
+    .await;
+    let plain = client_with(&daemon, "").await;
+    for _ in 0..3 {
+        assert_eq!(setting(&tokyo, "TimeZone").await, "Asia/Tokyo");
+        assert_eq!(setting(&tokyo, "application_name").await, "tokyo");
+        assert_eq!(setting(&tokyo, "search_path").await, "pg_catalog");
+        assert_ne!(setting(&plain, "TimeZone").await, "Asia/Tokyo");
+        assert_ne!(setting(&plain, "search_path").await, "pg_catalog");
+    }
+    // The HTTP API on the same session never sees a wire client's settings.
+    let _ = setting(&tokyo, "TimeZone").await;
+    let body = daemon
+        .query("SELECT current_setting('TimeZone')", serde_json::json!([]))
+        .await;
+    assert_ne!(body["rows"][0][0], "Asia/Tokyo", "{body}");
+    // A setting the server refuses refuses the client, as PostgreSQL would.
+    let address = pg_addr(&daemon);
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable options='-c DateStyle=nonsense'",
+        address.port()
+    );
+    let refused = tokio_postgres::connect(&dsn, NoTls)
+        .await
+        .err()
+        .expect("refused");
+    let message = refused.as_db_error().map(|e| e.message().to_owned());
+    assert!(
+        message.as_deref().is_some_and(|m| m.contains("DateStyle")),
+        "{refused:?}"
+    );
+}

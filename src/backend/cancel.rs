@@ -73,7 +73,35 @@ impl CancelToken {
             .await
             .unwrap_or_else(|_| Err(self.connector.timed_out()))
     }
+
+    /// Cancels the statement of a session that will never be used again
+    /// (its request was abandoned), in the background. A cancel that
+    /// reaches the server before it has read the statement is ignored, so
+    /// the request is repeated a little later; that is safe only because
+    /// the session runs nothing else any more.
+    pub fn cancel_abandoned(self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            for pause in ABANDONED_CANCEL_PAUSES {
+                tokio::time::sleep(pause).await;
+                if let Err(error) = self.cancel().await {
+                    tracing::warn!(pid = self.process_id, error = %error, "Cancel request failed.");
+                    return;
+                }
+            }
+        });
+    }
 }
+
+/// When the cancels of an abandoned statement go out (see
+/// [`CancelToken::cancel_abandoned`]).
+const ABANDONED_CANCEL_PAUSES: [std::time::Duration; 3] = [
+    std::time::Duration::ZERO,
+    std::time::Duration::from_millis(250),
+    std::time::Duration::from_millis(1000),
+];
 
 #[cfg(test)]
 mod tests {

@@ -57,6 +57,9 @@ pub struct Connection {
     dirty: bool,
     /// A `DISCARD ALL` is owed: it goes out in front of the next request.
     reset_owed: bool,
+    /// Session settings a wire client's startup asked for, as set on this
+    /// session (see [`Connection::client_settings`]); a reset clears them.
+    client_settings: Vec<(String, String)>,
     /// The session is alive but must not be lent again (its reset was refused).
     retired: bool,
     /// Largest result, in wire bytes of rows, a request may return.
@@ -77,6 +80,7 @@ impl Connection {
             closed: false,
             dirty: false,
             reset_owed: false,
+            client_settings: Vec::new(),
             retired: false,
             result_limit: None,
             created_at: Instant::now(),
@@ -245,6 +249,7 @@ impl Connection {
         self.end_request(result)?;
         self.dirty = false;
         self.reset_owed = false;
+        self.client_settings.clear();
         Ok(())
     }
 
@@ -270,6 +275,7 @@ impl Connection {
         if !std::mem::take(&mut self.reset_owed) {
             return Ok(());
         }
+        self.client_settings.clear();
         frontend::query("DISCARD ALL", self.framer.write_buf()).map_err(invalid_sql)?;
         self.framer.flush(Stage::Sending).await?;
         let result = self.collect_results(Protocol::Simple).await;
@@ -324,7 +330,8 @@ impl Connection {
     /// Dropped before that (the client left mid-transaction), the session
     /// is discarded by the pool, never reused.
     pub async fn passthrough_begin(&mut self) -> Result<(), BackendError> {
-        self.begin_caller_request()?;
+        self.begin_request()?;
+        self.dirty = true;
         let reset = self.pay_owed_reset().await;
         if reset.is_err() {
             return self.end_request(reset);
@@ -368,6 +375,18 @@ impl Connection {
         self.framer.shrink_read_buf();
     }
 
+    /// The session settings a wire client's startup asked for that are set
+    /// on this session now; a wire client whose settings differ changes
+    /// them (see `wire::settings`), and a reset clears them.
+    pub fn client_settings(&self) -> &[(String, String)] {
+        &self.client_settings
+    }
+
+    /// Records the wire client settings now set on this session.
+    pub fn set_client_settings(&mut self, settings: Vec<(String, String)>) {
+        self.client_settings = settings;
+    }
+
     /// Every ParameterStatus value the server reported.
     pub fn parameters(&self) -> impl Iterator<Item = (&str, &str)> {
         self.framer.parameters()
@@ -386,9 +405,14 @@ impl Connection {
         result
     }
 
+    /// Begins a request of pgwarden's own making (not a wire client's):
+    /// settings a wire client left must not reach it, so they make a reset owed.
     pub(super) fn begin_caller_request(&mut self) -> Result<(), BackendError> {
         self.begin_request()?;
         self.dirty = true;
+        if !self.client_settings.is_empty() {
+            self.reset_owed = true;
+        }
         Ok(())
     }
 
@@ -443,6 +467,9 @@ impl Connection {
         // refuse it, it skips the rest of the group, so nothing runs on a
         // session that still holds a previous user's state.
         let reset = std::mem::take(&mut self.reset_owed);
+        if reset {
+            self.client_settings.clear();
+        }
         let owed = reset.then_some(Part::Sql("DISCARD ALL"));
         let statements = match self.encode_pipeline(owed.into_iter().chain(parts), reset) {
             Ok(statements) => statements,

@@ -192,18 +192,11 @@ impl CancelOnDrop {
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         let Some(token) = self.0.take() else { return };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        runtime.spawn(async move {
-            info!(
-                pid = token.process_id(),
-                "Request abandoned: cancelling its statement on the server."
-            );
-            if let Err(error) = token.cancel().await {
-                warn!(error = %error, "Cancel request failed.");
-            }
-        });
+        info!(
+            pid = token.process_id(),
+            "Request abandoned: cancelling its statement on the server."
+        );
+        token.cancel_abandoned();
     }
 }
 

@@ -10,6 +10,7 @@
 //!   authentication, the server's parameters, pgwarden's own cancel key.
 //! - [`session`]: one client's life after startup: transaction pooling
 //!   through the guard.
+//! - [`settings`]: a client's startup settings, on every session it uses.
 //! - [`cancel`]: cancel requests, routed by pgwarden's own keys.
 //! - [`tls`]: TLS to clients, with pgwarden's certificate.
 //!
@@ -28,8 +29,7 @@
 //! client without a reset (as PgBouncer's transaction mode does), which
 //! saves a round trip per transaction.
 //!
-//! Not yet: startup parameters other than
-//! `application_name` applied on the client's sessions, replay of a unit
+//! Not yet: replay of a unit
 //! whose session broke (the client gets 08006/08007 and stays connected),
 //! and named statements that follow a client across sessions (today they
 //! pin it).
@@ -38,6 +38,7 @@ pub mod cancel;
 pub mod messages;
 pub mod scram;
 pub mod session;
+pub mod settings;
 pub mod startup;
 pub mod tls;
 

@@ -25,6 +25,7 @@ use crate::guard::{GuardError, Lease};
 use crate::lifecycle::BackendSource;
 use crate::telemetry::labels::{Api, ClientErrorKind, RequestKind, RequestOutcome};
 use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
 
 /// Bytes of server messages gathered before they are written to the
 /// client, unless a ReadyForQuery (or a message the client must see at
@@ -52,6 +53,8 @@ where
         status: b'I',
         pinned: None,
         lost_transaction: false,
+        skip: 0,
+        prefix: None,
     };
     match session.serve(&stop).await {
         Ok(()) => debug!(client = process_id, "Wire client left."),
@@ -87,6 +90,12 @@ struct Session<'w, S> {
     /// The client's session broke inside its transaction: its next unit is
     /// told that the transaction is gone.
     lost_transaction: bool,
+    /// Replies of pgwarden's own statements still to swallow (one per
+    /// ReadyForQuery).
+    skip: usize,
+    /// pgwarden's own statement to send in front of the next unit: the
+    /// client's settings on a freshly attached session.
+    prefix: Option<BytesMut>,
 }
 
 /// Where a unit of client messages ends, and what it holds.
@@ -218,7 +227,14 @@ where
         let Some(lease) = self.lease.as_mut() else {
             return Ok(());
         };
-        if let Err(error) = lease.conn().passthrough_send(&bytes).await {
+        let sent = match self.prefix.take() {
+            Some(mut prefix) => {
+                prefix.extend_from_slice(&bytes);
+                lease.conn().passthrough_send(&prefix).await
+            }
+            None => lease.conn().passthrough_send(&bytes).await,
+        };
+        if let Err(error) = sent {
             self.waiting
                 .extend((0..unit.answers).map(|_| Instant::now()));
             return self.server_broke(error).await;
@@ -251,8 +267,25 @@ where
             .registration
             .slot
             .set(lease.conn().cancel_token());
+        self.carry_settings(lease.conn());
         self.lease = Some(lease);
         Ok(())
+    }
+
+    /// Queues what makes the session hold this client's settings, to ride
+    /// in front of the unit (see [`super::settings`]).
+    fn carry_settings(&mut self, conn: &mut crate::backend::Connection) {
+        let wanted = &self.client.settings;
+        let Some(sql) = super::settings::changes(conn.client_settings(), wanted) else {
+            return;
+        };
+        let mut prefix = BytesMut::new();
+        if frontend::query(&sql, &mut prefix).is_err() {
+            return;
+        }
+        conn.set_client_settings(wanted.clone());
+        self.prefix = Some(prefix);
+        self.skip += 1;
     }
 
     /// No session could be had within the budget: the unit is answered
@@ -302,6 +335,10 @@ where
                 .server_broke(BackendError::Fatal(Box::new(fatal)))
                 .await;
         }
+        if self.skip > 0 {
+            self.swallow(tag, &frame);
+            return Ok(());
+        }
         self.outbox.extend_from_slice(&frame);
         match tag {
             b'E' => self.failed = true,
@@ -313,6 +350,27 @@ where
             self.flush_outbox().await?;
         }
         Ok(())
+    }
+
+    /// A reply to pgwarden's own statement: not the client's to see.
+    fn swallow(&mut self, tag: u8, frame: &[u8]) {
+        match tag {
+            b'Z' => self.skip -= 1,
+            b'E' => {
+                let report = non_fatal_error(frame);
+                warn!(
+                    error = report.as_deref().unwrap_or("unreadable"),
+                    "A client's session settings were refused on a server session."
+                );
+                if let Some(lease) = self.lease.as_mut() {
+                    // Unknown now: a reset clears them before the next user.
+                    lease.conn().set_client_settings(Vec::new());
+                    self.pinned
+                        .get_or_insert("session settings that could not be applied");
+                }
+            }
+            _ => {}
+        }
     }
 
     fn unit_answered(&mut self, status: u8) {
@@ -361,6 +419,8 @@ where
         let waiting = std::mem::take(&mut self.waiting).len();
         self.unsynced = false;
         self.failed = false;
+        self.skip = 0;
+        self.prefix = None;
         if let Some(reason) = self.pinned.take() {
             info!(reason, "The pinned session is gone with its state.");
         }
@@ -398,9 +458,7 @@ where
             if !self.waiting.is_empty()
                 && let Some(token) = lease.conn().cancel_token()
             {
-                tokio::spawn(async move {
-                    let _ = token.cancel().await;
-                });
+                token.cancel_abandoned();
             } else if self.status == b'I' && !self.unsynced {
                 // A pinned client's state goes with a reset, before the
                 // session's next user.
@@ -418,6 +476,17 @@ fn fatal_error(frame: &[u8]) -> Option<DbError> {
     match Message::parse(&mut copy) {
         Ok(Some(Message::ErrorResponse(body))) => {
             DbError::parse(body.fields()).ok().filter(DbError::is_fatal)
+        }
+        _ => None,
+    }
+}
+
+/// The message of an ErrorResponse frame, for a log line.
+fn non_fatal_error(frame: &[u8]) -> Option<String> {
+    let mut copy = BytesMut::from(frame);
+    match Message::parse(&mut copy) {
+        Ok(Some(Message::ErrorResponse(body))) => {
+            DbError::parse(body.fields()).ok().map(|e| e.to_string())
         }
         _ => None,
     }

@@ -16,6 +16,8 @@ use super::Wire;
 use super::cancel::Registration;
 use super::messages::{self, Initial, PROTOCOL_3_0, WireError};
 use super::scram::ScramServer;
+use super::settings;
+use crate::backend::BackendError;
 
 /// Largest packet accepted before authentication.
 pub(crate) const MAX_STARTUP_PACKET: usize = 10_000;
@@ -25,8 +27,8 @@ pub(crate) const MAX_STARTUP_PACKET: usize = 10_000;
 pub struct Client {
     /// Its cancel key and what it runs.
     pub(crate) registration: Registration,
-    /// `application_name` from its startup packet.
-    pub application_name: Option<String>,
+    /// The session settings its startup asked for, sorted by name.
+    pub settings: Vec<(String, String)>,
 }
 
 /// Runs the startup of one connection, from its `first` packet when that
@@ -85,8 +87,9 @@ where
 struct Startup {
     user: String,
     database: String,
-    application_name: Option<String>,
     client_encoding: Option<String>,
+    /// The session settings asked for, or why they are unusable.
+    settings: Result<Vec<(String, String)>, String>,
 }
 
 impl From<Vec<(String, String)>> for Startup {
@@ -100,8 +103,8 @@ impl From<Vec<(String, String)>> for Startup {
         let user = get("user").unwrap_or_default();
         Startup {
             database: get("database").unwrap_or_else(|| user.clone()),
-            application_name: get("application_name"),
             client_encoding: get("client_encoding"),
+            settings: settings::from_startup(&parameters),
             user,
         }
     }
@@ -155,6 +158,9 @@ fn refusal(wire: &Wire, startup: &Startup, clients: usize) -> Option<(&'static s
     if !utf8 {
         let text = format!("client_encoding {encoding:?} is not served: pgwarden serves UTF8");
         return Some(("22023", text));
+    }
+    if let Err(problem) = &startup.settings {
+        return Some(("42704", problem.clone()));
     }
     if wire.auth.verifier.is_none() && startup.user != wire.auth.user {
         return Some(("28000", format!("role \"{}\" does not exist", startup.user)));
@@ -250,19 +256,18 @@ async fn greet<S>(wire: &Wire, stream: &mut S, startup: Startup) -> Result<Clien
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(parameters) = server_parameters(wire).await else {
-        refuse(stream, "57P03", "the database system is not available yet").await?;
-        return Err(WireError::Protocol("no server parameters to report".into()));
+    let settings = startup.settings.unwrap_or_default();
+    let parameters = match server_parameters(wire, &settings).await {
+        Ok(parameters) => parameters,
+        Err((code, text)) => {
+            refuse(stream, &code, &text).await?;
+            return Err(WireError::Protocol(text));
+        }
     };
     let registration = wire.cancels.register();
     let mut buf = BytesMut::new();
     messages::authentication_ok(&mut buf);
     for (name, value) in &parameters {
-        let value = match (name.as_str(), &startup.application_name) {
-            ("application_name", Some(own)) => own.as_str(),
-            ("application_name", None) => "",
-            _ => value.as_str(),
-        };
         messages::parameter_status(&mut buf, name, value);
     }
     messages::backend_key_data(&mut buf, registration.process_id, registration.secret_key);
@@ -270,28 +275,71 @@ where
     stream.write_all(&buf).await?;
     Ok(Client {
         registration,
-        application_name: startup.application_name,
+        settings,
     })
 }
 
-/// The server's ParameterStatus values: from a pooled session when the
-/// guard admits one within its budget, else the last ones learned.
-async fn server_parameters(wire: &Wire) -> Option<Vec<(String, String)>> {
-    if let Ok(mut lease) = wire.guard.admit().await {
-        let mut learned: Vec<(String, String)> = lease
-            .conn()
-            .parameters()
-            .map(|(n, v)| (n.to_owned(), v.to_owned()))
-            .collect();
-        learned.sort();
-        *wire
+/// The server's ParameterStatus values as this client will see them. On a
+/// pooled session, when the guard admits one within its budget, the
+/// client's settings are tried (a value the server refuses refuses the
+/// client, as PostgreSQL would), and the values reported then are the
+/// client's. Without a session, the last values learned serve.
+async fn server_parameters(
+    wire: &Wire,
+    settings: &[(String, String)],
+) -> Result<Vec<(String, String)>, (String, String)> {
+    let unavailable = || {
+        (
+            "57P03".to_owned(),
+            "the database system is not available yet".to_owned(),
+        )
+    };
+    let Ok(mut lease) = wire.guard.admit().await else {
+        let known = wire
             .server_parameters
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = learned;
-    }
-    let known = wire
+            .unwrap_or_else(|e| e.into_inner());
+        return if known.is_empty() {
+            Err(unavailable())
+        } else {
+            Ok(reported(&known, settings))
+        };
+    };
+    let conn = lease.conn();
+    let defaults = collect(conn.parameters());
+    *wire
         .server_parameters
         .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    (!known.is_empty()).then(|| known.clone())
+        .unwrap_or_else(|e| e.into_inner()) = defaults.clone();
+    let Some(sql) = settings::changes(&[], settings) else {
+        return Ok(defaults);
+    };
+    match conn.simple_query(&sql).await {
+        Ok(_) => Ok(collect(conn.parameters())),
+        Err(BackendError::Sql { error, .. }) => Err((error.code.clone(), error.message.clone())),
+        Err(_) => Ok(reported(&defaults, settings)),
+    }
+}
+
+fn collect<'a>(parameters: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<(String, String)> {
+    let mut list: Vec<(String, String)> = parameters
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        .collect();
+    list.sort();
+    list
+}
+
+/// The server's values, with the client's own where it set a reported one
+/// (names compared case-insensitively: `DateStyle` is `datestyle`).
+fn reported(defaults: &[(String, String)], settings: &[(String, String)]) -> Vec<(String, String)> {
+    defaults
+        .iter()
+        .map(|(name, value)| {
+            let own = settings
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map_or(value, |(_, v)| v);
+            (name.clone(), own.clone())
+        })
+        .collect()
 }
