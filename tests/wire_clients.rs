@@ -419,3 +419,36 @@ async fn startup_settings_follow_each_client_onto_a_shared_session() {
         "{refused:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_that_gets_no_session_within_the_budget_is_57p03_and_the_client_stays() {
+    let cluster = Cluster::start();
+    let mut daemon = TestDaemon::start(Config {
+        guard_timeout_ms: 500,
+        ..config_for(&cluster)
+    })
+    .await;
+    let client = client(&daemon).await;
+    assert!(client.simple_query("SELECT 1").await.is_ok());
+    let admin = |operation: &str| {
+        daemon
+            .client
+            .post(format!("{}/admin/{operation}", daemon.ops))
+            .send()
+    };
+    assert!(admin("pause").await.unwrap().status().is_success());
+    let error = client.simple_query("SELECT 'held'").await.unwrap_err();
+    let code = error.as_db_error().map(|e| e.code().code().to_owned());
+    assert_eq!(code.as_deref(), Some("57P03"), "{error:?}");
+    assert!(admin("resume").await.unwrap().status().is_success());
+    let rows = client.simple_query("SELECT 'served again'").await.unwrap();
+    assert!(!rows.is_empty());
+
+    // At shutdown an idle client is told so and let go.
+    let waiting = tokio::spawn(async move { client.simple_query("SELECT 1").await.map(|_| ()) });
+    assert!(
+        daemon.shutdown().await,
+        "the idle client did not hold the shutdown up"
+    );
+    let _ = waiting.await;
+}

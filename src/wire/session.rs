@@ -53,6 +53,7 @@ where
         status: b'I',
         pinned: None,
         lost_transaction: false,
+        skipping_to_sync: false,
         skip: 0,
         prefix: None,
     };
@@ -90,6 +91,10 @@ struct Session<'w, S> {
     /// The client's session broke inside its transaction: its next unit is
     /// told that the transaction is gone.
     lost_transaction: bool,
+    /// A unit without a Sync was answered with an error locally: what the
+    /// client sends up to its Sync is skipped, as PostgreSQL skips after an
+    /// error, and the Sync gets the ReadyForQuery.
+    skipping_to_sync: bool,
     /// Replies of pgwarden's own statements still to swallow (one per
     /// ReadyForQuery).
     skip: usize,
@@ -140,13 +145,13 @@ where
             tokio::select! {
                 read = self.stream.read_buf(&mut self.inbox) => return Ok(read? > 0),
                 _ = stop.cancelled() => {
-                    let mut buf = BytesMut::new();
-                    messages::error_response(&mut buf, "FATAL", "57P01", "terminating connection: pgwarden is shutting down");
-                    self.stream.write_all(&buf).await?;
+                    self.say_goodbye().await?;
                     return Ok(false);
                 }
             }
         };
+        // A pinned client between transactions is idle too.
+        let idle = self.waiting.is_empty() && !self.unsynced && self.status == b'I';
         tokio::select! {
             biased;
             frame = lease.conn().passthrough_frame(limit) => {
@@ -157,7 +162,19 @@ where
                 Ok(true)
             }
             read = self.stream.read_buf(&mut self.inbox) => Ok(read? > 0),
+            _ = stop.cancelled(), if idle => {
+                self.say_goodbye().await?;
+                Ok(false)
+            }
         }
+    }
+
+    /// Tells an idle client that pgwarden is shutting down (57P01, as
+    /// PostgreSQL's fast shutdown does).
+    async fn say_goodbye(&mut self) -> Result<(), WireError> {
+        let text = "terminating connection: pgwarden is shutting down";
+        messages::error_response(&mut self.outbox, "FATAL", "57P01", text);
+        self.flush_outbox().await
     }
 
     /// Finds the next complete unit in the inbox.
@@ -208,6 +225,13 @@ where
     /// Sends a unit to the server session, attaching one first.
     async fn forward(&mut self, unit: Unit) -> Result<(), WireError> {
         let bytes = self.inbox.split_to(unit.len).freeze();
+        if self.skipping_to_sync {
+            if unit.answers > 0 {
+                self.skipping_to_sync = false;
+                messages::ready_for_query(&mut self.outbox, b'I');
+            }
+            return Ok(());
+        }
         if self.lost_transaction && unit.answers > 0 {
             self.lost_transaction = false;
             let text = "the connection to the database was lost inside the transaction, which was rolled back";
@@ -293,8 +317,14 @@ where
     fn refuse_unit(&mut self, unit: Unit, error: &GuardError) -> Result<(), WireError> {
         warn!(error = %error, "A wire unit got no database session within the budget.");
         let text = format!("pgwarden: {error}");
-        let answers = unit.answers.max(1);
-        self.answer_locally(answers, "57P03", &text, error.kind())
+        if unit.answers == 0 {
+            // Answered at its Sync, as PostgreSQL answers after an error.
+            messages::error_response(&mut self.outbox, "ERROR", "57P03", &text);
+            self.wire.metrics.client_error(error.kind());
+            self.skipping_to_sync = true;
+            return Ok(());
+        }
+        self.answer_locally(unit.answers, "57P03", &text, error.kind())
     }
 
     /// Answers `answers` units without a server: an error and a
