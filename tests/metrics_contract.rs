@@ -39,6 +39,8 @@ const CONTRACT: &[(&str, &str, &[&str])] = &[
     ),
     ("pgwarden_errors_total", "counter", &["kind"]),
     ("pgwarden_session_refusals_total", "counter", &["reason"]),
+    ("pgwarden_wire_clients", "gauge", &["state"]),
+    ("pgwarden_wire_connections_total", "counter", &["result"]),
 ];
 
 /// Every label value the contract names, which must all exist at zero.
@@ -74,6 +76,18 @@ const LABEL_VALUES: &[(&str, &str, &[&str])] = &[
         "pgwarden_session_refusals_total",
         "reason",
         &["auth", "resources", "database", "privilege", "other"],
+    ),
+    (
+        "pgwarden_wire_clients",
+        "state",
+        &["idle", "waiting", "active", "pinned"],
+    ),
+    (
+        "pgwarden_wire_connections_total",
+        "result",
+        &[
+            "accepted", "cancel", "auth", "database", "too_many", "refused", "failed",
+        ],
     ),
     (
         "pgwarden_requests_duration_seconds_count",

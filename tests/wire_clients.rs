@@ -181,6 +181,10 @@ async fn prepared_statements_with_typed_parameters_round_trip() {
         error.code(),
         Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
     );
+    let pinned = daemon
+        .metric(r#"pgwarden_wire_clients{state="pinned"}"#)
+        .await;
+    assert_eq!(pinned, 1.0, "named statements pin the client");
     let row = client
         .query_one("SELECT 'still connected'", &[])
         .await
@@ -250,6 +254,19 @@ async fn wrong_credentials_and_databases_are_refused_before_any_server_session_i
     elsewhere.env("PGPASSWORD", "right-password");
     let (_, err) = run_psql(elsewhere, &["SELECT 'in'"], None);
     assert!(err.contains("database \"other\" does not exist"), "{err}");
+
+    let connections =
+        |result: &str| format!("pgwarden_wire_connections_total{{result=\"{result}\"}}");
+    assert!(daemon.metric(&connections("accepted")).await >= 1.0);
+    assert!(daemon.metric(&connections("auth")).await >= 1.0);
+    assert!(daemon.metric(&connections("database")).await >= 1.0);
+    assert_eq!(
+        daemon
+            .metric(r#"pgwarden_wire_clients{state="idle"}"#)
+            .await,
+        0.0,
+        "every client left"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -139,6 +139,40 @@ label_enum! {
 }
 
 label_enum! {
+    /// What a connected wire client is doing.
+    WireClientState {
+        /// Connected, holding no server session.
+        Idle => "idle",
+        /// Waiting in the guard for a server session.
+        Waiting => "waiting",
+        /// Running on a server session (a transaction or a unit).
+        Active => "active",
+        /// Holding its server session for state that cannot move.
+        Pinned => "pinned",
+    }
+}
+
+label_enum! {
+    /// How a connection to the wire front end ended its startup.
+    WireConnection {
+        /// It became a client.
+        Accepted => "accepted",
+        /// A cancel request, handled.
+        Cancel => "cancel",
+        /// Refused: wrong password or user (28P01, 28000).
+        Auth => "auth",
+        /// Refused: another database (3D000).
+        Database => "database",
+        /// Refused: too many clients (53300).
+        TooMany => "too_many",
+        /// Refused for another reason (an encoding, a setting, no server).
+        Refused => "refused",
+        /// Broken off: a protocol violation, a timeout, a failed handshake.
+        Failed => "failed",
+    }
+}
+
+label_enum! {
     /// How a guard wait ended.
     GuardOutcome {
         /// The request got a connection.

@@ -18,6 +18,7 @@ use prometheus::{
 use super::labels::{
     Api, AttemptResult, ClientErrorKind, GuardCause, GuardOutcome, HealthResult, PoolState,
     ReconnectReason, Refusal, ReplayResult, RequestKind, RequestOutcome, WarmupPhase,
+    WireClientState, WireConnection,
 };
 
 const NAMESPACE: &str = "pgwarden";
@@ -48,6 +49,8 @@ pub struct Metrics {
     stale_client_hits: IntCounter,
     replays: IntCounterVec,
     session_refusals: IntCounterVec,
+    wire_clients: IntGaugeVec,
+    wire_connections: IntCounterVec,
     /// The series of the two per-request metrics, resolved once, so a
     /// request costs no label hashing or lookup lock: indexed by
     /// [`request_slot`] and by [`ClientErrorKind::index`].
@@ -91,6 +94,8 @@ impl Metrics {
             stale_client_hits: r.counter("stale_client_hits_total", "Requests that met a connection of a retired generation and were moved to the current one.")?,
             replays: r.counter_vec("replays_total", "Requests replayed on a new generation after their connection failed, by result.", &["result"])?,
             session_refusals: r.counter_vec("session_refusals_total", "New sessions the server refused (it answered, so this never starts a reconnect), by the SQLSTATE class of its answer.", &["reason"])?,
+            wire_clients: r.gauge_vec("wire_clients", "Clients connected to the PostgreSQL wire front end, by what they are doing.", &["state"])?,
+            wire_connections: r.counter_vec("wire_connections_total", "Connections to the PostgreSQL wire front end, by how their startup ended.", &["result"])?,
             request_series: request_labels()
                 .map(|labels| requests_duration.with_label_values(&labels))
                 .collect(),
@@ -130,6 +135,10 @@ impl Metrics {
         }
         each(&self.replays, ReplayResult::ALL, |r| r.as_str());
         each(&self.session_refusals, Refusal::ALL, |r| r.as_str());
+        for state in WireClientState::ALL {
+            self.wire_clients.with_label_values(&[state.as_str()]);
+        }
+        each(&self.wire_connections, WireConnection::ALL, |r| r.as_str());
     }
 
     /// Publishes the lifecycle state (one-hot) and readiness.
@@ -222,6 +231,24 @@ impl Metrics {
     pub fn session_refused(&self, reason: Refusal) {
         self.session_refusals
             .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// A wire client moves from `from` (none when it just connected) to
+    /// `to` (none when it left).
+    pub fn wire_client(&self, from: Option<WireClientState>, to: Option<WireClientState>) {
+        if let Some(from) = from {
+            self.wire_clients.with_label_values(&[from.as_str()]).dec();
+        }
+        if let Some(to) = to {
+            self.wire_clients.with_label_values(&[to.as_str()]).inc();
+        }
+    }
+
+    /// Counts a connection to the wire front end by how its startup ended.
+    pub fn wire_connection(&self, result: WireConnection) {
+        self.wire_connections
+            .with_label_values(&[result.as_str()])
             .inc();
     }
 

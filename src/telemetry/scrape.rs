@@ -72,6 +72,8 @@ mod tests {
             "pgwarden_requests_duration_seconds_count{api=\"pgwire\",kind=\"batch\",outcome=\"rejected\"} 0",
             "pgwarden_errors_total{kind=\"too_large\"} 0",
             "pgwarden_session_refusals_total{reason=\"auth\"} 0",
+            "pgwarden_wire_clients{state=\"pinned\"} 0",
+            "pgwarden_wire_connections_total{result=\"too_many\"} 0",
             "pgwarden_guard_wait_seconds_count{cause=\"busy\",outcome=\"timeout\"} 0",
             "pgwarden_guard_wait_seconds_bucket{cause=\"paused\",outcome=\"admitted\",le=\"0.0005\"} 0",
         ] {

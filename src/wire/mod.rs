@@ -56,6 +56,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::guard::Guard;
 use crate::lifecycle::BackendSource;
 use crate::telemetry::Metrics;
+use crate::telemetry::labels::WireConnection;
 
 use cancel::CancelRegistry;
 use scram::ScramVerifier;
@@ -235,14 +236,14 @@ async fn serve_stream<S>(
     let client = match started {
         Ok(Ok(Some(client))) => client,
         Ok(Ok(None)) => return,
-        Ok(Err(error)) => {
-            debug!(peer = %peer, error = %error, "Wire client startup failed.");
-            return;
-        }
-        Err(_) => {
-            debug!(peer = %peer, timeout_ms = limit.as_millis() as u64, "Wire client did not finish startup in time.");
-            return;
-        }
+        Ok(Err(error)) => return failed(wire, peer, &error.to_string()),
+        Err(_) => return failed(wire, peer, "startup did not finish in time"),
     };
     session::run(wire, stream, client, stop).await;
+}
+
+/// A connection broken off before it became a client.
+fn failed(wire: &Wire, peer: SocketAddr, why: &str) {
+    debug!(peer = %peer, reason = why, "Wire client startup failed.");
+    wire.metrics.wire_connection(WireConnection::Failed);
 }

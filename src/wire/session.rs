@@ -23,7 +23,9 @@ use super::startup::Client;
 use crate::backend::{BackendError, DbError, Scope};
 use crate::guard::{GuardError, Lease};
 use crate::lifecycle::BackendSource;
-use crate::telemetry::labels::{Api, ClientErrorKind, RequestKind, RequestOutcome};
+use crate::telemetry::labels::{
+    Api, ClientErrorKind, RequestKind, RequestOutcome, WireClientState,
+};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 
@@ -56,12 +58,15 @@ where
         skipping_to_sync: false,
         skip: 0,
         prefix: None,
+        state: WireClientState::Idle,
     };
+    wire.metrics.wire_client(None, Some(WireClientState::Idle));
     match session.serve(&stop).await {
         Ok(()) => debug!(client = process_id, "Wire client left."),
         Err(error) => debug!(client = process_id, error = %error, "Wire client connection ended."),
     }
     session.leave();
+    wire.metrics.wire_client(Some(session.state), None);
 }
 
 struct Session<'w, S> {
@@ -101,6 +106,8 @@ struct Session<'w, S> {
     /// pgwarden's own statement to send in front of the next unit: the
     /// client's settings on a freshly attached session.
     prefix: Option<BytesMut>,
+    /// What the client is doing, as `pgwarden_wire_clients` counts it.
+    state: WireClientState,
 }
 
 /// Where a unit of client messages ends, and what it holds.
@@ -128,11 +135,30 @@ where
                     return Ok(());
                 }
                 self.forward(unit).await?;
+                self.count_state();
             }
             self.flush_outbox().await?;
             if !self.wait_for_input(stop).await? {
                 return Ok(());
             }
+            self.count_state();
+        }
+    }
+
+    /// Moves the client to the state its session says, for the gauge.
+    fn count_state(&mut self) {
+        let state = match (&self.lease, self.pinned) {
+            (None, _) => WireClientState::Idle,
+            (Some(_), None) => WireClientState::Active,
+            (Some(_), Some(_)) => WireClientState::Pinned,
+        };
+        self.move_to(state);
+    }
+
+    fn move_to(&mut self, state: WireClientState) {
+        if state != self.state {
+            self.wire.metrics.wire_client(Some(self.state), Some(state));
+            self.state = state;
         }
     }
 
@@ -273,6 +299,7 @@ where
     /// Takes a server session through the guard (which waits, bounded,
     /// during a reconnect) and lends it to the client.
     async fn attach(&mut self) -> Result<(), GuardError> {
+        self.move_to(WireClientState::Waiting);
         let mut lease = self.wire.guard.admit().await?;
         loop {
             match lease.conn().passthrough_begin().await {

@@ -18,6 +18,7 @@ use super::messages::{self, Initial, PROTOCOL_3_0, WireError};
 use super::scram::ScramServer;
 use super::settings;
 use crate::backend::BackendError;
+use crate::telemetry::labels::WireConnection;
 
 /// Largest packet accepted before authentication.
 pub(crate) const MAX_STARTUP_PACKET: usize = 10_000;
@@ -58,6 +59,7 @@ where
                 secret_key,
             } => {
                 wire.cancels.cancel(process_id, secret_key);
+                wire.metrics.wire_connection(WireConnection::Cancel);
                 return Ok(None);
             }
             Initial::Startup {
@@ -71,14 +73,14 @@ where
     };
     let startup = Startup::from(parameters);
     if let Some((code, text)) = refusal(wire, &startup, clients) {
-        return refuse(stream, code, &text).await;
+        return refuse(wire, stream, code, &text).await;
     }
     if !authenticate(wire, stream, &startup).await? {
         let text = format!(
             "password authentication failed for user \"{}\"",
             startup.user
         );
-        return refuse(stream, "28P01", &text).await;
+        return refuse(wire, stream, "28P01", &text).await;
     }
     greet(wire, stream, startup).await.map(Some)
 }
@@ -240,11 +242,23 @@ fn sasl_initial(body: &[u8]) -> Result<(String, &[u8]), WireError> {
 }
 
 /// Answers a refused client with a FATAL error, as PostgreSQL does.
-async fn refuse<S>(stream: &mut S, code: &str, text: &str) -> Result<Option<Client>, WireError>
+async fn refuse<S>(
+    wire: &Wire,
+    stream: &mut S,
+    code: &str,
+    text: &str,
+) -> Result<Option<Client>, WireError>
 where
     S: AsyncWrite + Unpin,
 {
     info!(code, reason = text, "Wire client refused.");
+    let result = match code {
+        "28P01" | "28000" => WireConnection::Auth,
+        "3D000" => WireConnection::Database,
+        "53300" => WireConnection::TooMany,
+        _ => WireConnection::Refused,
+    };
+    wire.metrics.wire_connection(result);
     let mut buf = BytesMut::new();
     messages::error_response(&mut buf, "FATAL", code, text);
     stream.write_all(&buf).await?;
@@ -260,7 +274,7 @@ where
     let parameters = match server_parameters(wire, &settings).await {
         Ok(parameters) => parameters,
         Err((code, text)) => {
-            refuse(stream, &code, &text).await?;
+            refuse(wire, stream, &code, &text).await?;
             return Err(WireError::Protocol(text));
         }
     };
@@ -273,6 +287,7 @@ where
     messages::backend_key_data(&mut buf, registration.process_id, registration.secret_key);
     messages::ready_for_query(&mut buf, b'I');
     stream.write_all(&buf).await?;
+    wire.metrics.wire_connection(WireConnection::Accepted);
     Ok(Client {
         registration,
         settings,
