@@ -52,16 +52,7 @@ fn run_psql(mut cmd: Command, statements: &[&str], stdin: Option<&str>) -> (Stri
 }
 
 async fn client(daemon: &TestDaemon) -> tokio_postgres::Client {
-    let address = pg_addr(daemon);
-    let dsn = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable",
-        address.port()
-    );
-    let (client, connection) = tokio_postgres::connect(&dsn, NoTls)
-        .await
-        .expect("connects");
-    tokio::spawn(connection);
-    client
+    client_with(daemon, "").await
 }
 
 fn one_session(cluster: &Cluster) -> Config {

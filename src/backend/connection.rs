@@ -430,11 +430,7 @@ impl Connection {
         &mut self,
         result: Result<T, BackendError>,
     ) -> Result<T, BackendError> {
-        if let Err(e) = &result
-            && e.is_connection_level()
-        {
-            self.closed = true;
-        }
+        let result = self.fail_on_connection_level(result);
         self.in_flight = false;
         result
     }

@@ -606,10 +606,9 @@ mod tests {
             "SELECT pg_advisory_lock(1)",
             "SELECT 1; SET work_mem = '64MB'",
         ];
+        let query = |sql: &str| pin_reason(b'Q', format!("{sql}\0").as_bytes());
         for sql in pins {
-            let mut body = sql.as_bytes().to_vec();
-            body.push(0);
-            assert!(pin_reason(b'Q', &body).is_some(), "{sql}");
+            assert!(query(sql).is_some(), "{sql}");
         }
         let free = [
             "SELECT 1",
@@ -619,9 +618,7 @@ mod tests {
             "CREATE TABLE t (x int)",
         ];
         for sql in free {
-            let mut body = sql.as_bytes().to_vec();
-            body.push(0);
-            assert_eq!(pin_reason(b'Q', &body), None, "{sql}");
+            assert_eq!(query(sql), None, "{sql}");
         }
         assert!(pin_reason(b'P', b"s1\0SELECT 1\0\0\0").is_some());
         assert_eq!(pin_reason(b'P', b"\0SELECT 1\0\0\0"), None);
