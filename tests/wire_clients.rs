@@ -218,6 +218,27 @@ async fn pgbench_runs_without_a_failed_transaction_in_every_query_mode() {
         let processed = format!("number of transactions actually processed: {all}/{all}");
         assert!(report.contains(&processed), "{mode}: {report}");
     }
+    // A connection per transaction, as serverless functions do.
+    let report = pgbench(&["-S", "-C", "-c", "4", "-j", "2", "-t", "50"]);
+    assert!(
+        report.contains("actually processed: 200/200"),
+        "-C: {report}"
+    );
+    // Pipeline mode: several queries in flight before one Sync.
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        script.path(),
+        "\\startpipeline\nSELECT 1;\nSELECT abalance FROM pgbench_accounts WHERE aid = 1;\nSELECT 2;\n\\endpipeline\n",
+    )
+    .unwrap();
+    let path = script.path().to_str().unwrap();
+    let report = pgbench(&[
+        "-M", "extended", "-f", path, "-c", "4", "-j", "2", "-t", "50",
+    ]);
+    assert!(
+        report.contains("actually processed: 200/200"),
+        "pipeline: {report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
