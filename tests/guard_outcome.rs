@@ -89,7 +89,9 @@ async fn an_xid_handed_out_again_after_an_in_place_crash_is_not_taken_for_the_wr
         "someone else's commit"
     );
 
-    let outcome = pgwarden::guard::outcome::ask(&mut asker, &identity).await;
+    let outcome = pgwarden::guard::outcome::ask(&mut asker, &identity)
+        .await
+        .expect("the asking session works");
     assert_eq!(
         outcome,
         TxOutcome::NeverLogged,

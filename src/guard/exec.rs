@@ -393,7 +393,6 @@ impl Executor {
             ..*options
         };
         loop {
-            let mut old = OldSession::of(&mut lease);
             let abandon = CancelOnDrop(lease.conn().cancel_token());
             let attempt = self
                 .attempt(
@@ -415,6 +414,8 @@ impl Executor {
                 Ok(results) => return self.replayed(replays, Ok(results)),
                 Err(broken) => broken,
             };
+            // Read off the session only now: the success path pays nothing.
+            let mut old = OldSession::of(&mut lease);
             match broken {
                 Broken::Sql(error, statement) => {
                     match rerun_as(class, &options, &error, statement, statements.len()) {
@@ -659,7 +660,29 @@ impl Executor {
         loop {
             let asked =
                 tokio::time::timeout_at(deadline, super::outcome::ask(lease.conn(), identity));
-            let outcome = asked.await.unwrap_or(TxOutcome::Unknown);
+            let outcome = match asked.await {
+                Ok(Ok(outcome)) => outcome,
+                // The asking session broke (the server failed again): the
+                // database has not said it cannot tell; ask a new session.
+                Ok(Err(error)) => {
+                    let asker = OldSession {
+                        generation: lease.generation().id(),
+                        scope: error.scope(),
+                        backend: None,
+                        opened: std::time::Instant::now(),
+                    };
+                    if asker.scope == Scope::Server {
+                        self.guard.report_connection_lost(asker.generation);
+                    }
+                    drop(lease);
+                    match self.readmit(&asker, deadline).await {
+                        Ok(next) => lease = next,
+                        Err(_) => return (Decision::Unknown, Some(TxOutcome::Unknown)),
+                    }
+                    continue;
+                }
+                Err(_) => TxOutcome::Unknown,
+            };
             let decision = decide(class, point, Some(outcome));
             info!(xid = identity.xid, outcome = ?outcome, decision = ?decision, "Resolved a write broken after COMMIT was sent.");
             if decision != Decision::AskAgain || Instant::now() + ASK_AGAIN_AFTER >= deadline {

@@ -11,8 +11,10 @@ use super::replay::TxOutcome;
 use crate::backend::{BackendError, Connection, QueryResult, Statement, TxIdentity};
 
 /// Asks `conn` (of a generation newer than the broken one, or of the same
-/// one when the server did not fail) about `identity`.
-pub async fn ask(conn: &mut Connection, identity: &TxIdentity) -> TxOutcome {
+/// one when the server did not fail) about `identity`. An error is `conn`
+/// failing at the connection level: that is not the database saying it
+/// cannot tell, so the question may be asked again on another session.
+pub async fn ask(conn: &mut Connection, identity: &TxIdentity) -> Result<TxOutcome, BackendError> {
     let xid = vec![Some(identity.xid.to_string())];
     let probe = Statement::with_params(outcome_sql(conn), xid.clone());
     let answer = match conn.query(&probe).await {
@@ -27,14 +29,15 @@ pub async fn ask(conn: &mut Connection, identity: &TxIdentity) -> TxOutcome {
         other => other.map(|r| read_outcome(&r, identity, true)),
     };
     match answer {
-        Ok(outcome) => outcome,
+        Ok(outcome) => Ok(outcome),
         // An xid in the future was never logged: not even a crash can have committed it.
         Err(BackendError::Sql { error, .. }) if error.code == XID_IN_FUTURE => {
-            TxOutcome::NeverLogged
+            Ok(TxOutcome::NeverLogged)
         }
+        Err(error) if error.is_connection_level() => Err(error),
         Err(error) => {
             warn!(xid = identity.xid, error = %error, "Cannot ask the outcome of a broken write.");
-            TxOutcome::Unknown
+            Ok(TxOutcome::Unknown)
         }
     }
 }
