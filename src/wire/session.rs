@@ -567,26 +567,53 @@ fn pin_reason(tag: u8, body: &[u8]) -> Option<&'static str> {
     sql.split(';').find_map(statement_pins)
 }
 
-/// The session state one statement leaves behind, if any.
+/// Statements whose first word leaves session state behind.
+const PINNING_STATEMENTS: [(&str, &str); 6] = [
+    ("SET", "a session setting"),
+    ("RESET", "a session setting"),
+    ("LISTEN", "LISTEN"),
+    ("PREPARE", "an SQL prepared statement"),
+    ("DECLARE", "a cursor"),
+    ("LOAD", "a loaded library"),
+];
+
+/// Calls anywhere in a statement that leave session state behind.
+const PINNING_CALLS: [(&str, &str); 2] = [
+    ("pg_advisory_lock", "a session advisory lock"),
+    ("set_config", "a session setting"),
+];
+
+/// The session state one statement leaves behind, if any. Runs on every
+/// Query and Parse of an unpinned client, so it allocates nothing.
 fn statement_pins(statement: &str) -> Option<&'static str> {
     let mut words = statement
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|w| !w.is_empty());
-    let first = words.next()?.to_ascii_uppercase();
-    let second = words.next().map(str::to_ascii_uppercase);
-    let lower = statement.to_ascii_lowercase();
-    match (first.as_str(), second.as_deref()) {
-        ("SET", Some("LOCAL")) | ("SET", Some("TRANSACTION")) => None,
-        ("SET" | "RESET", _) => Some("a session setting"),
-        ("LISTEN", _) => Some("LISTEN"),
-        ("PREPARE", _) => Some("an SQL prepared statement"),
-        ("DECLARE", _) => Some("a cursor"),
-        ("LOAD", _) => Some("a loaded library"),
-        ("CREATE", Some("TEMP" | "TEMPORARY")) => Some("a temporary table"),
-        _ if lower.contains("pg_advisory_lock") => Some("a session advisory lock"),
-        _ if lower.contains("set_config") => Some("a session setting"),
-        _ => None,
+    let first = words.next()?;
+    let second = words.next().unwrap_or("");
+    let is = |word: &str, keyword: &str| word.eq_ignore_ascii_case(keyword);
+    if is(first, "SET") && (is(second, "LOCAL") || is(second, "TRANSACTION")) {
+        return None;
     }
+    if is(first, "CREATE") && (is(second, "TEMP") || is(second, "TEMPORARY")) {
+        return Some("a temporary table");
+    }
+    let by_statement = PINNING_STATEMENTS
+        .iter()
+        .find(|(keyword, _)| is(first, keyword));
+    let by_call = || {
+        PINNING_CALLS
+            .iter()
+            .find(|(call, _)| contains_ignoring_case(statement, call))
+    };
+    by_statement.or_else(by_call).map(|(_, reason)| *reason)
+}
+
+fn contains_ignoring_case(haystack: &str, needle: &str) -> bool {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .any(|window| window.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
 #[cfg(test)]
