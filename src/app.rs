@@ -223,6 +223,7 @@ async fn start_wire(
         max_clients: config.pg_max_clients,
         startup_timeout: ms(config.pg_startup_timeout_ms),
         max_message_bytes: config.pg_max_message_bytes,
+        max_prepared_per_session: config.pg_max_prepared_statements,
     };
     let tls = match (&config.pg_tls_cert, &config.pg_tls_key) {
         (Some(cert), Some(key)) => Some(crate::wire::tls::acceptor(cert, key)?),

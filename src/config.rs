@@ -67,6 +67,8 @@ pub const DEFAULT_PG_MAX_CLIENTS: usize = 10_000;
 pub const DEFAULT_PG_STARTUP_TIMEOUT_MS: u64 = 10_000;
 /// Default cap on one wire protocol message, from a client or a server.
 pub const DEFAULT_PG_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Default for [`Config::pg_max_prepared_statements`].
+pub const DEFAULT_PG_MAX_PREPARED_STATEMENTS: usize = 256;
 /// Default grace period for in-flight requests at shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10000;
 
@@ -90,6 +92,9 @@ pub struct Config {
     pub pg_startup_timeout_ms: u64,
     /// Largest wire protocol message accepted from a client or a server.
     pub pg_max_message_bytes: usize,
+    /// Named statements of wire clients that one server session keeps
+    /// prepared; the least recently used is closed to make room.
+    pub pg_max_prepared_statements: usize,
     /// PEM certificate chain for TLS to wire clients (with `pg_tls_key`).
     pub pg_tls_cert: Option<PathBuf>,
     /// PEM private key of `pg_tls_cert`.
@@ -170,6 +175,7 @@ impl Default for Config {
             pg_max_clients: DEFAULT_PG_MAX_CLIENTS,
             pg_startup_timeout_ms: DEFAULT_PG_STARTUP_TIMEOUT_MS,
             pg_max_message_bytes: DEFAULT_PG_MAX_MESSAGE_BYTES,
+            pg_max_prepared_statements: DEFAULT_PG_MAX_PREPARED_STATEMENTS,
             pg_tls_cert: None,
             pg_tls_key: None,
             guard_timeout_ms: DEFAULT_GUARD_TIMEOUT_MS,
@@ -314,6 +320,10 @@ impl Config {
         check(
             self.pg_max_message_bytes >= 64 * 1024,
             "pg_max_message_bytes: must be at least 65536".into(),
+        );
+        check(
+            self.pg_max_prepared_statements >= 1,
+            "pg_max_prepared_statements: must be at least 1".into(),
         );
         check(
             self.pg_tls_cert.is_some() == self.pg_tls_key.is_some(),
@@ -524,6 +534,7 @@ fn known_keys() -> Vec<&'static str> {
         "pg_max_clients",
         "pg_startup_timeout_ms",
         "pg_max_message_bytes",
+        "pg_max_prepared_statements",
         "pg_tls_cert",
         "pg_tls_key",
         "guard_timeout_ms",

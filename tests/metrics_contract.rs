@@ -41,6 +41,11 @@ const CONTRACT: &[(&str, &str, &[&str])] = &[
     ("pgwarden_session_refusals_total", "counter", &["reason"]),
     ("pgwarden_wire_clients", "gauge", &["state"]),
     ("pgwarden_wire_connections_total", "counter", &["result"]),
+    (
+        "pgwarden_wire_prepared_statements_total",
+        "counter",
+        &["event"],
+    ),
 ];
 
 /// Every label value the contract names, which must all exist at zero.
@@ -88,6 +93,11 @@ const LABEL_VALUES: &[(&str, &str, &[&str])] = &[
         &[
             "accepted", "cancel", "auth", "database", "too_many", "refused", "failed",
         ],
+    ),
+    (
+        "pgwarden_wire_prepared_statements_total",
+        "event",
+        &["hit", "miss", "eviction"],
     ),
     (
         "pgwarden_requests_duration_seconds_count",

@@ -26,6 +26,7 @@ use super::error::{BackendError, Stage};
 use super::framing::Framer;
 use super::result::QueryResult;
 use super::statement::Statement;
+use super::statements::PreparedSet;
 use super::stream::Socket;
 
 /// Transaction status reported by the last ReadyForQuery.
@@ -60,6 +61,9 @@ pub struct Connection {
     /// Session settings a wire client's startup asked for, as set on this
     /// session (see [`Connection::client_settings`]); a reset clears them.
     client_settings: Vec<(String, String)>,
+    /// Named statements wire clients prepared on this session; a reset
+    /// empties it.
+    prepared: PreparedSet,
     /// The session is alive but must not be lent again (its reset was refused).
     retired: bool,
     /// Largest result, in wire bytes of rows, a request may return.
@@ -81,6 +85,7 @@ impl Connection {
             dirty: false,
             reset_owed: false,
             client_settings: Vec::new(),
+            prepared: PreparedSet::default(),
             retired: false,
             result_limit: None,
             created_at: Instant::now(),
@@ -249,7 +254,7 @@ impl Connection {
         self.end_request(result)?;
         self.dirty = false;
         self.reset_owed = false;
-        self.client_settings.clear();
+        self.forget_client_state();
         Ok(())
     }
 
@@ -275,7 +280,7 @@ impl Connection {
         if !std::mem::take(&mut self.reset_owed) {
             return Ok(());
         }
-        self.client_settings.clear();
+        self.forget_client_state();
         frontend::query("DISCARD ALL", self.framer.write_buf()).map_err(invalid_sql)?;
         self.framer.flush(Stage::Sending).await?;
         let result = self.collect_results(Protocol::Simple).await;
@@ -342,6 +347,17 @@ impl Connection {
     /// Sends a client's messages as they are.
     pub async fn passthrough_send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
         self.framer.write_buf().extend_from_slice(bytes);
+        self.passthrough_flush().await
+    }
+
+    /// Where a client's messages (as they are or rewritten) are gathered
+    /// before [`Connection::passthrough_flush`] sends them.
+    pub fn passthrough_buf(&mut self) -> &mut bytes::BytesMut {
+        self.framer.write_buf()
+    }
+
+    /// Sends what was gathered in [`Connection::passthrough_buf`].
+    pub async fn passthrough_flush(&mut self) -> Result<(), BackendError> {
         let sent = self.framer.flush(Stage::Sending).await;
         self.fail_on_connection_level(sent)
     }
@@ -385,6 +401,18 @@ impl Connection {
     /// Records the wire client settings now set on this session.
     pub fn set_client_settings(&mut self, settings: Vec<(String, String)>) {
         self.client_settings = settings;
+    }
+
+    /// The named statements wire clients prepared on this session.
+    pub fn prepared(&mut self) -> &mut PreparedSet {
+        &mut self.prepared
+    }
+
+    /// A reset went out: the session holds no wire client's settings or
+    /// statements any more.
+    fn forget_client_state(&mut self) {
+        self.client_settings.clear();
+        self.prepared.clear();
     }
 
     /// Every ParameterStatus value the server reported.
@@ -464,7 +492,7 @@ impl Connection {
         // session that still holds a previous user's state.
         let reset = std::mem::take(&mut self.reset_owed);
         if reset {
-            self.client_settings.clear();
+            self.forget_client_state();
         }
         let owed = reset.then_some(Part::Sql("DISCARD ALL"));
         let statements = match self.encode_pipeline(owed.into_iter().chain(parts), reset) {

@@ -33,6 +33,7 @@
 //! - `collect`: a response read into results, and the refusal of COPY;
 //! - [`cancel`]: cancel requests;
 //! - [`result`] and [`statement`]: what goes in and comes out;
+//! - [`statements`]: the named statements wire clients left on a session;
 //! - [`error`]: every failure, classified by [`ErrorKind`].
 
 pub mod cancel;
@@ -44,6 +45,7 @@ pub(crate) mod framing;
 pub mod options;
 pub mod result;
 pub mod statement;
+pub mod statements;
 mod stream;
 mod tls;
 pub mod transaction;

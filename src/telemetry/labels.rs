@@ -153,6 +153,19 @@ label_enum! {
 }
 
 label_enum! {
+    /// What became of a wire client's named statement on a server session.
+    PreparedEvent {
+        /// The session had it prepared: no Parse was sent.
+        Hit => "hit",
+        /// The session lacked it: pgwarden prepared it there.
+        Miss => "miss",
+        /// The session's cache was full: its least recently used statement
+        /// was closed to make room.
+        Eviction => "eviction",
+    }
+}
+
+label_enum! {
     /// How a connection to the wire front end ended its startup.
     WireConnection {
         /// It became a client.

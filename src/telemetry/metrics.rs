@@ -17,8 +17,8 @@ use prometheus::{
 
 use super::labels::{
     Api, AttemptResult, ClientErrorKind, GuardCause, GuardOutcome, HealthResult, PoolState,
-    ReconnectReason, Refusal, ReplayResult, RequestKind, RequestOutcome, WarmupPhase,
-    WireClientState, WireConnection,
+    PreparedEvent, ReconnectReason, Refusal, ReplayResult, RequestKind, RequestOutcome,
+    WarmupPhase, WireClientState, WireConnection,
 };
 
 const NAMESPACE: &str = "pgwarden";
@@ -51,6 +51,9 @@ pub struct Metrics {
     session_refusals: IntCounterVec,
     wire_clients: IntGaugeVec,
     wire_connections: IntCounterVec,
+    /// `wire_prepared_statements_total`, by [`PreparedEvent::index`]:
+    /// resolved once, as a hit is counted on every Bind.
+    prepared_events: Arc<[IntCounter]>,
     /// The series of the two per-request metrics, resolved once, so a
     /// request costs no label hashing or lookup lock: indexed by
     /// [`request_slot`] and by [`ClientErrorKind::index`].
@@ -96,6 +99,10 @@ impl Metrics {
             session_refusals: r.counter_vec("session_refusals_total", "New sessions the server refused (it answered, so this never starts a reconnect), by the SQLSTATE class of its answer.", &["reason"])?,
             wire_clients: r.gauge_vec("wire_clients", "Clients connected to the PostgreSQL wire front end, by what they are doing.", &["state"])?,
             wire_connections: r.counter_vec("wire_connections_total", "Connections to the PostgreSQL wire front end, by how their startup ended.", &["result"])?,
+            prepared_events: {
+                let events = r.counter_vec("wire_prepared_statements_total", "Named statements of wire clients looked up on a server session, by what it took: hit (prepared there), miss (prepared by pgwarden), eviction (closed to make room).", &["event"])?;
+                PreparedEvent::ALL.iter().map(|e| events.with_label_values(&[e.as_str()])).collect()
+            },
             request_series: request_labels()
                 .map(|labels| requests_duration.with_label_values(&labels))
                 .collect(),
@@ -250,6 +257,11 @@ impl Metrics {
         self.wire_connections
             .with_label_values(&[result.as_str()])
             .inc();
+    }
+
+    /// Counts what a wire client's named statement took on a session.
+    pub fn prepared_statement(&self, event: PreparedEvent) {
+        self.prepared_events[event.index()].inc();
     }
 
     /// Records a finished request.

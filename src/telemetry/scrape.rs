@@ -74,6 +74,7 @@ mod tests {
             "pgwarden_session_refusals_total{reason=\"auth\"} 0",
             "pgwarden_wire_clients{state=\"pinned\"} 0",
             "pgwarden_wire_connections_total{result=\"too_many\"} 0",
+            "pgwarden_wire_prepared_statements_total{event=\"eviction\"} 0",
             "pgwarden_guard_wait_seconds_count{cause=\"busy\",outcome=\"timeout\"} 0",
             "pgwarden_guard_wait_seconds_bucket{cause=\"paused\",outcome=\"admitted\",le=\"0.0005\"} 0",
         ] {

@@ -196,6 +196,21 @@ pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
     message(buf, b'Z', |b| b.put_u8(status));
 }
 
+/// ParseComplete, for a Parse pgwarden did not need to send.
+pub fn parse_complete(buf: &mut BytesMut) {
+    message(buf, b'1', |_| {});
+}
+
+/// CloseComplete, for a Close pgwarden did not need to send.
+pub fn close_complete(buf: &mut BytesMut) {
+    message(buf, b'3', |_| {});
+}
+
+/// CommandComplete with its command tag.
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    message(buf, b'C', |b| put_cstr(b, tag));
+}
+
 /// NegotiateProtocolVersion: pgwarden speaks 3.0, and none of the
 /// protocol options (`_pq_.*`) the client asked for.
 pub fn negotiate_protocol_version(buf: &mut BytesMut, options: &[String]) {

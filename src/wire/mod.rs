@@ -10,6 +10,8 @@
 //!   authentication, the server's parameters, pgwarden's own cancel key.
 //! - [`session`]: one client's life after startup: transaction pooling
 //!   through the guard.
+//! - [`prepared`]: named prepared statements that follow a client from
+//!   session to session.
 //! - [`settings`]: a client's startup settings, on every session it uses.
 //! - [`cancel`]: cancel requests, routed by pgwarden's own keys.
 //! - [`tls`]: TLS to clients, with pgwarden's certificate.
@@ -18,24 +20,24 @@
 //! A client holds no server session while idle. Its first complete unit
 //! (messages up to Sync, Query, Flush or FunctionCall) is admitted by the
 //! guard, which waits (bounded) during a reconnect, and the unit's bytes
-//! go to a session of the current generation as they came. The session
-//! goes back to the pool at the ReadyForQuery `I` that answers the last
-//! unit sent, unless something the client did cannot move to another
-//! session: a named prepared statement, a session-level `SET`, `LISTEN`,
-//! SQL `PREPARE`, a cursor, a temporary table or a session advisory lock
-//! *pin* the client to its session until it leaves; that session is reset
-//! (`DISCARD ALL`) before its next user, so nothing leaks. A session given
-//! back by an unpinned client holds no state of its, and goes to the next
-//! client without a reset (as PgBouncer's transaction mode does), which
-//! saves a round trip per transaction.
+//! go to a session of the current generation as they came, but for the
+//! names of prepared statements (see [`prepared`]). The session goes back
+//! to the pool at the ReadyForQuery `I` that answers the last unit sent,
+//! unless something the client did cannot move to another session: a
+//! session-level `SET`, `LISTEN`, SQL `PREPARE`, a cursor, a temporary
+//! table or a session advisory lock *pin* the client to its session until
+//! it leaves; that session is reset (`DISCARD ALL`) before its next user,
+//! so nothing leaks. A session given back by an unpinned client holds no
+//! state of its but prepared statements, which are pgwarden's to share,
+//! and goes to the next client without a reset (as PgBouncer's
+//! transaction mode does), which saves a round trip per transaction.
 //!
-//! Not yet: replay of a unit
-//! whose session broke (the client gets 08006/08007 and stays connected),
-//! and named statements that follow a client across sessions (today they
-//! pin it).
+//! Not yet: replay of a unit whose session broke (the client gets
+//! 08006/08007 and stays connected).
 
 pub mod cancel;
 pub mod messages;
+pub mod prepared;
 pub mod scram;
 pub mod session;
 pub mod settings;
@@ -92,6 +94,9 @@ pub struct WireLimits {
     pub startup_timeout: Duration,
     /// Largest message accepted from a client or forwarded from a server.
     pub max_message_bytes: usize,
+    /// Named statements of clients a server session keeps prepared; the
+    /// least recently used is closed to make room.
+    pub max_prepared_per_session: usize,
 }
 
 /// What every client task shares.
@@ -109,6 +114,8 @@ pub struct Wire {
     pub tls: Option<tls::ClientTls>,
     /// Cancel keys of connected clients.
     cancels: Arc<CancelRegistry>,
+    /// Every client's named statements, by text.
+    statements: prepared::Registry,
     /// Connected clients.
     clients: AtomicUsize,
     /// The server's ParameterStatus values, learned from a pooled session.
@@ -131,6 +138,7 @@ impl Wire {
             limits,
             tls,
             cancels: Arc::default(),
+            statements: prepared::Registry::default(),
             clients: AtomicUsize::new(0),
             server_parameters: std::sync::Mutex::default(),
         }

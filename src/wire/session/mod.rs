@@ -9,6 +9,9 @@
 //! boundaries (Sync, Query, Flush, FunctionCall, Terminate), Parse and
 //! Query for state that pins a client, ErrorResponse and ReadyForQuery.
 
+mod forward;
+mod replies;
+
 use std::collections::VecDeque;
 use std::time::Instant;
 
@@ -19,15 +22,16 @@ use tracing::{debug, info, warn};
 
 use super::Wire;
 use super::messages::{self, WireError};
+use super::prepared::ClientStatements;
 use super::startup::Client;
 use crate::backend::{BackendError, DbError, Scope};
-use crate::guard::{GuardError, Lease};
+use crate::guard::Lease;
 use crate::lifecycle::BackendSource;
 use crate::telemetry::labels::{
     Api, ClientErrorKind, RequestKind, RequestOutcome, WireClientState,
 };
 use postgres_protocol::message::backend::Message;
-use postgres_protocol::message::frontend;
+use replies::Expect;
 
 /// Bytes of server messages gathered before they are written to the
 /// client, unless a ReadyForQuery (or a message the client must see at
@@ -48,7 +52,9 @@ where
         inbox: BytesMut::with_capacity(8 * 1024),
         outbox: BytesMut::with_capacity(8 * 1024),
         lease: None,
-        waiting: VecDeque::new(),
+        owed: VecDeque::new(),
+        units: 0,
+        statements: ClientStatements::default(),
         unsynced: false,
         flush_mode: false,
         failed: false,
@@ -56,8 +62,6 @@ where
         pinned: None,
         lost_transaction: false,
         skipping_to_sync: false,
-        skip: 0,
-        prefix: None,
         state: WireClientState::Idle,
     };
     wire.metrics.wire_client(None, Some(WireClientState::Idle));
@@ -79,9 +83,14 @@ struct Session<'w, S> {
     outbox: BytesMut,
     /// The server session, while attached.
     lease: Option<Lease<BackendSource>>,
-    /// When each unit sent (one per Sync, Query or FunctionCall) started;
-    /// its ReadyForQuery is still due.
-    waiting: VecDeque<Instant>,
+    /// What the server owes for each message sent, in order, and the
+    /// replies pgwarden gives itself in their turn (see [`replies`]).
+    owed: VecDeque<Expect>,
+    /// Units (Sync, Query, FunctionCall) among them: ReadyForQuery due.
+    units: usize,
+    /// The client's named prepared statements (see
+    /// [`crate::wire::prepared`]).
+    statements: ClientStatements,
     /// Extended-protocol messages were sent after the last Sync: the
     /// server holds protocol state for this client.
     unsynced: bool,
@@ -100,12 +109,6 @@ struct Session<'w, S> {
     /// client sends up to its Sync is skipped, as PostgreSQL skips after an
     /// error, and the Sync gets the ReadyForQuery.
     skipping_to_sync: bool,
-    /// Replies of pgwarden's own statements still to swallow (one per
-    /// ReadyForQuery).
-    skip: usize,
-    /// pgwarden's own statement to send in front of the next unit: the
-    /// client's settings on a freshly attached session.
-    prefix: Option<BytesMut>,
     /// What the client is doing, as `pgwarden_wire_clients` counts it.
     state: WireClientState,
 }
@@ -177,7 +180,7 @@ where
             }
         };
         // A pinned client between transactions is idle too.
-        let idle = self.waiting.is_empty() && !self.unsynced && self.status == b'I';
+        let idle = self.owed.is_empty() && !self.unsynced && self.status == b'I';
         tokio::select! {
             biased;
             frame = lease.conn().passthrough_frame(limit) => {
@@ -203,184 +206,9 @@ where
         self.flush_outbox().await
     }
 
-    /// Finds the next complete unit in the inbox.
-    fn next_unit(&mut self) -> Result<Option<Unit>, WireError> {
-        let limit = self.wire.limits.max_message_bytes;
-        let mut unit = Unit {
-            len: 0,
-            answers: 0,
-            flush: false,
-            unsynced: false,
-            terminate: false,
-        };
-        let mut at = 0;
-        while let Some((tag, len)) = messages::peek_header(&self.inbox[at..]) {
-            if len < 5 || len > limit {
-                return Err(WireError::TooLong { len, limit });
-            }
-            if self.inbox.len() < at + len {
-                break;
-            }
-            let body = &self.inbox[at + 5..at + len];
-            if self.pinned.is_none() {
-                self.pinned = pin_reason(tag, body);
-            }
-            at += len;
-            match tag {
-                b'X' if at == len => {
-                    unit.terminate = true;
-                    return Ok(Some(unit));
-                }
-                b'S' | b'Q' | b'F' => {
-                    unit.answers += 1;
-                    unit.unsynced = false;
-                    unit.len = at;
-                    return Ok(Some(unit));
-                }
-                b'H' | b'd' | b'c' | b'f' => {
-                    unit.flush = tag == b'H';
-                    unit.len = at;
-                    return Ok(Some(unit));
-                }
-                _ => unit.unsynced = true,
-            }
-        }
-        Ok(None)
-    }
-
-    /// Sends a unit to the server session, attaching one first.
-    async fn forward(&mut self, unit: Unit) -> Result<(), WireError> {
-        let bytes = self.inbox.split_to(unit.len).freeze();
-        if self.skipping_to_sync {
-            if unit.answers > 0 {
-                self.skipping_to_sync = false;
-                messages::ready_for_query(&mut self.outbox, b'I');
-            }
-            return Ok(());
-        }
-        if self.lost_transaction && unit.answers > 0 {
-            self.lost_transaction = false;
-            let text = "the connection to the database was lost inside the transaction, which was rolled back";
-            return self.answer_locally(
-                unit.answers,
-                "08006",
-                text,
-                ClientErrorKind::ConnectionLost,
-            );
-        }
-        if self.lease.is_none() {
-            match self.attach().await {
-                Ok(()) => {}
-                Err(error) => return self.refuse_unit(unit, &error),
-            }
-        }
-        let Some(lease) = self.lease.as_mut() else {
-            return Ok(());
-        };
-        let sent = match self.prefix.take() {
-            Some(mut prefix) => {
-                prefix.extend_from_slice(&bytes);
-                lease.conn().passthrough_send(&prefix).await
-            }
-            None => lease.conn().passthrough_send(&bytes).await,
-        };
-        if let Err(error) = sent {
-            self.waiting
-                .extend((0..unit.answers).map(|_| Instant::now()));
-            return self.server_broke(error).await;
-        }
-        let now = Instant::now();
-        self.waiting.extend((0..unit.answers).map(|_| now));
-        self.unsynced = unit.unsynced || (self.unsynced && unit.answers == 0);
-        self.flush_mode = unit.flush || (self.flush_mode && unit.answers == 0);
-        Ok(())
-    }
-
-    /// Takes a server session through the guard (which waits, bounded,
-    /// during a reconnect) and lends it to the client.
-    async fn attach(&mut self) -> Result<(), GuardError> {
-        self.move_to(WireClientState::Waiting);
-        let mut lease = self.wire.guard.admit().await?;
-        loop {
-            match lease.conn().passthrough_begin().await {
-                Ok(()) => break,
-                // A session whose reset was refused or that broke while
-                // idle: another one, within the same budget.
-                Err(error) => {
-                    debug!(error = %error, "A pooled session could not be lent; taking another.");
-                    let deadline = lease.deadline();
-                    drop(lease);
-                    lease = self.wire.guard.admit_until(deadline).await?;
-                }
-            }
-        }
-        self.client
-            .registration
-            .slot
-            .set(lease.conn().cancel_token());
-        self.carry_settings(lease.conn());
-        self.lease = Some(lease);
-        Ok(())
-    }
-
-    /// Queues what makes the session hold this client's settings, to ride
-    /// in front of the unit (see [`super::settings`]).
-    fn carry_settings(&mut self, conn: &mut crate::backend::Connection) {
-        let wanted = &self.client.settings;
-        let Some(sql) = super::settings::changes(conn.client_settings(), wanted) else {
-            return;
-        };
-        let mut prefix = BytesMut::new();
-        if frontend::query(&sql, &mut prefix).is_err() {
-            return;
-        }
-        conn.set_client_settings(wanted.clone());
-        self.prefix = Some(prefix);
-        self.skip += 1;
-    }
-
-    /// No session could be had within the budget: the unit is answered
-    /// with 57P03 and the client stays connected.
-    fn refuse_unit(&mut self, unit: Unit, error: &GuardError) -> Result<(), WireError> {
-        warn!(error = %error, "A wire unit got no database session within the budget.");
-        let text = format!("pgwarden: {error}");
-        if unit.answers == 0 {
-            // Answered at its Sync, as PostgreSQL answers after an error.
-            messages::error_response(&mut self.outbox, "ERROR", "57P03", &text);
-            self.wire.metrics.client_error(error.kind());
-            self.skipping_to_sync = true;
-            return Ok(());
-        }
-        self.answer_locally(unit.answers, "57P03", &text, error.kind())
-    }
-
-    /// Answers `answers` units without a server: an error and a
-    /// ReadyForQuery each (outside any transaction now).
-    fn answer_locally(
-        &mut self,
-        answers: usize,
-        code: &str,
-        text: &str,
-        kind: ClientErrorKind,
-    ) -> Result<(), WireError> {
-        for _ in 0..answers {
-            messages::error_response(&mut self.outbox, "ERROR", code, text);
-            messages::ready_for_query(&mut self.outbox, b'I');
-            self.wire.metrics.client_error(kind);
-            let outcome = match kind {
-                ClientErrorKind::GuardTimeout => RequestOutcome::GuardTimeout,
-                _ => RequestOutcome::ConnectionLost,
-            };
-            self.wire
-                .metrics
-                .request(Api::Pgwire, RequestKind::Query, outcome, Default::default());
-        }
-        self.status = b'I';
-        Ok(())
-    }
-
-    /// A message from the server: forwarded; a ReadyForQuery ends a unit,
-    /// and the last one outside a transaction gives the session back.
+    /// A message from the server: to the client, in its turn (see
+    /// [`replies`]); a ReadyForQuery ends a unit, and the last one outside
+    /// a transaction gives the session back.
     async fn on_server_frame(&mut self, frame: Bytes) -> Result<(), WireError> {
         let tag = frame[0];
         // A FATAL error ends the server session, not the client's: it is
@@ -392,16 +220,7 @@ where
                 .server_broke(BackendError::Fatal(Box::new(fatal)))
                 .await;
         }
-        if self.skip > 0 {
-            self.swallow(tag, &frame);
-            return Ok(());
-        }
-        self.outbox.extend_from_slice(&frame);
-        match tag {
-            b'E' => self.failed = true,
-            b'Z' => self.unit_answered(frame.get(5).copied().unwrap_or(b'I')),
-            _ => {}
-        }
+        self.route(tag, &frame);
         let at_once = matches!(tag, b'Z' | b'G' | b'W' | b'A') || self.flush_mode;
         if at_once || self.outbox.len() >= OUTBOX_FLUSH_BYTES {
             self.flush_outbox().await?;
@@ -409,30 +228,10 @@ where
         Ok(())
     }
 
-    /// A reply to pgwarden's own statement: not the client's to see.
-    fn swallow(&mut self, tag: u8, frame: &[u8]) {
-        match tag {
-            b'Z' => self.skip -= 1,
-            b'E' => {
-                let report = non_fatal_error(frame);
-                warn!(
-                    error = report.as_deref().unwrap_or("unreadable"),
-                    "A client's session settings were refused on a server session."
-                );
-                if let Some(lease) = self.lease.as_mut() {
-                    // Unknown now: a reset clears them before the next user.
-                    lease.conn().set_client_settings(Vec::new());
-                    self.pinned
-                        .get_or_insert("session settings that could not be applied");
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn unit_answered(&mut self, status: u8) {
+    /// A unit got its ReadyForQuery (the server's or pgwarden's).
+    fn unit_answered(&mut self, status: u8, started: Option<Instant>) {
         self.status = status;
-        if let Some(started) = self.waiting.pop_front() {
+        if let Some(started) = started {
             let outcome = if std::mem::take(&mut self.failed) {
                 RequestOutcome::SqlError
             } else {
@@ -443,7 +242,7 @@ where
                 .metrics
                 .request(Api::Pgwire, RequestKind::Query, outcome, took);
         }
-        let done = self.waiting.is_empty() && !self.unsynced && status == b'I';
+        let done = self.owed.is_empty() && !self.unsynced && status == b'I';
         if done && self.pinned.is_none() {
             self.detach();
         }
@@ -473,11 +272,10 @@ where
         warn!(generation, error = %error, "A wire client's server session failed.");
         drop(lease);
         let in_transaction = self.status != b'I';
-        let waiting = std::mem::take(&mut self.waiting).len();
+        let waiting = std::mem::take(&mut self.units);
+        self.owed.clear();
         self.unsynced = false;
         self.failed = false;
-        self.skip = 0;
-        self.prefix = None;
         if let Some(reason) = self.pinned.take() {
             info!(reason, "The pinned session is gone with its state.");
         }
@@ -512,7 +310,7 @@ where
     /// session lent mid-unit is discarded by the pool (never reused).
     fn leave(&mut self) {
         if let Some(lease) = self.lease.as_mut() {
-            if !self.waiting.is_empty()
+            if !self.owed.is_empty()
                 && let Some(token) = lease.conn().cancel_token()
             {
                 token.cancel_abandoned();
@@ -553,13 +351,7 @@ fn non_fatal_error(frame: &[u8]) -> Option<String> {
 /// does: state the server keeps per session and pgwarden cannot move.
 fn pin_reason(tag: u8, body: &[u8]) -> Option<&'static str> {
     let sql = match tag {
-        b'P' => {
-            let name_end = body.iter().position(|&b| b == 0)?;
-            if name_end > 0 {
-                return Some("a named prepared statement");
-            }
-            &body[name_end + 1..]
-        }
+        b'P' => super::prepared::split_cstr(body)?.1,
         b'Q' => body,
         _ => return None,
     };
@@ -647,7 +439,9 @@ mod tests {
         for sql in free {
             assert_eq!(query(sql), None, "{sql}");
         }
-        assert!(pin_reason(b'P', b"s1\0SELECT 1\0\0\0").is_some());
+        // Named statements follow the client (see `crate::wire::prepared`).
+        assert_eq!(pin_reason(b'P', b"s1\0SELECT 1\0\0\0"), None);
         assert_eq!(pin_reason(b'P', b"\0SELECT 1\0\0\0"), None);
+        assert!(pin_reason(b'P', b"s2\0LISTEN jobs\0\0\0").is_some());
     }
 }

@@ -1,0 +1,450 @@
+//! Client → server: the client's messages, cut into units, go through
+//! the guard to a server session, as they came except for the names of
+//! prepared statements (see [`crate::wire::prepared`]).
+
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, warn};
+
+use super::replies::{Ends, Expect, Fake};
+use super::{Session, Unit, pin_reason};
+use crate::backend::Connection;
+use crate::backend::statements::Held;
+use crate::guard::GuardError;
+use crate::telemetry::labels::{
+    Api, ClientErrorKind, PreparedEvent, RequestKind, RequestOutcome, WireClientState,
+};
+use crate::wire::messages::{self, WireError};
+use crate::wire::prepared::{self, LocalQuery, Statement};
+
+impl<S> Session<'_, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Finds the next complete unit in the inbox.
+    pub(super) fn next_unit(&mut self) -> Result<Option<Unit>, WireError> {
+        let limit = self.wire.limits.max_message_bytes;
+        let mut unit = Unit {
+            len: 0,
+            answers: 0,
+            flush: false,
+            unsynced: false,
+            terminate: false,
+        };
+        let mut at = 0;
+        while let Some((tag, len)) = messages::peek_header(&self.inbox[at..]) {
+            if len < 5 || len > limit {
+                return Err(WireError::TooLong { len, limit });
+            }
+            if self.inbox.len() < at + len {
+                break;
+            }
+            let body = &self.inbox[at + 5..at + len];
+            if self.pinned.is_none() {
+                self.pinned = pin_reason(tag, body);
+            }
+            at += len;
+            match tag {
+                b'X' if at == len => {
+                    unit.terminate = true;
+                    return Ok(Some(unit));
+                }
+                b'S' | b'Q' | b'F' => {
+                    unit.answers += 1;
+                    unit.unsynced = false;
+                    unit.len = at;
+                    return Ok(Some(unit));
+                }
+                b'H' | b'd' | b'c' | b'f' => {
+                    unit.flush = tag == b'H';
+                    unit.len = at;
+                    return Ok(Some(unit));
+                }
+                _ => unit.unsynced = true,
+            }
+        }
+        Ok(None)
+    }
+
+    /// Sends a unit to the server session, attaching one first, or
+    /// answers it without one when nothing in it needs the server.
+    pub(super) async fn forward(&mut self, unit: Unit) -> Result<(), WireError> {
+        let bytes = self.inbox.split_to(unit.len).freeze();
+        if self.skipping_to_sync {
+            if unit.answers > 0 {
+                self.skipping_to_sync = false;
+                messages::ready_for_query(&mut self.outbox, b'I');
+            }
+            return Ok(());
+        }
+        if self.lost_transaction && unit.answers > 0 {
+            self.lost_transaction = false;
+            let text = "the connection to the database was lost inside the transaction, which was rolled back";
+            return self.answer_locally(
+                unit.answers,
+                "08006",
+                text,
+                ClientErrorKind::ConnectionLost,
+            );
+        }
+        let started = Instant::now();
+        if self.lease.is_none() {
+            if self.local_unit(&bytes) {
+                self.answer_unit(&bytes, started);
+                return Ok(());
+            }
+            if let Err(error) = self.attach().await {
+                return self.refuse_unit(unit, &error);
+            }
+        }
+        let Some(mut lease) = self.lease.take() else {
+            return Ok(());
+        };
+        self.write_unit(lease.conn(), &bytes, started);
+        self.lease = Some(lease);
+        self.answer_fakes();
+        let sent = match self.lease.as_mut() {
+            Some(lease) => lease.conn().passthrough_flush().await,
+            None => Ok(()),
+        };
+        if let Err(error) = sent {
+            return self.server_broke(error).await;
+        }
+        self.unsynced = unit.unsynced || (self.unsynced && unit.answers == 0);
+        self.flush_mode = unit.flush || (self.flush_mode && unit.answers == 0);
+        Ok(())
+    }
+
+    /// Writes a unit's messages into the session's send buffer, queueing
+    /// what each is owed.
+    fn write_unit(&mut self, conn: &mut Connection, bytes: &Bytes, started: Instant) {
+        let mut at = 0;
+        while let Some((tag, len)) = messages::peek_header(&bytes[at..]) {
+            let message = &bytes[at..at + len];
+            let body = &message[5..];
+            at += len;
+            match tag {
+                b'P' => self.client_parse(conn, message, body),
+                b'B' => self.client_bind(conn, message, body),
+                b'D' => self.client_describe(conn, message, body),
+                b'C' => self.client_close(conn, message, body),
+                b'E' => self.pass(conn, message, Expect::Reply(Ends::Execution)),
+                b'S' => self.pass(conn, message, Expect::Sync(started)),
+                b'F' => self.pass(conn, message, Expect::Query(started)),
+                b'Q' => self.client_query(conn, message, body, started),
+                _ => conn.passthrough_buf().extend_from_slice(message),
+            }
+        }
+    }
+
+    /// Sends a message as it is.
+    fn pass(&mut self, conn: &mut Connection, message: &[u8], owed: Expect) {
+        conn.passthrough_buf().extend_from_slice(message);
+        self.expect(owed);
+    }
+
+    /// Parse: an unnamed statement goes as it is; a named one becomes
+    /// pgwarden's statement of the same text, prepared on the session
+    /// unless it holds it already.
+    fn client_parse(&mut self, conn: &mut Connection, message: &[u8], body: &[u8]) {
+        let Some((name, rest)) = prepared::split_cstr(body).filter(|(n, _)| !n.is_empty()) else {
+            return self.pass(conn, message, Expect::Reply(Ends::ParseComplete));
+        };
+        if let Some(existing) = self.statements.get(name).cloned() {
+            // PostgreSQL refuses a name in use; the server does the refusing.
+            self.prepare_on(conn, &existing);
+            existing.encode_parse_of(rest, conn.passthrough_buf());
+            return self.expect(Expect::Reply(Ends::ParseComplete));
+        }
+        let statement = self.wire.statements.statement(rest);
+        self.statements.insert(name, statement.clone());
+        let client = Bytes::copy_from_slice(name);
+        match conn.prepared().lookup(statement.id) {
+            Held::Ready => {
+                self.wire.metrics.prepared_statement(PreparedEvent::Hit);
+                let id = statement.id;
+                self.expect(Expect::Fake(Fake::ParseComplete { id, client }));
+            }
+            held => {
+                self.wire.metrics.prepared_statement(PreparedEvent::Miss);
+                self.send_parse(conn, &statement, held, Some(client));
+            }
+        }
+    }
+
+    /// Makes sure the session holds `statement` before a Bind or Describe
+    /// of it.
+    fn prepare_on(&mut self, conn: &mut Connection, statement: &Statement) {
+        match conn.prepared().lookup(statement.id) {
+            Held::Ready => self.wire.metrics.prepared_statement(PreparedEvent::Hit),
+            held => {
+                self.wire.metrics.prepared_statement(PreparedEvent::Miss);
+                self.send_parse(conn, statement, held, None);
+            }
+        }
+    }
+
+    /// Prepares `statement` on the session (closing a stale copy first,
+    /// and the least recently used ones when the session is full).
+    fn send_parse(
+        &mut self,
+        conn: &mut Connection,
+        statement: &Statement,
+        held: Held,
+        client: Option<Bytes>,
+    ) {
+        if held == Held::Stale {
+            statement.encode_close(conn.passthrough_buf());
+            self.expect(Expect::Close(statement.id));
+        }
+        conn.prepared()
+            .set_capacity(self.wire.limits.max_prepared_per_session);
+        for evicted in conn.prepared().insert(statement.id) {
+            self.wire
+                .metrics
+                .prepared_statement(PreparedEvent::Eviction);
+            prepared::encode_close_id(evicted, conn.passthrough_buf());
+            self.expect(Expect::Close(evicted));
+        }
+        statement.encode_parse(conn.passthrough_buf());
+        let id = statement.id;
+        self.expect(Expect::Parse { id, client });
+    }
+
+    /// Bind: of a client's named statement, rewritten to pgwarden's.
+    fn client_bind(&mut self, conn: &mut Connection, message: &[u8], body: &[u8]) {
+        let named = prepared::split_cstr(body).and_then(|(portal, rest)| {
+            let (name, rest) = prepared::split_cstr(rest)?;
+            let portal = &body[..portal.len() + 1];
+            (!name.is_empty()).then_some((portal, name, rest))
+        });
+        let Some((portal, name, rest)) = named else {
+            return self.pass(conn, message, Expect::Reply(Ends::BindComplete));
+        };
+        match self.statements.get(name).cloned() {
+            Some(statement) => {
+                self.prepare_on(conn, &statement);
+                statement.encode_bind(portal, rest, conn.passthrough_buf());
+                self.expect(Expect::Bind(statement.id));
+            }
+            None => {
+                prepared::encode_unknown_bind(portal, name, rest, conn.passthrough_buf());
+                self.expect(Expect::Reply(Ends::BindComplete));
+            }
+        }
+    }
+
+    /// Describe: of a client's named statement, rewritten to pgwarden's.
+    fn client_describe(&mut self, conn: &mut Connection, message: &[u8], body: &[u8]) {
+        let Some(name) = statement_name(body) else {
+            return self.pass(conn, message, Expect::Reply(Ends::Description));
+        };
+        match self.statements.get(name).cloned() {
+            Some(statement) => {
+                self.prepare_on(conn, &statement);
+                statement.encode_describe(conn.passthrough_buf());
+            }
+            None => prepared::encode_unknown_describe(name, conn.passthrough_buf()),
+        }
+        self.expect(Expect::Reply(Ends::Description));
+    }
+
+    /// Close: of a client's named statement, answered by pgwarden (the
+    /// session keeps the statement for its other users).
+    fn client_close(&mut self, conn: &mut Connection, message: &[u8], body: &[u8]) {
+        let Some(name) = statement_name(body) else {
+            return self.pass(conn, message, Expect::Reply(Ends::CloseComplete));
+        };
+        self.statements.remove(name);
+        self.expect(Expect::Fake(Fake::CloseComplete));
+    }
+
+    /// Query: `DEALLOCATE` and `DISCARD ALL` of the client's statements
+    /// are answered by pgwarden; anything else goes as it is.
+    fn client_query(
+        &mut self,
+        conn: &mut Connection,
+        message: &[u8],
+        body: &[u8],
+        started: Instant,
+    ) {
+        if let Some(local) = prepared::local_query(body) {
+            if self.answers_itself(&local) {
+                self.expect(Expect::Fake(Fake::CommandComplete(local.tag())));
+                return self.expect(Expect::Fake(Fake::Ready(started)));
+            }
+            if !matches!(local, LocalQuery::Deallocate(_)) {
+                // The server may drop pgwarden's statements with the client's.
+                conn.prepared().mark_all_stale();
+                self.statements.clear();
+            }
+        }
+        self.pass(conn, message, Expect::Query(started));
+    }
+
+    /// True when pgwarden answers `query` itself (and has done what it
+    /// says): always, but for a pinned client's `DEALLOCATE ALL` or
+    /// `DISCARD ALL` (which must reach its SQL-level state too), a
+    /// `DISCARD ALL` inside a transaction (the server refuses it) and
+    /// the `DEALLOCATE` of a name the client never prepared by protocol.
+    fn answers_itself(&mut self, query: &LocalQuery) -> bool {
+        match query {
+            LocalQuery::Deallocate(name) => self.statements.remove(name).is_some(),
+            LocalQuery::DeallocateAll if self.pinned.is_none() => {
+                self.statements.clear();
+                true
+            }
+            LocalQuery::DiscardAll if self.pinned.is_none() && self.status == b'I' => {
+                self.statements.clear();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// True when a unit needs no server at all: only Closes of named
+    /// statements, `DEALLOCATE`s pgwarden answers, Flushes and Syncs.
+    fn local_unit(&self, bytes: &[u8]) -> bool {
+        let mut at = 0;
+        while let Some((tag, len)) = messages::peek_header(&bytes[at..]) {
+            let body = &bytes[at + 5..at + len];
+            at += len;
+            let local = match tag {
+                b'C' => statement_name(body).is_some(),
+                b'S' | b'H' => true,
+                b'Q' => match prepared::local_query(body) {
+                    Some(LocalQuery::Deallocate(name)) => self.statements.get(&name).is_some(),
+                    Some(_) => true,
+                    None => false,
+                },
+                _ => false,
+            };
+            if !local {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Answers a unit [`Session::local_unit`] found needs no server.
+    fn answer_unit(&mut self, bytes: &[u8], started: Instant) {
+        let mut at = 0;
+        while let Some((tag, len)) = messages::peek_header(&bytes[at..]) {
+            let body = &bytes[at + 5..at + len];
+            at += len;
+            match tag {
+                b'C' => {
+                    if let Some(name) = statement_name(body) {
+                        self.statements.remove(name);
+                    }
+                    self.expect(Expect::Fake(Fake::CloseComplete));
+                }
+                b'S' => self.expect(Expect::Fake(Fake::Ready(started))),
+                b'Q' => {
+                    if let Some(local) = prepared::local_query(body)
+                        && self.answers_itself(&local)
+                    {
+                        self.expect(Expect::Fake(Fake::CommandComplete(local.tag())));
+                    }
+                    self.expect(Expect::Fake(Fake::Ready(started)));
+                }
+                _ => {}
+            }
+        }
+        self.answer_fakes();
+    }
+
+    /// Takes a server session through the guard (which waits, bounded,
+    /// during a reconnect) and lends it to the client.
+    async fn attach(&mut self) -> Result<(), GuardError> {
+        self.move_to(WireClientState::Waiting);
+        let mut lease = self.wire.guard.admit().await?;
+        loop {
+            match lease.conn().passthrough_begin().await {
+                Ok(()) => break,
+                // A session whose reset was refused or that broke while
+                // idle: another one, within the same budget.
+                Err(error) => {
+                    debug!(error = %error, "A pooled session could not be lent; taking another.");
+                    let deadline = lease.deadline();
+                    drop(lease);
+                    lease = self.wire.guard.admit_until(deadline).await?;
+                }
+            }
+        }
+        self.client
+            .registration
+            .slot
+            .set(lease.conn().cancel_token());
+        self.carry_settings(lease.conn());
+        self.lease = Some(lease);
+        Ok(())
+    }
+
+    /// Puts what makes the session hold this client's settings in front
+    /// of the unit (see [`crate::wire::settings`]).
+    fn carry_settings(&mut self, conn: &mut Connection) {
+        let wanted = &self.client.settings;
+        let Some(sql) = crate::wire::settings::changes(conn.client_settings(), wanted) else {
+            return;
+        };
+        let mut prefix = BytesMut::new();
+        if frontend::query(&sql, &mut prefix).is_err() {
+            return;
+        }
+        conn.set_client_settings(wanted.clone());
+        conn.passthrough_buf().extend_from_slice(&prefix);
+        self.expect(Expect::Own);
+    }
+
+    /// No session could be had within the budget: the unit is answered
+    /// with 57P03 and the client stays connected.
+    fn refuse_unit(&mut self, unit: Unit, error: &GuardError) -> Result<(), WireError> {
+        warn!(error = %error, "A wire unit got no database session within the budget.");
+        let text = format!("pgwarden: {error}");
+        if unit.answers == 0 {
+            // Answered at its Sync, as PostgreSQL answers after an error.
+            messages::error_response(&mut self.outbox, "ERROR", "57P03", &text);
+            self.wire.metrics.client_error(error.kind());
+            self.skipping_to_sync = true;
+            return Ok(());
+        }
+        self.answer_locally(unit.answers, "57P03", &text, error.kind())
+    }
+
+    /// Answers `answers` units without a server: an error and a
+    /// ReadyForQuery each (outside any transaction now).
+    pub(super) fn answer_locally(
+        &mut self,
+        answers: usize,
+        code: &str,
+        text: &str,
+        kind: ClientErrorKind,
+    ) -> Result<(), WireError> {
+        for _ in 0..answers {
+            messages::error_response(&mut self.outbox, "ERROR", code, text);
+            messages::ready_for_query(&mut self.outbox, b'I');
+            self.wire.metrics.client_error(kind);
+            let outcome = match kind {
+                ClientErrorKind::GuardTimeout => RequestOutcome::GuardTimeout,
+                _ => RequestOutcome::ConnectionLost,
+            };
+            self.wire
+                .metrics
+                .request(Api::Pgwire, RequestKind::Query, outcome, Default::default());
+        }
+        self.status = b'I';
+        Ok(())
+    }
+}
+
+/// The name in a Describe or Close of a named statement (`S`), if it is
+/// one.
+fn statement_name(body: &[u8]) -> Option<&[u8]> {
+    let (&kind, rest) = body.split_first()?;
+    let (name, _) = prepared::split_cstr(rest)?;
+    (kind == b'S' && !name.is_empty()).then_some(name)
+}
