@@ -491,3 +491,47 @@ async fn a_unit_that_gets_no_session_within_the_budget_is_57p03_and_the_client_s
     );
     let _ = waiting.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_while_the_unit_waits_for_a_session_is_57014_and_the_client_stays() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(Config {
+        guard_timeout_ms: 30_000,
+        ..one_session(&cluster)
+    })
+    .await;
+    // The one session is held by another client's open transaction.
+    let holder = client(&daemon).await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiter = std::sync::Arc::new(client(&daemon).await);
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.simple_query("SELECT 'waited'").await })
+    };
+    let waiting_clients = r#"pgwarden_wire_clients{state="waiting"}"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while daemon.metric(waiting_clients).await < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unit never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    waiter.cancel_token().cancel_query(NoTls).await.unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the cancel ends the wait long before the guard's budget")
+        .unwrap()
+        .unwrap_err();
+    let code = error.as_db_error().map(|e| e.code().code().to_owned());
+    assert_eq!(code.as_deref(), Some("57014"), "{error:?}");
+
+    // Nothing else was touched: the holder's transaction goes on, and the
+    // cancelled client gets the session once it is free.
+    holder.batch_execute("COMMIT").await.unwrap();
+    let rows = waiter.simple_query("SELECT 'served'").await.unwrap();
+    assert!(!rows.is_empty());
+    // A cancel with nothing running is ignored, as PostgreSQL ignores it.
+    waiter.cancel_token().cancel_query(NoTls).await.unwrap();
+    assert!(waiter.simple_query("SELECT 1").await.is_ok());
+}

@@ -5,28 +5,53 @@
 //! next. A CancelRequest names that key; the registry finds the client and
 //! cancels what its current server session runs, if it runs anything.
 //! Once the client gives the session back, the slot is empty, so a cancel
-//! can never reach a statement of a client that got the session later.
+//! can never reach a statement of a client that got the session later. A
+//! unit still waiting in the guard holds no session: a cancel then ends
+//! the wait, and pgwarden answers the unit 57014 itself.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use subtle::ConstantTimeEq;
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::backend::CancelToken;
 
 /// What a client is running right now, as far as a cancel is concerned.
 #[derive(Debug, Default)]
-pub(crate) struct CancelSlot(Mutex<Option<CancelToken>>);
+pub(crate) struct CancelSlot(Mutex<Target>);
+
+/// What a cancel request for a client reaches.
+#[derive(Debug, Default)]
+enum Target {
+    /// Nothing runs: the cancel is ignored, as PostgreSQL ignores it.
+    #[default]
+    Idle,
+    /// A unit waits in the guard for a session: the wait is given up and
+    /// the unit answered 57014 by pgwarden.
+    Waiting(Arc<Notify>),
+    /// A server session runs the client's unit: the server cancels it.
+    Running(CancelToken),
+}
 
 impl CancelSlot {
-    /// The client now runs on the session `token` cancels (or none).
+    /// The client now runs on the session `token` cancels (or nothing).
     pub(crate) fn set(&self, token: Option<CancelToken>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = token;
+        *self.lock() = token.map_or(Target::Idle, Target::Running);
     }
 
-    fn token(&self) -> Option<CancelToken> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The client's unit waits for a session from now on: the returned
+    /// notification fires when a cancel request arrives (or arrived
+    /// before it is awaited) during the wait.
+    pub(crate) fn wait(&self) -> Arc<Notify> {
+        let cancelled = Arc::new(Notify::new());
+        *self.lock() = Target::Waiting(cancelled.clone());
+        cancelled
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Target> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -95,8 +120,17 @@ impl CancelRegistry {
                 _ => return,
             }
         };
-        let Some(token) = slot.token() else {
-            return;
+        let token = match &*slot.lock() {
+            Target::Idle => return,
+            Target::Waiting(cancelled) => {
+                info!(
+                    client = process_id,
+                    "Cancel request: the client's unit gives up waiting for a session."
+                );
+                cancelled.notify_one();
+                return;
+            }
+            Target::Running(token) => token.clone(),
         };
         info!(
             client = process_id,

@@ -13,7 +13,8 @@ use super::replies::{Ends, Expect, Fake};
 use super::{Session, Unit, pin_reason};
 use crate::backend::Connection;
 use crate::backend::statements::Held;
-use crate::guard::GuardError;
+use crate::guard::{Guard, GuardError, Lease};
+use crate::lifecycle::BackendSource;
 use crate::telemetry::labels::{
     Api, ClientErrorKind, PreparedEvent, RequestKind, RequestOutcome, WireClientState,
 };
@@ -96,8 +97,8 @@ where
                 self.answer_unit(&bytes, started);
                 return Ok(());
             }
-            if let Err(error) = self.attach().await {
-                return self.refuse_unit(unit, &error);
+            if let Err(refused) = self.attach().await {
+                return self.refuse_unit(unit, &refused);
             }
         }
         let Some(mut lease) = self.lease.take() else {
@@ -358,27 +359,25 @@ where
     }
 
     /// Takes a server session through the guard (which waits, bounded,
-    /// during a reconnect) and lends it to the client.
-    async fn attach(&mut self) -> Result<(), GuardError> {
+    /// during a reconnect) and lends it to the client; a cancel request
+    /// from the client ends the wait.
+    async fn attach(&mut self) -> Result<(), NoSession> {
         self.move_to(WireClientState::Waiting);
-        let mut lease = self.wire.guard.admit().await?;
-        loop {
-            match lease.conn().passthrough_begin().await {
-                Ok(()) => break,
-                // A session whose reset was refused or that broke while
-                // idle: another one, within the same budget.
-                Err(error) => {
-                    debug!(error = %error, "A pooled session could not be lent; taking another.");
-                    let deadline = lease.deadline();
-                    drop(lease);
-                    lease = self.wire.guard.admit_until(deadline).await?;
-                }
+        let slot = self.client.registration.slot.clone();
+        let cancelled = slot.wait();
+        let admitted = tokio::select! {
+            biased;
+            admitted = lend(&self.wire.guard) => admitted.map_err(NoSession::Guard),
+            () = cancelled.notified() => Err(NoSession::Cancelled),
+        };
+        let mut lease = match admitted {
+            Ok(lease) => lease,
+            Err(refused) => {
+                slot.set(None);
+                return Err(refused);
             }
-        }
-        self.client
-            .registration
-            .slot
-            .set(lease.conn().cancel_token());
+        };
+        slot.set(lease.conn().cancel_token());
         self.carry_settings(lease.conn());
         self.lease = Some(lease);
         Ok(())
@@ -400,19 +399,29 @@ where
         self.expect(Expect::Own);
     }
 
-    /// No session could be had within the budget: the unit is answered
-    /// with 57P03 and the client stays connected.
-    fn refuse_unit(&mut self, unit: Unit, error: &GuardError) -> Result<(), WireError> {
-        warn!(error = %error, "A wire unit got no database session within the budget.");
-        let text = format!("pgwarden: {error}");
+    /// No session for the unit: the budget ran out (57P03) or the client
+    /// cancelled the wait (57014). The unit is answered so, and the client
+    /// stays connected.
+    fn refuse_unit(&mut self, unit: Unit, refused: &NoSession) -> Result<(), WireError> {
+        let (code, text, kind) = match refused {
+            NoSession::Guard(error) => {
+                warn!(error = %error, "A wire unit got no database session within the budget.");
+                ("57P03", format!("pgwarden: {error}"), error.kind())
+            }
+            NoSession::Cancelled => (
+                "57014",
+                "canceling statement due to user request".to_owned(),
+                ClientErrorKind::Sql,
+            ),
+        };
         if unit.answers == 0 {
             // Answered at its Sync, as PostgreSQL answers after an error.
-            messages::error_response(&mut self.outbox, "ERROR", "57P03", &text);
-            self.wire.metrics.client_error(error.kind());
+            messages::error_response(&mut self.outbox, "ERROR", code, &text);
+            self.wire.metrics.client_error(kind);
             self.skipping_to_sync = true;
             return Ok(());
         }
-        self.answer_locally(unit.answers, "57P03", &text, error.kind())
+        self.answer_locally(unit.answers, code, &text, kind)
     }
 
     /// Answers `answers` units without a server: an error and a
@@ -430,6 +439,7 @@ where
             self.wire.metrics.client_error(kind);
             let outcome = match kind {
                 ClientErrorKind::GuardTimeout => RequestOutcome::GuardTimeout,
+                ClientErrorKind::Sql => RequestOutcome::SqlError,
                 _ => RequestOutcome::ConnectionLost,
             };
             self.wire
@@ -447,4 +457,30 @@ fn statement_name(body: &[u8]) -> Option<&[u8]> {
     let (&kind, rest) = body.split_first()?;
     let (name, _) = prepared::split_cstr(rest)?;
     (kind == b'S' && !name.is_empty()).then_some(name)
+}
+
+/// Why a unit got no server session.
+enum NoSession {
+    /// The guard's budget ran out, or the daemon stops.
+    Guard(GuardError),
+    /// The client cancelled the unit while it waited.
+    Cancelled,
+}
+
+/// A session from the guard that is ready to be lent to a client (one
+/// whose reset was refused, or that broke while idle, is exchanged for
+/// another within the same budget).
+async fn lend(guard: &Guard<BackendSource>) -> Result<Lease<BackendSource>, GuardError> {
+    let mut lease = guard.admit().await?;
+    loop {
+        match lease.conn().passthrough_begin().await {
+            Ok(()) => return Ok(lease),
+            Err(error) => {
+                debug!(error = %error, "A pooled session could not be lent; taking another.");
+                let deadline = lease.deadline();
+                drop(lease);
+                lease = guard.admit_until(deadline).await?;
+            }
+        }
+    }
 }
