@@ -27,7 +27,7 @@ use crate::ops::OpsState;
 use crate::pool::PoolConfig;
 use crate::telemetry::Metrics;
 use crate::wire::scram::ScramVerifier;
-use crate::wire::{ClientAuth, Wire, WireLimits};
+use crate::wire::{ClientAuth, PoolMode, Wire, WireLimits};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +224,11 @@ async fn start_wire(
         startup_timeout: ms(config.pg_startup_timeout_ms),
         max_message_bytes: config.pg_max_message_bytes,
         max_prepared_per_session: config.pg_max_prepared_statements,
+        pool_mode: if config.pool_mode == "session" {
+            PoolMode::Session
+        } else {
+            PoolMode::Transaction
+        },
     };
     let tls = match (&config.pg_tls_cert, &config.pg_tls_key) {
         (Some(cert), Some(key)) => Some(crate::wire::tls::acceptor(cert, key)?),
@@ -309,6 +314,8 @@ fn public_settings(config: &Config) -> serde_json::Value {
         "health_check_timeout_ms": config.health_check_timeout_ms,
         "role": config.role,
         "pg_listen": config.pg_listen,
+        "pool_mode": config.pool_mode,
+        "pg_max_prepared_statements": config.pg_max_prepared_statements,
         "warmup_queries": config.warmup_queries.len(),
         "admin_token_configured": config.admin_token.is_some(),
     })

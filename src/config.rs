@@ -92,6 +92,10 @@ pub struct Config {
     pub pg_startup_timeout_ms: u64,
     /// Largest wire protocol message accepted from a client or a server.
     pub pg_max_message_bytes: usize,
+    /// How wire clients hold server sessions: `transaction` (one
+    /// transaction at a time, shared) or `session` (one for the client's
+    /// whole connection, for applications that keep session state).
+    pub pool_mode: String,
     /// Named statements of wire clients that one server session keeps
     /// prepared; the least recently used is closed to make room.
     pub pg_max_prepared_statements: usize,
@@ -176,6 +180,7 @@ impl Default for Config {
             pg_startup_timeout_ms: DEFAULT_PG_STARTUP_TIMEOUT_MS,
             pg_max_message_bytes: DEFAULT_PG_MAX_MESSAGE_BYTES,
             pg_max_prepared_statements: DEFAULT_PG_MAX_PREPARED_STATEMENTS,
+            pool_mode: "transaction".into(),
             pg_tls_cert: None,
             pg_tls_key: None,
             guard_timeout_ms: DEFAULT_GUARD_TIMEOUT_MS,
@@ -328,6 +333,13 @@ impl Config {
         check(
             self.pg_tls_cert.is_some() == self.pg_tls_key.is_some(),
             "pg_tls_cert, pg_tls_key: set both or neither".into(),
+        );
+        check(
+            ["transaction", "session"].contains(&self.pool_mode.as_str()),
+            format!(
+                "pool_mode: {:?} must be \"transaction\" or \"session\"",
+                self.pool_mode
+            ),
         );
         check(
             ["resolve", "fast"].contains(&self.write_safety.as_str()),
@@ -535,6 +547,7 @@ fn known_keys() -> Vec<&'static str> {
         "pg_startup_timeout_ms",
         "pg_max_message_bytes",
         "pg_max_prepared_statements",
+        "pool_mode",
         "pg_tls_cert",
         "pg_tls_key",
         "guard_timeout_ms",

@@ -535,3 +535,68 @@ async fn a_cancel_while_the_unit_waits_for_a_session_is_57014_and_the_client_sta
     waiter.cancel_token().cancel_query(NoTls).await.unwrap();
     assert!(waiter.simple_query("SELECT 1").await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_session_mode_a_client_keeps_its_session_and_its_state() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(Config {
+        pool_mode: "session".into(),
+        max_connections: 2,
+        guard_timeout_ms: 500,
+        ..config_for(&cluster)
+    })
+    .await;
+    let first = client(&daemon).await;
+    let pid = setting_of(&first, PID).await;
+    // State no transaction pooler could keep, kept between transactions.
+    first
+        .batch_execute("CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (7)")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(setting_of(&first, PID).await, pid);
+    }
+    assert_eq!(setting_of(&first, "SELECT x::text FROM scratch").await, "7");
+    let second = client(&daemon).await;
+    assert_ne!(setting_of(&second, PID).await, pid);
+    // Every session is taken: a third client waits, then gets 57P03, and
+    // stays connected for when one is free.
+    let third = client(&daemon).await;
+    let error = third.simple_query("SELECT 1").await.unwrap_err();
+    let code = error.as_db_error().map(|e| e.code().code().to_owned());
+    assert_eq!(code.as_deref(), Some("57P03"), "{error:?}");
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let served = loop {
+        match third
+            .simple_query("SELECT to_regclass('pg_temp.scratch')::text")
+            .await
+        {
+            Ok(rows) => break rows,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(error) => panic!("the freed session never came: {error}"),
+        }
+    };
+    // The session came reset: the first client's temporary table is gone.
+    let value = served.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => Some(row.get(0).map(str::to_owned)),
+        _ => None,
+    });
+    assert_eq!(value, Some(None), "{served:?}");
+}
+
+const PID: &str = "SELECT pg_backend_pid()::text";
+
+/// The first column of the first row of a simple query.
+async fn setting_of(client: &tokio_postgres::Client, sql: &str) -> String {
+    let messages = client.simple_query(sql).await.unwrap();
+    messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("a row")
+}

@@ -85,7 +85,7 @@ impl std::fmt::Debug for ClientAuth {
     }
 }
 
-/// Limits of the wire front end.
+/// Limits and modes of the wire front end.
 #[derive(Clone, Copy, Debug)]
 pub struct WireLimits {
     /// Connected clients at most; one more is refused with 53300.
@@ -97,6 +97,22 @@ pub struct WireLimits {
     /// Named statements of clients a server session keeps prepared; the
     /// least recently used is closed to make room.
     pub max_prepared_per_session: usize,
+    /// How clients hold server sessions.
+    pub pool_mode: PoolMode,
+}
+
+/// How wire clients hold server sessions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PoolMode {
+    /// A session per transaction (per unit outside one), given back at
+    /// the ReadyForQuery that ends it unless state pins the client.
+    #[default]
+    Transaction,
+    /// A session from the client's first unit until it leaves, as
+    /// PgBouncer's session mode: for applications that rely on session
+    /// state throughout. The guard still holds units during a reconnect,
+    /// and a client whose session broke gets a new one at its next unit.
+    Session,
 }
 
 /// What every client task shares.

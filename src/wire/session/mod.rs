@@ -20,10 +20,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::Wire;
 use super::messages::{self, WireError};
 use super::prepared::ClientStatements;
 use super::startup::Client;
+use super::{PoolMode, Wire};
 use crate::backend::{BackendError, DbError, Scope};
 use crate::guard::Lease;
 use crate::lifecycle::BackendSource;
@@ -243,7 +243,8 @@ where
                 .request(Api::Pgwire, RequestKind::Query, outcome, took);
         }
         let done = self.owed.is_empty() && !self.unsynced && status == b'I';
-        if done && self.pinned.is_none() {
+        let shared = self.wire.limits.pool_mode == PoolMode::Transaction;
+        if done && shared && self.pinned.is_none() {
             self.detach();
         }
     }
