@@ -600,3 +600,71 @@ async fn setting_of(client: &tokio_postgres::Client, sql: &str) -> String {
         })
         .expect("a row")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_longer_than_any_socket_buffer_flows_through() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(one_session(&cluster)).await;
+    let raw = support::wire::Raw::connect(pg_addr(&daemon)).await;
+    let (mut from_server, mut to_server) = raw.into_stream().into_split();
+    // One unit (a single Sync) of 100,000 executions whose replies, about
+    // 25 MB, outgrow every buffer between the server and the client long
+    // before the client has sent it all: the server answers while it reads.
+    const EXECUTIONS: usize = 100_000;
+    let sender = tokio::spawn(async move {
+        let mut buf = bytes::BytesMut::new();
+        let sql = "SELECT repeat('x', 200)";
+        postgres_protocol::message::frontend::parse("", sql, std::iter::empty(), &mut buf).unwrap();
+        let bind_execute = {
+            let mut one = bytes::BytesMut::new();
+            one.extend_from_slice(b"B\0\0\0\x0c\0\0\0\0\0\0\0\0");
+            postgres_protocol::message::frontend::execute("", 0, &mut one).unwrap();
+            one
+        };
+        for _ in 0..EXECUTIONS {
+            buf.extend_from_slice(&bind_execute);
+        }
+        postgres_protocol::message::frontend::sync(&mut buf);
+        to_server.write_all(&buf).await.unwrap();
+        to_server
+    });
+    let mut rows = 0;
+    let mut read = bytes::BytesMut::new();
+    let received = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            while read.len() >= 5 {
+                let len = u32::from_be_bytes(read[1..5].try_into().unwrap()) as usize;
+                if read.len() < len + 1 {
+                    break;
+                }
+                let message = read.split_to(len + 1);
+                match message[0] {
+                    b'D' => rows += 1,
+                    b'E' => panic!("an error: {message:?}"),
+                    b'Z' => return,
+                    _ => {}
+                }
+            }
+            assert!(from_server.read_buf(&mut read).await.unwrap() > 0, "closed");
+        }
+    })
+    .await;
+    assert!(
+        received.is_ok(),
+        "stuck after {rows} rows (all sent: {})",
+        sender.is_finished()
+    );
+    assert_eq!(rows, EXECUTIONS);
+    let to_server = sender.await.unwrap();
+    // The client is still served.
+    let mut raw = from_server.reunite(to_server).unwrap();
+    let mut buf = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::query("SELECT 'after'", &mut buf).unwrap();
+    raw.write_all(&buf).await.unwrap();
+    let mut reply = vec![0; 256];
+    let n = tokio::time::timeout(Duration::from_secs(10), raw.read(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(reply[..n].windows(5).any(|w| w == b"after"));
+}

@@ -10,14 +10,10 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
-use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
 use pgwarden::config::Config;
 use support::Cluster;
 use support::daemon::{TestDaemon, config_for};
+use support::wire::{Raw, error_code, first_value, tags};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
@@ -290,122 +286,14 @@ async fn a_statement_whose_result_type_changed_is_prepared_afresh() {
     assert_eq!(row.get::<_, &str>(1), "x");
 }
 
-/// A client speaking the protocol by hand, for what drivers do not let a
-/// test choose: statement names, pipelines with an error inside.
-struct Raw {
-    stream: TcpStream,
-    read: BytesMut,
-    send: BytesMut,
-}
-
-/// A message from the server: its type and body.
-type Reply = (u8, Vec<u8>);
-
-impl Raw {
-    async fn connect(daemon: &TestDaemon) -> Raw {
-        let stream = TcpStream::connect(pg_addr(daemon)).await.unwrap();
-        let mut raw = Raw {
-            stream,
-            read: BytesMut::new(),
-            send: BytesMut::new(),
-        };
-        let params = [("user", "postgres"), ("database", "postgres")];
-        frontend::startup_message(params.iter().copied(), &mut raw.send).unwrap();
-        let replies = raw.exchange().await;
-        assert_eq!(replies.last().map(|r| r.0), Some(b'Z'), "{replies:?}");
-        raw
-    }
-
-    fn parse(&mut self, name: &str, sql: &str) -> &mut Self {
-        frontend::parse(name, sql, std::iter::empty(), &mut self.send).unwrap();
-        self
-    }
-
-    /// Bind without parameters, then Execute.
-    fn run(&mut self, statement: &str) -> &mut Self {
-        let mut body = BytesMut::new();
-        body.put_u8(0);
-        body.put_slice(statement.as_bytes());
-        body.put_u8(0);
-        body.put_slice(&[0; 6]);
-        self.send.put_u8(b'B');
-        self.send.put_u32(body.len() as u32 + 4);
-        self.send.put_slice(&body);
-        frontend::execute("", 0, &mut self.send).unwrap();
-        self
-    }
-
-    fn query(&mut self, sql: &str) -> &mut Self {
-        frontend::query(sql, &mut self.send).unwrap();
-        self
-    }
-
-    fn sync(&mut self) -> &mut Self {
-        frontend::sync(&mut self.send);
-        self
-    }
-
-    /// Sends what was queued and reads replies up to a ReadyForQuery.
-    async fn exchange(&mut self) -> Vec<Reply> {
-        self.stream.write_all(&self.send).await.unwrap();
-        self.send.clear();
-        let mut replies = Vec::new();
-        loop {
-            while self.read.len() >= 5 {
-                let len = u32::from_be_bytes(self.read[1..5].try_into().unwrap()) as usize;
-                if self.read.len() < len + 1 {
-                    break;
-                }
-                let message = self.read.split_to(len + 1);
-                let reply = (message[0], message[5..].to_vec());
-                let ready = reply.0 == b'Z';
-                replies.push(reply);
-                if ready {
-                    return replies;
-                }
-            }
-            let read = tokio::time::timeout(
-                Duration::from_secs(10),
-                self.stream.read_buf(&mut self.read),
-            )
-            .await
-            .expect("the server answers")
-            .unwrap();
-            assert!(read > 0, "the connection stays open; got {replies:?}");
-        }
-    }
-}
-
-fn tags(replies: &[Reply]) -> String {
-    replies.iter().map(|r| r.0 as char).collect()
-}
-
-/// The text of the first DataRow's first column.
-fn first_value(replies: &[Reply]) -> String {
-    let (_, body) = replies.iter().find(|r| r.0 == b'D').expect("a row");
-    let len = i32::from_be_bytes(body[2..6].try_into().unwrap()) as usize;
-    String::from_utf8(body[6..6 + len].to_vec()).unwrap()
-}
-
-/// The SQLSTATE of the first ErrorResponse.
-fn error_code(replies: &[Reply]) -> String {
-    let (_, body) = replies.iter().find(|r| r.0 == b'E').expect("an error");
-    let mut fields = &body[..];
-    while let Some((&kind, rest)) = fields.split_first() {
-        let end = rest.iter().position(|&b| b == 0).unwrap();
-        if kind == b'C' {
-            return String::from_utf8(rest[..end].to_vec()).unwrap();
-        }
-        fields = &rest[end + 1..];
-    }
-    panic!("no SQLSTATE in {body:?}")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_name_in_two_clients_is_two_statements_on_one_session() {
     let cluster = Cluster::start();
     let daemon = TestDaemon::start(one_session(&cluster)).await;
-    let (mut a, mut b) = (Raw::connect(&daemon).await, Raw::connect(&daemon).await);
+    let (mut a, mut b) = (
+        Raw::connect(pg_addr(&daemon)).await,
+        Raw::connect(pg_addr(&daemon)).await,
+    );
     assert_eq!(
         tags(&a.parse("s", "SELECT 'a'").sync().exchange().await),
         "1Z"
@@ -435,7 +323,7 @@ async fn the_same_name_in_two_clients_is_two_statements_on_one_session() {
 async fn deallocate_by_name_and_errors_inside_a_pipeline_keep_the_names_right() {
     let cluster = Cluster::start();
     let daemon = TestDaemon::start(one_session(&cluster)).await;
-    let mut raw = Raw::connect(&daemon).await;
+    let mut raw = Raw::connect(pg_addr(&daemon)).await;
     raw.parse("Stmt_A", "SELECT 1").sync().exchange().await;
     assert_eq!(first_value(&raw.run("Stmt_A").sync().exchange().await), "1");
     // Unquoted, the name folds to lower case, as the server reads it.
@@ -467,7 +355,7 @@ async fn deallocate_by_name_and_errors_inside_a_pipeline_keep_the_names_right() 
     // A statement another pipeline left prepared on the session, then an
     // error before its ParseComplete was due: the skipped fake reply
     // leaves no name either.
-    let mut other = Raw::connect(&daemon).await;
+    let mut other = Raw::connect(pg_addr(&daemon)).await;
     other.parse("held", "SELECT 4").sync().exchange().await;
     let replies = raw.query("SELECT 1/0").exchange().await;
     assert_eq!(error_code(&replies), "22012");

@@ -23,7 +23,7 @@ use super::cancel::CancelToken;
 use super::collect::{self, Protocol, copy_in_refused, may_copy_in};
 use super::connect::Connector;
 use super::error::{BackendError, Stage};
-use super::framing::Framer;
+use super::framing::{Duplex, Framer};
 use super::result::QueryResult;
 use super::statement::Statement;
 use super::statements::PreparedSet;
@@ -344,22 +344,54 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends a client's messages as they are.
-    pub async fn passthrough_send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
-        self.framer.write_buf().extend_from_slice(bytes);
-        self.passthrough_flush().await
-    }
-
     /// Where a client's messages (as they are or rewritten) are gathered
-    /// before [`Connection::passthrough_flush`] sends them.
+    /// before [`Connection::passthrough_exchange`] sends them.
     pub fn passthrough_buf(&mut self) -> &mut bytes::BytesMut {
         self.framer.write_buf()
     }
 
-    /// Sends what was gathered in [`Connection::passthrough_buf`].
-    pub async fn passthrough_flush(&mut self) -> Result<(), BackendError> {
-        let sent = self.framer.flush(Stage::Sending).await;
-        self.fail_on_connection_level(sent)
+    /// Sends what was gathered in [`Connection::passthrough_buf`] while
+    /// reading: `Some` message from the server as soon as one arrived
+    /// (call again to send on), `None` once everything went out. The
+    /// server may answer the start of a long pipeline before it has read
+    /// the end; its answers are read meanwhile, so it never blocks on
+    /// them. A ReadyForQuery updates [`Connection::transaction_status`].
+    pub async fn passthrough_exchange(
+        &mut self,
+        max_len: usize,
+    ) -> Result<Option<bytes::Bytes>, BackendError> {
+        let step = self.framer.send_or_read(max_len).await;
+        match self.fail_on_connection_level(step)? {
+            Duplex::Sent => Ok(None),
+            Duplex::Frame(frame) => {
+                self.track_ready(&frame)?;
+                Ok(Some(frame))
+            }
+        }
+    }
+
+    /// The next message from the server if it has arrived whole already
+    /// (no I/O), as [`Connection::passthrough_frame`] would return it.
+    pub fn passthrough_buffered(
+        &mut self,
+        max_len: usize,
+    ) -> Result<Option<bytes::Bytes>, BackendError> {
+        let frame = self.framer.take_frame(max_len);
+        let frame = self.fail_on_connection_level(frame)?;
+        if let Some(frame) = &frame {
+            self.track_ready(frame)?;
+        }
+        Ok(frame)
+    }
+
+    /// Keeps the transaction status of a raw ReadyForQuery.
+    fn track_ready(&mut self, frame: &[u8]) -> Result<(), BackendError> {
+        if frame.first() == Some(&b'Z')
+            && let Some(&status) = frame.get(5)
+        {
+            self.set_transaction_status(status)?;
+        }
+        Ok(())
     }
 
     /// The next message from the server, raw, for the client; a
@@ -371,11 +403,7 @@ impl Connection {
     ) -> Result<bytes::Bytes, BackendError> {
         let frame = self.framer.read_frame(Stage::Receiving, max_len).await;
         let frame = self.fail_on_connection_level(frame)?;
-        if frame.first() == Some(&b'Z')
-            && let Some(&status) = frame.get(5)
-        {
-            self.set_transaction_status(status)?;
-        }
+        self.track_ready(&frame)?;
         Ok(frame)
     }
 

@@ -16,11 +16,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::io::poll_read_buf;
 
 use super::error::{BackendError, DbError, Stage};
 use super::stream::{Drained, IdleProbe, Socket};
@@ -60,6 +63,14 @@ pub(crate) enum Incoming {
     Message(Message),
     /// A message over the allowance was discarded as it arrived.
     Skipped(u8),
+}
+
+/// What [`Framer::send_or_read`] got done.
+pub(crate) enum Duplex {
+    /// Every byte of the write buffer went out.
+    Sent,
+    /// A whole message arrived first (raw, header included).
+    Frame(bytes::Bytes),
 }
 
 /// What the buffer holds next.
@@ -161,26 +172,112 @@ impl Framer {
         max_len: usize,
     ) -> Result<bytes::Bytes, BackendError> {
         loop {
-            if let Some((tag, total)) = peek_header(&self.read_buf) {
-                if total > max_len {
-                    return Err(BackendError::Protocol(format!(
-                        "a {:?} message of {total} bytes is over the limit of {max_len}",
-                        char::from(tag)
-                    )));
-                }
-                if self.read_buf.len() >= total {
-                    let frame = self.read_buf.split_to(total).freeze();
-                    if tag == b'S' {
-                        self.record_parameter(&frame)?;
-                    }
-                    return Ok(frame);
-                }
-                self.read_buf.reserve(total - self.read_buf.len());
+            if let Some(frame) = self.take_frame(max_len)? {
+                return Ok(frame);
             }
             match self.socket.read_buf(&mut self.read_buf).await {
                 Ok(0) => return Err(BackendError::Closed { stage }),
                 Ok(_) => {}
                 Err(source) => return Err(BackendError::Io { stage, source }),
+            }
+        }
+    }
+
+    /// The next whole message in the read buffer, raw, if there is one
+    /// (room is reserved for the rest of a partial one).
+    pub(crate) fn take_frame(
+        &mut self,
+        max_len: usize,
+    ) -> Result<Option<bytes::Bytes>, BackendError> {
+        let Some((tag, total)) = peek_header(&self.read_buf) else {
+            return Ok(None);
+        };
+        if total > max_len {
+            return Err(BackendError::Protocol(format!(
+                "a {:?} message of {total} bytes is over the limit of {max_len}",
+                char::from(tag)
+            )));
+        }
+        if self.read_buf.len() < total {
+            self.read_buf.reserve(total - self.read_buf.len());
+            return Ok(None);
+        }
+        let frame = self.read_buf.split_to(total).freeze();
+        if tag == b'S' {
+            self.record_parameter(&frame)?;
+        }
+        Ok(Some(frame))
+    }
+
+    /// Writes the write buffer and reads at the same time: returns a whole
+    /// message as soon as one has arrived (the write goes on at the next
+    /// call), or [`Duplex::Sent`] once every byte is written. A server
+    /// answering the start of a long pipeline while its end is still being
+    /// sent thus never blocks on replies nobody reads. After an error the
+    /// write buffer is empty, as after [`Framer::flush`].
+    pub(crate) async fn send_or_read(&mut self, max_len: usize) -> Result<Duplex, BackendError> {
+        let result = std::future::poll_fn(|cx| self.poll_send_or_read(cx, max_len)).await;
+        if result.is_err() {
+            self.write_buf.clear();
+        }
+        result
+    }
+
+    fn poll_send_or_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        max_len: usize,
+    ) -> Poll<Result<Duplex, BackendError>> {
+        loop {
+            if let Some(frame) = self.take_frame(max_len)? {
+                return Poll::Ready(Ok(Duplex::Frame(frame)));
+            }
+            let mut progressed = false;
+            let socket = Pin::new(&mut self.socket);
+            if self.write_buf.is_empty() {
+                if let Poll::Ready(flushed) = socket.poll_flush(cx) {
+                    let flushed = flushed.map_err(BackendError::io(Stage::Sending));
+                    return Poll::Ready(flushed.map(|()| Duplex::Sent));
+                }
+            } else if let Poll::Ready(wrote) = socket.poll_write(cx, &self.write_buf) {
+                match wrote {
+                    Ok(0) => {
+                        return Poll::Ready(Err(BackendError::Closed {
+                            stage: Stage::Sending,
+                        }));
+                    }
+                    Ok(n) => {
+                        self.write_buf.advance(n);
+                        progressed = true;
+                    }
+                    Err(source) => {
+                        return Poll::Ready(Err(BackendError::Io {
+                            stage: Stage::Sending,
+                            source,
+                        }));
+                    }
+                }
+            }
+            self.read_buf.reserve(READ_BUF_INITIAL);
+            let socket = Pin::new(&mut self.socket);
+            if let Poll::Ready(read) = poll_read_buf(socket, cx, &mut self.read_buf) {
+                match read {
+                    Ok(0) => {
+                        return Poll::Ready(Err(BackendError::Closed {
+                            stage: Stage::Receiving,
+                        }));
+                    }
+                    Ok(_) => progressed = true,
+                    Err(source) => {
+                        return Poll::Ready(Err(BackendError::Io {
+                            stage: Stage::Receiving,
+                            source,
+                        }));
+                    }
+                }
+            }
+            if !progressed {
+                return Poll::Pending;
             }
         }
     }

@@ -28,6 +28,7 @@ pub mod repo;
 pub mod stack;
 pub mod types;
 pub mod wait;
+pub mod wire;
 
 pub use cluster::{Cluster, PgBin, users};
 pub use proxy::{FaultProxy, ProxyMode};

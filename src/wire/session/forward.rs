@@ -21,53 +21,60 @@ use crate::telemetry::labels::{
 use crate::wire::messages::{self, WireError};
 use crate::wire::prepared::{self, LocalQuery, Statement};
 
+/// Bytes of complete messages after which a unit without its end yet is
+/// sent as far as it goes.
+const UNIT_CHUNK_BYTES: usize = 256 * 1024;
+
 impl<S> Session<'_, S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    /// Finds the next complete unit in the inbox.
+    /// Finds the next complete unit in the inbox, scanning on from where
+    /// the last call stopped.
     pub(super) fn next_unit(&mut self) -> Result<Option<Unit>, WireError> {
         let limit = self.wire.limits.max_message_bytes;
-        let mut unit = Unit {
-            len: 0,
-            answers: 0,
-            flush: false,
-            unsynced: false,
-            terminate: false,
-        };
-        let mut at = 0;
-        while let Some((tag, len)) = messages::peek_header(&self.inbox[at..]) {
+        loop {
+            let at = self.scan.len;
+            let Some((tag, len)) = messages::peek_header(&self.inbox[at..]) else {
+                return Ok(None);
+            };
             if len < 5 || len > limit {
                 return Err(WireError::TooLong { len, limit });
             }
             if self.inbox.len() < at + len {
-                break;
+                return Ok(None);
             }
-            let body = &self.inbox[at + 5..at + len];
             if self.pinned.is_none() {
-                self.pinned = pin_reason(tag, body);
+                self.pinned = pin_reason(tag, &self.inbox[at + 5..at + len]);
             }
-            at += len;
-            match tag {
-                b'X' if at == len => {
+            let unit = &mut self.scan;
+            unit.len = at + len;
+            let ends = match tag {
+                b'X' if at == 0 => {
                     unit.terminate = true;
-                    return Ok(Some(unit));
+                    true
                 }
                 b'S' | b'Q' | b'F' => {
                     unit.answers += 1;
                     unit.unsynced = false;
-                    unit.len = at;
-                    return Ok(Some(unit));
+                    true
                 }
                 b'H' | b'd' | b'c' | b'f' => {
                     unit.flush = tag == b'H';
-                    unit.len = at;
-                    return Ok(Some(unit));
+                    true
                 }
-                _ => unit.unsynced = true,
+                _ => {
+                    unit.unsynced = true;
+                    // A long pipeline goes on in pieces: memory stays
+                    // bounded, and the server starts on it while the
+                    // client still sends.
+                    unit.len >= UNIT_CHUNK_BYTES
+                }
+            };
+            if ends {
+                return Ok(Some(std::mem::take(&mut self.scan)));
             }
         }
-        Ok(None)
     }
 
     /// Sends a unit to the server session, attaching one first, or
@@ -107,16 +114,34 @@ where
         self.write_unit(lease.conn(), &bytes, started);
         self.lease = Some(lease);
         self.answer_fakes();
-        let sent = match self.lease.as_mut() {
-            Some(lease) => lease.conn().passthrough_flush().await,
-            None => Ok(()),
-        };
-        if let Err(error) = sent {
-            return self.server_broke(error).await;
-        }
         self.unsynced = unit.unsynced || (self.unsynced && unit.answers == 0);
         self.flush_mode = unit.flush || (self.flush_mode && unit.answers == 0);
-        Ok(())
+        self.send().await
+    }
+
+    /// Sends the unit written into the session's buffer, forwarding what
+    /// the server answers meanwhile (see [`Connection::passthrough_exchange`]).
+    /// The session stays attached until the last byte is out.
+    async fn send(&mut self) -> Result<(), WireError> {
+        let limit = self.wire.limits.max_message_bytes;
+        self.sending = true;
+        let result = loop {
+            let Some(lease) = self.lease.as_mut() else {
+                break Ok(());
+            };
+            match lease.conn().passthrough_exchange(limit).await {
+                Ok(None) => break Ok(()),
+                Ok(Some(frame)) => {
+                    if let Err(error) = self.on_server_frame(frame).await {
+                        break Err(error);
+                    }
+                }
+                Err(error) => break self.server_broke(error).await,
+            }
+        };
+        self.sending = false;
+        self.detach_if_done();
+        result
     }
 
     /// Writes a unit's messages into the session's send buffer, queueing

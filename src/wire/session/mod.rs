@@ -62,6 +62,8 @@ where
         pinned: None,
         lost_transaction: false,
         skipping_to_sync: false,
+        sending: false,
+        scan: Unit::default(),
         state: WireClientState::Idle,
     };
     wire.metrics.wire_client(None, Some(WireClientState::Idle));
@@ -109,11 +111,17 @@ struct Session<'w, S> {
     /// client sends up to its Sync is skipped, as PostgreSQL skips after an
     /// error, and the Sync gets the ReadyForQuery.
     skipping_to_sync: bool,
+    /// A unit is being sent: the session stays attached until it is out.
+    sending: bool,
+    /// The unit at the front of the inbox, as far as it was scanned (so a
+    /// long one is not scanned again from its start at every read).
+    scan: Unit,
     /// What the client is doing, as `pgwarden_wire_clients` counts it.
     state: WireClientState,
 }
 
 /// Where a unit of client messages ends, and what it holds.
+#[derive(Debug, Default)]
 struct Unit {
     /// Its length in the inbox.
     len: usize,
@@ -185,7 +193,10 @@ where
             biased;
             frame = lease.conn().passthrough_frame(limit) => {
                 match frame {
-                    Ok(frame) => self.on_server_frame(frame).await?,
+                    Ok(frame) => {
+                        self.on_server_frame(frame).await?;
+                        self.take_buffered_frames().await?;
+                    }
                     Err(error) => self.server_broke(error).await?,
                 }
                 Ok(true)
@@ -196,6 +207,20 @@ where
                 Ok(false)
             }
         }
+    }
+
+    /// Handles the server's messages that arrived with the last one, so
+    /// that they reach the client in one write, not one each.
+    async fn take_buffered_frames(&mut self) -> Result<(), WireError> {
+        let limit = self.wire.limits.max_message_bytes;
+        while let Some(lease) = self.lease.as_mut() {
+            match lease.conn().passthrough_buffered(limit) {
+                Ok(Some(frame)) => self.on_server_frame(frame).await?,
+                Ok(None) => break,
+                Err(error) => return self.server_broke(error).await,
+            }
+        }
+        Ok(())
     }
 
     /// Tells an idle client that pgwarden is shutting down (57P01, as
@@ -242,9 +267,16 @@ where
                 .metrics
                 .request(Api::Pgwire, RequestKind::Query, outcome, took);
         }
-        let done = self.owed.is_empty() && !self.unsynced && status == b'I';
+        self.detach_if_done();
+    }
+
+    /// Gives the session back when the client is done with it: every unit
+    /// answered, outside a transaction, nothing pinning it, nothing still
+    /// being sent, and transaction pooling.
+    fn detach_if_done(&mut self) {
+        let done = self.owed.is_empty() && !self.unsynced && self.status == b'I';
         let shared = self.wire.limits.pool_mode == PoolMode::Transaction;
-        if done && shared && self.pinned.is_none() {
+        if done && shared && !self.sending && self.pinned.is_none() {
             self.detach();
         }
     }
