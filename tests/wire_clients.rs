@@ -668,3 +668,54 @@ async fn a_pipeline_longer_than_any_socket_buffer_flows_through() {
         .unwrap();
     assert!(reply[..n].windows(5).any(|w| w == b"after"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_changed_and_undone_gives_the_session_back() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(Config {
+        guard_timeout_ms: 500,
+        ..one_session(&cluster)
+    })
+    .await;
+    let (a, b) = (client(&daemon).await, client(&daemon).await);
+    let pinned = || daemon.metric(r#"pgwarden_wire_clients{state="pinned"}"#);
+    // As asyncpg does around its type lookups: jit off, then back.
+    let before = setting_of(&a, "SELECT current_setting('jit')").await;
+    a.batch_execute("SELECT set_config('jit', 'off', false)")
+        .await
+        .unwrap();
+    assert_eq!(pinned().await, 1.0, "a changed setting holds the session");
+    let error = b.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(error.as_db_error().map(|e| e.code().code()), Some("57P03"));
+    assert_eq!(setting_of(&a, "SELECT current_setting('jit')").await, "off");
+    a.batch_execute(&format!("SELECT set_config('jit', '{before}', false)"))
+        .await
+        .unwrap();
+    assert_eq!(pinned().await, 0.0, "undone, it holds nothing");
+    assert_eq!(setting_of(&b, "SELECT 'b served'").await, "b served");
+
+    // As asyncpg's pool does when it takes a connection back: RESET ALL
+    // undoes a setting, and the client's own startup settings stay.
+    let named = client_with(&daemon, "application_name=reporting").await;
+    named.batch_execute("SET work_mem = '77MB'").await.unwrap();
+    assert_eq!(pinned().await, 1.0);
+    named.batch_execute("RESET ALL").await.unwrap();
+    assert_eq!(pinned().await, 0.0);
+    assert_eq!(setting_of(&b, "SHOW work_mem").await, "4MB");
+    assert_eq!(
+        setting_of(&named, "SELECT current_setting('application_name')").await,
+        "reporting"
+    );
+    assert_ne!(
+        setting_of(&b, "SELECT current_setting('application_name')").await,
+        "reporting"
+    );
+
+    // A setting of the client's startup, changed: it is the client's now,
+    // and only this session has it.
+    named
+        .batch_execute("SET application_name = 'other'")
+        .await
+        .unwrap();
+    assert_eq!(pinned().await, 1.0);
+}

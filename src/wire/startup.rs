@@ -154,10 +154,7 @@ fn refusal(wire: &Wire, startup: &Startup, clients: usize) -> Option<(&'static s
         ));
     }
     let encoding = startup.client_encoding.as_deref().unwrap_or("UTF8");
-    let utf8 = ["UTF8", "UTF-8", "UNICODE"]
-        .iter()
-        .any(|e| e.eq_ignore_ascii_case(encoding));
-    if !utf8 {
+    if !is_utf8(encoding) {
         let text = format!("client_encoding {encoding:?} is not served: pgwarden serves UTF8");
         return Some(("22023", text));
     }
@@ -168,6 +165,18 @@ fn refusal(wire: &Wire, startup: &Startup, clients: usize) -> Option<(&'static s
         return Some(("28000", format!("role \"{}\" does not exist", startup.user)));
     }
     None
+}
+
+/// True when `encoding` names UTF-8 as PostgreSQL reads encoding names:
+/// case and anything but letters and digits ignored (asyncpg sends
+/// `'utf-8'`, quotes included).
+fn is_utf8(encoding: &str) -> bool {
+    let name: String = encoding
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    name == "utf8" || name == "unicode"
 }
 
 /// Proves the configured password with SCRAM-SHA-256, when one is set.
@@ -357,4 +366,19 @@ fn reported(defaults: &[(String, String)], settings: &[(String, String)]) -> Vec
             (name.clone(), own.clone())
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_is_recognised_however_a_driver_spells_it() {
+        for name in ["UTF8", "utf-8", "'utf-8'", "Unicode", "utf_8"] {
+            assert!(is_utf8(name), "{name}");
+        }
+        for name in ["LATIN1", "SQL_ASCII", "utf16", ""] {
+            assert!(!is_utf8(name), "{name}");
+        }
+    }
 }

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
 use super::replies::{Ends, Expect, Fake};
-use super::{Session, Unit, pin_reason};
+use super::{Session, Unit};
 use crate::backend::Connection;
 use crate::backend::statements::Held;
 use crate::guard::{Guard, GuardError, Lease};
@@ -44,8 +44,8 @@ where
             if self.inbox.len() < at + len {
                 return Ok(None);
             }
-            if self.pinned.is_none() {
-                self.pinned = pin_reason(tag, &self.inbox[at + 5..at + len]);
+            if let Some(pin) = self.pin_of(tag, &self.inbox[at + 5..at + len]) {
+                self.pin(pin);
             }
             let unit = &mut self.scan;
             unit.len = at + len;
@@ -122,7 +122,7 @@ where
     /// Sends the unit written into the session's buffer, forwarding what
     /// the server answers meanwhile (see [`Connection::passthrough_exchange`]).
     /// The session stays attached until the last byte is out.
-    async fn send(&mut self) -> Result<(), WireError> {
+    pub(super) async fn send(&mut self) -> Result<(), WireError> {
         let limit = self.wire.limits.max_message_bytes;
         self.sending = true;
         let result = loop {
@@ -307,6 +307,13 @@ where
                 conn.prepared().mark_all_stale();
                 self.statements.clear();
             }
+            if local == LocalQuery::DiscardAll {
+                // And every setting: the client's startup ones are set
+                // again, and the session may be shared again after it.
+                conn.set_client_settings(Vec::new());
+                self.reapply_settings = true;
+                self.settings_touched = true;
+            }
         }
         self.pass(conn, message, Expect::Query(started));
     }
@@ -403,14 +410,15 @@ where
             }
         };
         slot.set(lease.conn().cancel_token());
-        self.carry_settings(lease.conn());
+        self.carry_settings(lease.conn(), false);
         self.lease = Some(lease);
         Ok(())
     }
 
     /// Puts what makes the session hold this client's settings in front
-    /// of the unit (see [`crate::wire::settings`]).
-    fn carry_settings(&mut self, conn: &mut Connection) {
+    /// of the unit (see [`crate::wire::settings`]); the server's reports of
+    /// the values reach the client when they replace a reset's.
+    pub(super) fn carry_settings(&mut self, conn: &mut Connection, shown: bool) {
         let wanted = &self.client.settings;
         let Some(sql) = crate::wire::settings::changes(conn.client_settings(), wanted) else {
             return;
@@ -421,7 +429,7 @@ where
         }
         conn.set_client_settings(wanted.clone());
         conn.passthrough_buf().extend_from_slice(&prefix);
-        self.expect(Expect::Own);
+        self.expect(Expect::Own { shown });
     }
 
     /// No session for the unit: the budget ran out (57P03) or the client

@@ -10,6 +10,7 @@
 //! Query for state that pins a client, ErrorResponse and ReadyForQuery.
 
 mod forward;
+mod pins;
 mod replies;
 
 use std::collections::VecDeque;
@@ -63,6 +64,9 @@ where
         lost_transaction: false,
         skipping_to_sync: false,
         sending: false,
+        settings_touched: false,
+        reapply_settings: false,
+        probe_due: false,
         scan: Unit::default(),
         state: WireClientState::Idle,
     };
@@ -113,6 +117,13 @@ struct Session<'w, S> {
     skipping_to_sync: bool,
     /// A unit is being sent: the session stays attached until it is out.
     sending: bool,
+    /// A unit changed session settings since the last probe (see
+    /// [`pins`]).
+    settings_touched: bool,
+    /// A unit reset settings: the client's startup ones are set again.
+    reapply_settings: bool,
+    /// The client is done but for its settings: the probe goes out next.
+    probe_due: bool,
     /// The unit at the front of the inbox, as far as it was scanned (so a
     /// long one is not scanned again from its start at every read).
     scan: Unit,
@@ -146,12 +157,14 @@ where
                     return Ok(());
                 }
                 self.forward(unit).await?;
+                self.probe_settings().await?;
                 self.count_state();
             }
             self.flush_outbox().await?;
             if !self.wait_for_input(stop).await? {
                 return Ok(());
             }
+            self.probe_settings().await?;
             self.count_state();
         }
     }
@@ -276,8 +289,13 @@ where
     fn detach_if_done(&mut self) {
         let done = self.owed.is_empty() && !self.unsynced && self.status == b'I';
         let shared = self.wire.limits.pool_mode == PoolMode::Transaction;
-        if done && shared && !self.sending && self.pinned.is_none() {
-            self.detach();
+        if !(done && shared && !self.sending) {
+            return;
+        }
+        match self.pinned {
+            None => self.detach(),
+            Some(pins::SESSION_SETTING) if self.settings_touched => self.probe_due = true,
+            Some(_) => {}
         }
     }
 
@@ -309,6 +327,9 @@ where
         self.owed.clear();
         self.unsynced = false;
         self.failed = false;
+        self.settings_touched = false;
+        self.reapply_settings = false;
+        self.probe_due = false;
         if let Some(reason) = self.pinned.take() {
             info!(reason, "The pinned session is gone with its state.");
         }
@@ -377,104 +398,5 @@ fn non_fatal_error(frame: &[u8]) -> Option<String> {
             DbError::parse(body.fields()).ok().map(|e| e.to_string())
         }
         _ => None,
-    }
-}
-
-/// Why a client message makes its session impossible to share, if it
-/// does: state the server keeps per session and pgwarden cannot move.
-fn pin_reason(tag: u8, body: &[u8]) -> Option<&'static str> {
-    let sql = match tag {
-        b'P' => super::prepared::split_cstr(body)?.1,
-        b'Q' => body,
-        _ => return None,
-    };
-    let sql = std::str::from_utf8(sql.split(|&b| b == 0).next()?).ok()?;
-    sql.split(';').find_map(statement_pins)
-}
-
-/// Statements whose first word leaves session state behind.
-const PINNING_STATEMENTS: [(&str, &str); 6] = [
-    ("SET", "a session setting"),
-    ("RESET", "a session setting"),
-    ("LISTEN", "LISTEN"),
-    ("PREPARE", "an SQL prepared statement"),
-    ("DECLARE", "a cursor"),
-    ("LOAD", "a loaded library"),
-];
-
-/// Calls anywhere in a statement that leave session state behind.
-const PINNING_CALLS: [(&str, &str); 2] = [
-    ("pg_advisory_lock", "a session advisory lock"),
-    ("set_config", "a session setting"),
-];
-
-/// The session state one statement leaves behind, if any. Runs on every
-/// Query and Parse of an unpinned client, so it allocates nothing.
-fn statement_pins(statement: &str) -> Option<&'static str> {
-    let mut words = statement
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|w| !w.is_empty());
-    let first = words.next()?;
-    let second = words.next().unwrap_or("");
-    let is = |word: &str, keyword: &str| word.eq_ignore_ascii_case(keyword);
-    if is(first, "SET") && (is(second, "LOCAL") || is(second, "TRANSACTION")) {
-        return None;
-    }
-    if is(first, "CREATE") && (is(second, "TEMP") || is(second, "TEMPORARY")) {
-        return Some("a temporary table");
-    }
-    let by_statement = PINNING_STATEMENTS
-        .iter()
-        .find(|(keyword, _)| is(first, keyword));
-    let by_call = || {
-        PINNING_CALLS
-            .iter()
-            .find(|(call, _)| contains_ignoring_case(statement, call))
-    };
-    by_statement.or_else(by_call).map(|(_, reason)| *reason)
-}
-
-fn contains_ignoring_case(haystack: &str, needle: &str) -> bool {
-    haystack
-        .as_bytes()
-        .windows(needle.len())
-        .any(|window| window.eq_ignore_ascii_case(needle.as_bytes()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn state_that_cannot_move_pins_the_client() {
-        let pins = [
-            "SET search_path = app",
-            "set TimeZone to 'UTC'",
-            "RESET ALL",
-            "LISTEN jobs",
-            "PREPARE q AS SELECT 1",
-            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
-            "CREATE TEMP TABLE t (x int)",
-            "SELECT pg_advisory_lock(1)",
-            "SELECT 1; SET work_mem = '64MB'",
-        ];
-        let query = |sql: &str| pin_reason(b'Q', format!("{sql}\0").as_bytes());
-        for sql in pins {
-            assert!(query(sql).is_some(), "{sql}");
-        }
-        let free = [
-            "SELECT 1",
-            "BEGIN; SET LOCAL work_mem = '64MB'; SELECT 1; COMMIT",
-            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
-            "UPDATE t SET x = 1",
-            "CREATE TABLE t (x int)",
-        ];
-        for sql in free {
-            assert_eq!(query(sql), None, "{sql}");
-        }
-        // Named statements follow the client (see `crate::wire::prepared`).
-        assert_eq!(pin_reason(b'P', b"s1\0SELECT 1\0\0\0"), None);
-        assert_eq!(pin_reason(b'P', b"\0SELECT 1\0\0\0"), None);
-        assert!(pin_reason(b'P', b"s2\0LISTEN jobs\0\0\0").is_some());
     }
 }

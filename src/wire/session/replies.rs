@@ -38,8 +38,13 @@ pub(super) enum Expect {
     Parse { id: u64, client: Option<Bytes> },
     /// pgwarden's Close of statement `id`, to make room on the session.
     Close(u64),
-    /// pgwarden's own Query (a client's settings): all swallowed.
-    Own,
+    /// pgwarden's own Query (a client's settings): all swallowed, but the
+    /// server's reports of the values when `shown` (they replace those a
+    /// reset sent the client).
+    Own { shown: bool },
+    /// pgwarden's question whether a setting differs (see
+    /// [`super::pins`]): swallowed; `changed` until it says none does.
+    Probe { changed: bool },
     /// A reply pgwarden gives itself.
     Fake(Fake),
 }
@@ -81,7 +86,11 @@ impl Expect {
             Expect::Bind(_) => Ends::BindComplete,
             Expect::Parse { .. } => Ends::ParseComplete,
             Expect::Close(_) => Ends::CloseComplete,
-            Expect::Sync(_) | Expect::Query(_) | Expect::Own | Expect::Fake(_) => return false,
+            Expect::Sync(_)
+            | Expect::Query(_)
+            | Expect::Own { .. }
+            | Expect::Probe { .. }
+            | Expect::Fake(_) => return false,
         };
         match ends {
             Ends::ParseComplete => tag == b'1',
@@ -135,9 +144,15 @@ where
             self.outbox.extend_from_slice(frame);
             return;
         };
-        if matches!(head, Expect::Own) {
-            self.own_reply(tag, frame);
-            return;
+        match *head {
+            Expect::Own { shown } => {
+                if shown && tag == b'S' {
+                    self.outbox.extend_from_slice(frame);
+                }
+                return self.own_reply(tag, frame);
+            }
+            Expect::Probe { .. } => return self.probe_reply(tag, frame),
+            _ => {}
         }
         match tag {
             // Asynchronous: a notice, a notification, a parameter change.
@@ -249,6 +264,28 @@ where
                     self.unit_answered(self.status, Some(started));
                 }
             }
+        }
+    }
+
+    /// A reply to the settings probe: a count of settings that differ.
+    fn probe_reply(&mut self, tag: u8, frame: &[u8]) {
+        match tag {
+            b'D' => {
+                let none = frame
+                    .get(5..)
+                    .is_some_and(|row| row.ends_with(b"\0\0\0\x010"));
+                if let Some(Expect::Probe { changed }) = self.owed.front_mut() {
+                    *changed = !none;
+                }
+            }
+            b'Z' => {
+                if let Some(Expect::Probe { changed }) = self.pop() {
+                    self.probe_answered(changed);
+                }
+                self.detach_if_done();
+                self.answer_fakes();
+            }
+            _ => {}
         }
     }
 
