@@ -1,9 +1,10 @@
-//! Real Python clients through the wire front end: psycopg 3
-//! (tests/clients/python, pinned in its requirements.txt) connects to
+//! Real Python clients through the wire front end: psycopg 3 and asyncpg
+//! (tests/clients/python, pinned in its requirements.txt) connect to
 //! pgwarden as to PostgreSQL, with fewer server sessions than
 //! connections, so that every scenario runs under transaction pooling:
 //! typed parameters, transactions, named prepared statements, pipelines,
-//! cancels, COPY, LISTEN/NOTIFY and session settings.
+//! cancels, COPY, LISTEN/NOTIFY, session settings, and a pool of sixteen
+//! on four sessions.
 //!
 //! The scenarios are pytest modules; each test here starts a cluster and
 //! a pgwarden with the pool size its module is written for, and checks
@@ -176,4 +177,41 @@ async fn psycopg_listen_notify_and_session_settings_on_two_server_sessions() {
     let (cluster, daemon) = run_pytest("test_psycopg_sessions.py", 2, 2).await;
     all_clients_left(&daemon).await;
     server_sessions_settle_at_most(&cluster, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_on_one_server_session_works_as_against_postgres() {
+    // Two connections' statement caches on one session, typed parameters
+    // compared with the database itself, an enum and a domain asyncpg
+    // must ask the server about, transactions committed, rolled back and
+    // failed, savepoints, COPY of records and from a query, a timeout that
+    // cancels, and a cancel from outside.
+    let (cluster, daemon) = run_pytest("test_asyncpg.py", 1, 8).await;
+    let hits = daemon
+        .metric(r#"pgwarden_wire_prepared_statements_total{event="hit"}"#)
+        .await;
+    assert!(
+        hits >= 20.0,
+        "asyncpg's named statements were shared: {hits} hits"
+    );
+    all_clients_left(&daemon).await;
+    server_sessions_settle_at_most(&cluster, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_asyncpg_pool_of_sixteen_shares_four_server_sessions() {
+    // 500 reads and single-row UPDATEs, twice: with asyncpg's own reset
+    // query at each release, and with one the pool is given.
+    let (cluster, daemon) = run_pytest("test_asyncpg_pool.py", 4, 2).await;
+    let units = daemon
+        .metric(
+            r#"pgwarden_requests_duration_seconds_count{api="pgwire",kind="query",outcome="ok"}"#,
+        )
+        .await;
+    assert!(units >= 1000.0, "each operation was a unit: {units}");
+    let timed_out = r#"pgwarden_requests_duration_seconds_count{api="pgwire",kind="query",outcome="guard_timeout"}"#;
+    let timeouts = daemon.metric(timed_out).await;
+    assert_eq!(timeouts, 0.0, "no connection waited out the guard's budget");
+    all_clients_left(&daemon).await;
+    server_sessions_settle_at_most(&cluster, 5);
 }
