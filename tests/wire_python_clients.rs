@@ -3,8 +3,8 @@
 //! pgwarden as to PostgreSQL, with fewer server sessions than
 //! connections, so that every scenario runs under transaction pooling:
 //! typed parameters, transactions, named prepared statements, pipelines,
-//! cancels, COPY, LISTEN/NOTIFY, session settings, and a pool of sixteen
-//! on four sessions.
+//! cancels, COPY, LISTEN/NOTIFY, session settings, a pool of sixteen on
+//! four sessions, and connections that outlive a database restart.
 //!
 //! The scenarios are pytest modules; each test here starts a cluster and
 //! a pgwarden with the pool size its module is written for, and checks
@@ -13,15 +13,21 @@
 mod support;
 
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::Duration;
 
 use pgwarden::config::Config;
 use support::Cluster;
 use support::daemon::{TestDaemon, config_for};
-use tokio::process::Command;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::task::JoinHandle;
 
 /// How long one pytest module may run; they take seconds.
 const PYTEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long the restart driver may take to answer one command.
+const DRIVER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// pytest, quiet, without a cache in the source tree, with a summary of
 /// each failure and error.
@@ -214,4 +220,121 @@ async fn an_asyncpg_pool_of_sixteen_shares_four_server_sessions() {
     assert_eq!(timeouts, 0.0, "no connection waited out the guard's budget");
     all_clients_left(&daemon).await;
     server_sessions_settle_at_most(&cluster, 5);
+}
+
+/// tests/clients/python/restart_driver.py: a psycopg and an asyncpg
+/// connection kept open across commands.
+struct Driver {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+    stderr: JoinHandle<String>,
+}
+
+/// What one `round` of the driver reports.
+#[derive(Debug)]
+struct Round {
+    psycopg_backend: u32,
+    asyncpg_backend: u32,
+    /// Copies of the shared statement text on the server session.
+    prepared: u32,
+}
+
+impl Driver {
+    async fn start(daemon: &TestDaemon, cluster: &Cluster) -> Driver {
+        let mut child = python(daemon, cluster)
+            .arg("restart_driver.py")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut pipe = child.stderr.take().unwrap();
+        let stderr = tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text).await;
+            text
+        });
+        let mut driver = Driver {
+            child,
+            stdin,
+            stdout,
+            stderr,
+        };
+        assert_eq!(driver.line().await, "ready");
+        driver
+    }
+
+    /// The driver's next line; if there is none, what it wrote to stderr.
+    async fn line(&mut self) -> String {
+        let silence = match tokio::time::timeout(DRIVER_TIMEOUT, self.stdout.next_line()).await {
+            Ok(Ok(Some(line))) => return line,
+            Ok(Ok(None)) => "exited".to_owned(),
+            Ok(Err(error)) => format!("could not be read: {error}"),
+            Err(_) => format!("said nothing for {DRIVER_TIMEOUT:?}"),
+        };
+        let _ = self.child.start_kill();
+        let stderr = (&mut self.stderr).await.unwrap_or_default();
+        panic!("the restart driver {silence}:\n{stderr}");
+    }
+
+    async fn round(&mut self) -> Round {
+        self.stdin.write_all(b"round\n").await.unwrap();
+        let line = self.line().await;
+        let field = |name: &str| -> u32 {
+            line.split(' ')
+                .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|value| value.parse().ok())
+                .unwrap_or_else(|| panic!("the round failed: {line}"))
+        };
+        Round {
+            psycopg_backend: field("psycopg_backend"),
+            asyncpg_backend: field("asyncpg_backend"),
+            prepared: field("prepared"),
+        }
+    }
+
+    async fn quit(mut self) {
+        self.stdin.write_all(b"quit\n").await.unwrap();
+        let status = tokio::time::timeout(DRIVER_TIMEOUT, self.child.wait())
+            .await
+            .expect("the driver exits")
+            .unwrap();
+        let stderr = self.stderr.await.unwrap_or_default();
+        assert!(status.success(), "{stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_psycopg_and_asyncpg_connections_survive_a_database_restart() {
+    let cluster = Cluster::start();
+    cluster.psql(
+        "CREATE TABLE restart_probe (id int PRIMARY KEY, n int); INSERT INTO restart_probe VALUES (1, 0), (2, 0)",
+    );
+    let daemon = TestDaemon::start(pool_of(&cluster, 1)).await;
+    let mut driver = Driver::start(&daemon, &cluster).await;
+    let before = driver.round().await;
+    assert_eq!(
+        before.psycopg_backend, before.asyncpg_backend,
+        "both clients share the one server session"
+    );
+    driver.round().await;
+
+    tokio::task::block_in_place(|| cluster.restart_fast());
+    // The very next statements, prepared ones included, on a session of
+    // the restarted server, by the same client connections.
+    let after = driver.round().await;
+    assert_ne!(after.psycopg_backend, before.psycopg_backend, "{after:?}");
+    assert_eq!(after.psycopg_backend, after.asyncpg_backend);
+    assert!(after.prepared >= 1, "prepared again on the new session");
+    driver.round().await;
+    driver.quit().await;
+
+    assert_eq!(
+        cluster.psql("SELECT n FROM restart_probe ORDER BY id"),
+        "4\n4\n"
+    );
+    assert!(daemon.reconnects().await >= 1.0);
 }
