@@ -181,7 +181,9 @@ impl managed::Manager for Manager {
     type Error = BackendError;
 
     async fn create(&self) -> Result<Connection, BackendError> {
-        self.connector.connect().await
+        // Boxed: the handshake's state stays out of every `get`, which the
+        // fast path pays for by size even when nothing is opened.
+        Box::pin(self.connector.connect()).await
     }
 
     async fn recycle(&self, conn: &mut Connection, _: &Metrics) -> RecycleResult<BackendError> {

@@ -49,7 +49,9 @@ pub struct Metrics {
     stale_client_hits: IntCounter,
     replays: IntCounterVec,
     session_refusals: IntCounterVec,
-    wire_clients: IntGaugeVec,
+    /// `wire_clients`, by [`WireClientState::index`]: resolved once, as a
+    /// client changes state about three times per transaction.
+    wire_clients: Arc<[IntGauge]>,
     wire_connections: IntCounterVec,
     /// `wire_prepared_statements_total`, by [`PreparedEvent::index`]:
     /// resolved once, as a hit is counted on every Bind.
@@ -97,7 +99,10 @@ impl Metrics {
             stale_client_hits: r.counter("stale_client_hits_total", "Requests that met a connection of a retired generation and were moved to the current one.")?,
             replays: r.counter_vec("replays_total", "Requests replayed on a new generation after their connection failed, by result.", &["result"])?,
             session_refusals: r.counter_vec("session_refusals_total", "New sessions the server refused (it answered, so this never starts a reconnect), by the SQLSTATE class of its answer.", &["reason"])?,
-            wire_clients: r.gauge_vec("wire_clients", "Clients connected to the PostgreSQL wire front end, by what they are doing.", &["state"])?,
+            wire_clients: {
+                let clients = r.gauge_vec("wire_clients", "Clients connected to the PostgreSQL wire front end, by what they are doing.", &["state"])?;
+                WireClientState::ALL.iter().map(|s| clients.with_label_values(&[s.as_str()])).collect()
+            },
             wire_connections: r.counter_vec("wire_connections_total", "Connections to the PostgreSQL wire front end, by how their startup ended.", &["result"])?,
             prepared_events: {
                 let events = r.counter_vec("wire_prepared_statements_total", "Named statements of wire clients looked up on a server session, by what it took: hit (prepared there), miss (prepared by pgwarden), eviction (closed to make room).", &["event"])?;
@@ -142,9 +147,6 @@ impl Metrics {
         }
         each(&self.replays, ReplayResult::ALL, |r| r.as_str());
         each(&self.session_refusals, Refusal::ALL, |r| r.as_str());
-        for state in WireClientState::ALL {
-            self.wire_clients.with_label_values(&[state.as_str()]);
-        }
         each(&self.wire_connections, WireConnection::ALL, |r| r.as_str());
     }
 
@@ -245,10 +247,10 @@ impl Metrics {
     /// `to` (none when it left).
     pub fn wire_client(&self, from: Option<WireClientState>, to: Option<WireClientState>) {
         if let Some(from) = from {
-            self.wire_clients.with_label_values(&[from.as_str()]).dec();
+            self.wire_clients[from.index()].dec();
         }
         if let Some(to) = to {
-            self.wire_clients.with_label_values(&[to.as_str()]).inc();
+            self.wire_clients[to.index()].inc();
         }
     }
 

@@ -397,9 +397,11 @@ where
         self.move_to(WireClientState::Waiting);
         let slot = self.client.registration.slot.clone();
         let cancelled = slot.wait();
+        // Boxed: the guard's state (kilobytes) would otherwise be moved
+        // with every unit's future, attached or not.
         let admitted = tokio::select! {
             biased;
-            admitted = lend(&self.wire.guard) => admitted.map_err(NoSession::Guard),
+            admitted = Box::pin(lend(&self.wire.guard)) => admitted.map_err(NoSession::Guard),
             () = cancelled.notified() => Err(NoSession::Cancelled),
         };
         let mut lease = match admitted {

@@ -196,9 +196,27 @@ fn statement_pins(statement: &str) -> Option<&'static str> {
     let by_call = || {
         PINNING_CALLS
             .iter()
-            .find(|(call, _)| contains_ignoring_case(statement, call))
+            .find(|(call, _)| contains_call(statement, call))
     };
     by_statement.or_else(by_call).map(|(_, reason)| *reason)
+}
+
+/// True when `statement` holds the function name `call` (which has an
+/// underscore), in any case. Only the underscores of the statement are
+/// tried, as a pgbench query holds none, so the check costs one pass.
+fn contains_call(statement: &str, call: &str) -> bool {
+    let (text, name) = (statement.as_bytes(), call.as_bytes());
+    let Some(offset) = name.iter().position(|&b| b == b'_') else {
+        return contains_ignoring_case(statement, call);
+    };
+    text.iter()
+        .enumerate()
+        .filter(|&(_, &b)| b == b'_')
+        .filter_map(|(at, _)| at.checked_sub(offset))
+        .any(|start| {
+            text.get(start..start + name.len())
+                .is_some_and(|window| window.eq_ignore_ascii_case(name))
+        })
 }
 
 fn contains_ignoring_case(haystack: &str, needle: &str) -> bool {
@@ -241,6 +259,7 @@ mod tests {
             "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
             "CREATE TEMP TABLE t (x int)",
             "SELECT pg_advisory_lock(1)",
+            "select PG_Advisory_Lock(1), x_y FROM a_b",
             "SELECT 1; SET work_mem = '64MB'",
         ];
         let query = |sql: &str| pin_reason(b'Q', format!("{sql}\0").as_bytes());
