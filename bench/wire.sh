@@ -62,7 +62,10 @@ min_pool_size = $POOL
 max_client_conn = 2000
 logfile = $WORK/pgbouncer.log
 EOF
-echo "\"postgres\" \"$PASSWORD\"" > "$WORK/userlist.txt"
+# The SCRAM secret, as a production userlist holds it (a plain password
+# would make PgBouncer derive the secret again for every client).
+secret=$(psql -h 127.0.0.1 -p "$PGPORT" -U postgres -tAc "SELECT rolpassword FROM pg_authid WHERE rolname = 'postgres'" postgres)
+echo "\"postgres\" \"$secret\"" > "$WORK/userlist.txt"
 chown -R "$(stat -c %U "$WORK")" "$WORK"
 $RUNAS pgbouncer "$WORK/pgbouncer.ini" &
 BOUNCER_PID=$!

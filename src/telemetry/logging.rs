@@ -22,7 +22,8 @@ use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig, WithHttpConfi
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::filter::{FilterExt, LevelFilter, filter_fn};
+use tracing_subscriber::layer::Identity;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -50,8 +51,6 @@ impl Telemetry {
 /// Installs the global subscriber: logs in `format` (`text` or `json`),
 /// plus OTLP traces when configured by the environment.
 pub fn init(format: &str) -> Telemetry {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,pgwarden=info"));
     let logs = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal())
@@ -63,24 +62,36 @@ pub fn init(format: &str) -> Telemetry {
     };
     // The logs format the fields of every span they see, when it starts:
     // spans made per request, which log lines need not name, are for
-    // traces only (a wire unit would pay about a fifth of its CPU time).
-    let logs = logs.with_filter(filter_fn(|meta| {
-        !(meta.is_span() && PER_REQUEST_SPANS.contains(&meta.name()))
-    }));
+    // traces only. Without a trace exporter nobody wants them, so they are
+    // never made (a wire unit would pay about a fifth of its CPU time).
+    let per_request =
+        filter_fn(|meta| !(meta.is_span() && PER_REQUEST_SPANS.contains(&meta.name())));
+    let logs = logs.with_filter(env_filter().and(per_request));
     let provider = otlp_provider();
-    let traces = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("pgwarden")));
+    // No exporter: a layer that wants nothing (an absent layer would count
+    // as wanting everything, and every span would be made).
+    let traces = match &provider {
+        Some(provider) => tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("pgwarden"))
+            .with_filter(env_filter())
+            .boxed(),
+        None => Identity::new().with_filter(LevelFilter::OFF).boxed(),
+    };
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let installed = tracing_subscriber::registry()
-        .with(filter)
-        .with(logs)
         .with(traces)
+        .with(logs)
         .try_init();
     if let Err(error) = installed {
         eprintln!("logging was already initialised: {error}");
     }
     Telemetry { provider }
+}
+
+/// `RUST_LOG`, or pgwarden's default: `info` for pgwarden, `warn` for
+/// libraries.
+fn env_filter() -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,pgwarden=info"))
 }
 
 fn env(name: &str) -> Option<String> {

@@ -176,14 +176,12 @@ const PINNING_CALLS: [(&str, &str); 2] = [
 ];
 
 /// The session state one statement leaves behind, if any. Runs on every
-/// Query and Parse of an unpinned client, so it allocates nothing.
+/// Query and Parse, so it allocates nothing and reads the statement once
+/// at most (not at all past its first two words when it calls nothing).
 fn statement_pins(statement: &str) -> Option<&'static str> {
-    let mut words = statement
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|w| !w.is_empty());
-    let first = words.next()?;
-    let second = words.next().unwrap_or("");
-    let is = |word: &str, keyword: &str| word.eq_ignore_ascii_case(keyword);
+    let (first, rest) = word(statement.as_bytes());
+    let (second, _) = word(rest);
+    let is = |word: &[u8], keyword: &str| word.eq_ignore_ascii_case(keyword.as_bytes());
     if is(first, "SET") && (is(second, "LOCAL") || is(second, "TRANSACTION")) {
         return None;
     }
@@ -194,11 +192,21 @@ fn statement_pins(statement: &str) -> Option<&'static str> {
         .iter()
         .find(|(keyword, _)| is(first, keyword));
     let by_call = || {
+        let calls = statement.as_bytes().contains(&b'(');
         PINNING_CALLS
             .iter()
-            .find(|(call, _)| contains_call(statement, call))
+            .find(|(call, _)| calls && contains_call(statement, call))
     };
     by_statement.or_else(by_call).map(|(_, reason)| *reason)
+}
+
+/// The first word of `text` (letters, digits, `_`) and what follows it.
+fn word(text: &[u8]) -> (&[u8], &[u8]) {
+    let in_word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_';
+    let start = text.iter().position(in_word).unwrap_or(text.len());
+    let text = &text[start..];
+    let end = text.iter().position(|b| !in_word(b)).unwrap_or(text.len());
+    text.split_at(end)
 }
 
 /// True when `statement` holds the function name `call` (which has an
