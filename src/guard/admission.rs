@@ -110,6 +110,11 @@ impl<S: ConnectionSource> Guard<S> {
         }
     }
 
+    /// The generation requests are admitted to now, if there is one.
+    pub fn generation_id(&self) -> Option<u64> {
+        self.snapshot.borrow().generation.as_ref().map(|g| g.id())
+    }
+
     /// The waiting budget each request gets.
     pub fn budget(&self) -> Duration {
         self.budget

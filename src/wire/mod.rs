@@ -134,8 +134,9 @@ pub struct Wire {
     statements: prepared::Registry,
     /// Connected clients.
     clients: AtomicUsize,
-    /// The server's ParameterStatus values, learned from a pooled session.
-    server_parameters: std::sync::Mutex<Vec<(String, String)>>,
+    /// The server's ParameterStatus values, learned from a pooled session,
+    /// and those each set of client settings was answered with.
+    server_parameters: std::sync::Mutex<startup::Answers>,
 }
 
 impl Wire {

@@ -7,6 +7,8 @@
 //! parameters (server_version, ...), taken from a pooled session, and a
 //! cancel key of pgwarden's own.
 
+use std::collections::HashMap;
+
 use bytes::BytesMut;
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -318,30 +320,95 @@ async fn server_parameters(
             "the database system is not available yet".to_owned(),
         )
     };
-    let Ok(mut lease) = wire.guard.admit().await else {
-        let known = wire
-            .server_parameters
+    let answers = || {
+        wire.server_parameters
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
+            .unwrap_or_else(|e| e.into_inner())
+    };
+    if let Some(generation) = wire.guard.generation_id()
+        && let Some(known) = answers().get(generation, settings)
+    {
+        return Ok(known);
+    }
+    let Ok(mut lease) = wire.guard.admit().await else {
+        let known = answers().defaults.clone();
         return if known.is_empty() {
             Err(unavailable())
         } else {
             Ok(reported(&known, settings))
         };
     };
+    let generation = lease.generation().id();
     let conn = lease.conn();
     let defaults = collect(conn.parameters());
-    *wire
-        .server_parameters
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = defaults.clone();
+    answers().learn_defaults(generation, &defaults);
     let Some(sql) = settings::changes(&[], settings) else {
         return Ok(defaults);
     };
     match conn.simple_query(&sql).await {
-        Ok(_) => Ok(collect(conn.parameters())),
+        Ok(_) => {
+            let parameters = collect(conn.parameters());
+            answers().learn(generation, settings, &parameters);
+            Ok(parameters)
+        }
         Err(BackendError::Sql { error, .. }) => Err((error.code.clone(), error.message.clone())),
         Err(_) => Ok(reported(&defaults, settings)),
+    }
+}
+
+/// What the server answered the settings clients asked for, per
+/// generation: a client asking what an earlier one asked (every pgbench,
+/// every psql) starts without a server round trip, and without taking a
+/// session another client could use. A new generation (another server,
+/// perhaps another version) starts afresh.
+#[derive(Debug, Default)]
+pub(crate) struct Answers {
+    generation: u64,
+    /// The server's own values.
+    defaults: Vec<(String, String)>,
+    /// The values reported with each set of settings the server accepted.
+    by_settings: HashMap<Settings, Settings>,
+}
+
+/// Names and values, sorted by name.
+type Settings = Vec<(String, String)>;
+
+/// Distinct sets of settings remembered at most; more start afresh.
+const MAX_ANSWERS: usize = 256;
+
+impl Answers {
+    fn get(&self, generation: u64, settings: &[(String, String)]) -> Option<Vec<(String, String)>> {
+        if generation != self.generation || self.defaults.is_empty() {
+            return None;
+        }
+        if settings.is_empty() {
+            return Some(self.defaults.clone());
+        }
+        self.by_settings.get(settings).cloned()
+    }
+
+    fn learn_defaults(&mut self, generation: u64, defaults: &[(String, String)]) {
+        if generation != self.generation {
+            self.by_settings.clear();
+            self.generation = generation;
+        }
+        self.defaults = defaults.to_vec();
+    }
+
+    fn learn(
+        &mut self,
+        generation: u64,
+        settings: &[(String, String)],
+        parameters: &[(String, String)],
+    ) {
+        if generation != self.generation {
+            return;
+        }
+        if self.by_settings.len() >= MAX_ANSWERS {
+            self.by_settings.clear();
+        }
+        self.by_settings
+            .insert(settings.to_vec(), parameters.to_vec());
     }
 }
 
