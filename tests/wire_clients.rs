@@ -695,7 +695,11 @@ async fn a_setting_changed_and_undone_gives_the_session_back() {
     a.batch_execute("SELECT set_config('jit', 'off', false)")
         .await
         .unwrap();
-    assert_eq!(pinned().await, 1.0, "a changed setting holds the session");
+    assert_eq!(
+        settles_at(1.0).await,
+        1.0,
+        "a changed setting holds the session"
+    );
     let error = b.simple_query("SELECT 1").await.unwrap_err();
     assert_eq!(error.as_db_error().map(|e| e.code().code()), Some("57P03"));
     assert_eq!(setting_of(&a, "SELECT current_setting('jit')").await, "off");
@@ -709,7 +713,11 @@ async fn a_setting_changed_and_undone_gives_the_session_back() {
     // undoes a setting, and the client's own startup settings stay.
     let named = client_with(&daemon, "application_name=reporting").await;
     named.batch_execute("SET work_mem = '77MB'").await.unwrap();
-    assert_eq!(pinned().await, 1.0);
+    assert_eq!(
+        settles_at(1.0).await,
+        1.0,
+        "work_mem differs from its default"
+    );
     named.batch_execute("RESET ALL").await.unwrap();
     assert_eq!(settles_at(0.0).await, 0.0);
     assert_eq!(setting_of(&b, "SHOW work_mem").await, "4MB");

@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
 use super::error::{BackendError, DbError, Stage};
-use super::stream::{Drained, IdleProbe, Socket};
+use super::stream::{IdleProbe, Socket};
 
 /// Read buffer capacity of a new session, and what it shrinks back to.
 const READ_BUF_INITIAL: usize = 8 * 1024;
@@ -374,10 +374,11 @@ impl Framer {
             IdleProbe::Data => {}
         }
         let read = self.socket.read_available(&mut self.read_buf);
-        if read.map_err(BackendError::io(Stage::Sending))? == Drained::Closed {
-            return Err(closed);
-        }
+        let drained = read.map_err(BackendError::io(Stage::Sending))?;
         match self.parse_buffered()? {
+            // Notices only, then the end: the server ended the session
+            // with a WARNING (an immediate shutdown, a crash elsewhere).
+            None if drained.closed => Err(closed),
             None => Ok(()),
             Some(Message::ErrorResponse(body)) => {
                 Err(fatal_or_protocol(DbError::parse(body.fields())))

@@ -82,11 +82,13 @@ impl Socket {
 
 /// What [`Socket::read_available`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Drained {
-    /// This many protocol bytes were appended (0: only part of a TLS record).
-    Bytes(usize),
-    /// The peer closed the connection and sent nothing more.
-    Closed,
+pub(crate) struct Drained {
+    /// Protocol bytes appended (0: nothing, or only part of a TLS record).
+    pub(crate) bytes: usize,
+    /// The peer closed the connection after them. A server ends its
+    /// sessions so on an immediate shutdown or another backend's crash:
+    /// a WARNING notice, then the end of the stream.
+    pub(crate) closed: bool,
 }
 
 fn read_available_plain(fd: BorrowedFd<'_>, out: &mut bytes::BytesMut) -> io::Result<Drained> {
@@ -95,14 +97,22 @@ fn read_available_plain(fd: BorrowedFd<'_>, out: &mut bytes::BytesMut) -> io::Re
     let mut total = 0;
     loop {
         match io::Read::read(&mut &*socket, &mut chunk) {
-            Ok(0) if total == 0 => return Ok(Drained::Closed),
-            // The end of the stream shows up at the next look.
-            Ok(0) => return Ok(Drained::Bytes(total)),
+            Ok(0) => {
+                return Ok(Drained {
+                    bytes: total,
+                    closed: true,
+                });
+            }
             Ok(n) => {
                 out.extend_from_slice(&chunk[..n]);
                 total += n;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Drained::Bytes(total)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Ok(Drained {
+                    bytes: total,
+                    closed: false,
+                });
+            }
             Err(e) => return Err(e),
         }
     }
@@ -155,10 +165,10 @@ fn read_available_tls(
             Err(e) => return Err(e),
         }
     }
-    match (ended, total) {
-        (true, 0) => Ok(Drained::Closed),
-        _ => Ok(Drained::Bytes(total)),
-    }
+    Ok(Drained {
+        bytes: total,
+        closed: ended,
+    })
 }
 
 impl Socket {
