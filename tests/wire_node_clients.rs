@@ -95,3 +95,18 @@ async fn node_postgres_listens_on_a_pinned_session_and_hears_notifications() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_js_pipelines_prepares_cancels_and_copies_on_one_server_session() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(sessions(&cluster, 1)).await;
+    let args = ["--test", "postgres-js.test.mjs"];
+    run_node_tests(&cluster, &daemon, "postgres", &args, 8).await;
+    let named = daemon
+        .metric(r#"pgwarden_wire_prepared_statements_total{event="hit"}"#)
+        .await;
+    assert!(
+        named >= 10.0,
+        "postgres.js's statements were prepared by name"
+    );
+}
