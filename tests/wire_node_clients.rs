@@ -110,3 +110,16 @@ async fn postgres_js_pipelines_prepares_cancels_and_copies_on_one_server_session
         "postgres.js's statements were prepared by name"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prisma_with_its_pg_adapter_runs_transactions_on_one_server_session() {
+    node::generate_prisma_client().await;
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(sessions(&cluster, 1)).await;
+    let args = [
+        "node_modules/tsx/dist/cli.mjs",
+        "--test",
+        "prisma-pg.test.mts",
+    ];
+    run_node_tests(&cluster, &daemon, "@prisma/adapter-pg", &args, 4).await;
+}
