@@ -148,22 +148,35 @@ impl Conversation {
     /// Sends `line` and returns the JSON answer, which must come within
     /// `deadline`; panics with node's stderr otherwise.
     pub async fn ask(&mut self, line: &str, deadline: Duration) -> serde_json::Value {
+        self.send(line).await;
+        match self.answer_within(deadline).await {
+            Some(answer) => answer,
+            None => panic!(
+                "`{line}` got no answer within {deadline:?}:\n{}",
+                self.end().await
+            ),
+        }
+    }
+
+    /// Sends `line`, without waiting for its answer.
+    pub async fn send(&mut self, line: &str) {
         self.stdin
             .write_all(format!("{line}\n").as_bytes())
             .await
             .expect("node reads its commands");
+    }
+
+    /// The next JSON answer, or `None` if none came within `deadline`
+    /// (it may still come later); panics if node ended.
+    pub async fn answer_within(&mut self, deadline: Duration) -> Option<serde_json::Value> {
         let answer = tokio::time::timeout(deadline, self.answers.next_line()).await;
         match answer {
-            Ok(Ok(Some(text))) => serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("`{line}` was answered {text:?}, not JSON: {e}")),
-            Ok(_) => panic!(
-                "node ended before answering `{line}`:\n{}",
-                self.end().await
+            Ok(Ok(Some(text))) => Some(
+                serde_json::from_str(&text)
+                    .unwrap_or_else(|e| panic!("node answered {text:?}, not JSON: {e}")),
             ),
-            Err(_) => panic!(
-                "`{line}` got no answer within {deadline:?}:\n{}",
-                self.end().await
-            ),
+            Ok(_) => panic!("node ended without an answer:\n{}", self.end().await),
+            Err(_) => None,
         }
     }
 
