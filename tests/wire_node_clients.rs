@@ -71,7 +71,8 @@ async fn run_node_tests(
         "{args:?} failed:\n{run}\n--- server log\n{}",
         cluster.log_tail(20)
     );
-    assert!(run.stdout.contains(&format!("# pass {passes}")), "{run}");
+    let summary = format!("# pass {passes}");
+    assert!(run.stdout.lines().any(|line| line == summary), "{run}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -251,9 +251,9 @@ test("one client's SET, search_path and TimeZone never reach another", async () 
   const waiting = other.query(show);
   assert.ok(await stillWaiting(waiting), "the setter's session was lent with its settings");
   await setter.end();
-  const after = (await waiting).rows[0];
-  assert.deepEqual(after, defaults);
-  assert.equal(after.pid, mine.pid, "the other client got the setter's session, reset");
+  const reset = (await waiting).rows[0];
+  assert.deepEqual(reset, defaults);
+  assert.equal(reset.pid, mine.pid, "the other client got the setter's session, reset");
 });
 
 test("each client's startup settings hold on the session they share", async () => {
