@@ -6,27 +6,16 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use support::Cluster;
 use support::daemon::{TestDaemon, config_for};
-
-fn clients_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients");
-    let driver = dir.join("node_modules/@neondatabase/serverless");
-    assert!(
-        driver.exists(),
-        "the Neon driver is not installed: run `npm ci --prefix tests/clients` (needs Node.js 20 and npm)"
-    );
-    dir
-}
+use support::node;
 
 fn node(daemon: &TestDaemon, script: &str) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new("node");
+    let mut command = node::command("@neondatabase/serverless");
     command
-        .current_dir(clients_dir())
         .arg(script)
         .env("PGWARDEN_FETCH_ENDPOINT", format!("{}/sql", daemon.data))
         .env(
@@ -64,30 +53,9 @@ async fn drizzle_orm_over_the_neon_driver_works_unchanged() {
     run_node_tests(&["--test", "drizzle.test.mjs"], "Drizzle", 4).await;
 }
 
-/// Generates the Prisma client for tests/clients/prisma/schema.prisma.
-/// `prisma generate` needs no schema engine, but the CLI insists on having
-/// one and would download it from outside the package registry; pointing it
-/// at `true` lets generation run offline.
-async fn generate_prisma_client() {
-    let output = tokio::process::Command::new("node")
-        .current_dir(clients_dir())
-        .args(["node_modules/prisma/build/index.js", "generate"])
-        .env("PRISMA_SCHEMA_ENGINE_BINARY", "/bin/true")
-        .env("PRISMA_HIDE_UPDATE_MESSAGE", "1")
-        .output()
-        .await
-        .expect("node runs");
-    assert!(
-        output.status.success(),
-        "prisma generate failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prisma_with_its_neon_http_adapter_works_unchanged() {
-    generate_prisma_client().await;
+    node::generate_prisma_client().await;
     run_node_tests(
         &["node_modules/tsx/dist/cli.mjs", "--test", "prisma.test.mts"],
         "Prisma",

@@ -9,7 +9,8 @@
 //! * [`FaultProxy`]: a TCP proxy that can refuse, blackhole, delay or cut
 //!   connections between a client and a server;
 //! * [`process`] and [`wait`]: bounded process runs and polling, so that no
-//!   test can hang forever on a wedged server.
+//!   test can hang forever on a wedged server;
+//! * [`node`]: the Node.js clients of tests/clients, run with a deadline.
 //!
 //! Every integration test file includes this module with `mod support;` and
 //! uses only part of it, hence the module-wide allowances: unused items and
@@ -21,6 +22,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod load;
 pub mod memory;
+pub mod node;
 pub mod pg;
 pub mod process;
 pub mod proxy;
