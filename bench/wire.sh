@@ -70,7 +70,8 @@ chown -R "$(stat -c %U "$WORK")" "$WORK"
 $RUNAS pgbouncer "$WORK/pgbouncer.ini" &
 BOUNCER_PID=$!
 
-PGWARDEN_MAX_CONNECTIONS=$POOL PGWARDEN_MIN_CONNECTIONS=$POOL target/release/pgwarden \
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+PGWARDEN_MAX_CONNECTIONS=$POOL PGWARDEN_MIN_CONNECTIONS=$POOL PGWARDEN_PG_MAX_CLIENTS=12000 target/release/pgwarden \
     --database-url "postgresql://postgres:$PASSWORD@127.0.0.1:$PGPORT/postgres?sslmode=disable" \
     --listen "127.0.0.1:$HPORT" --ops-listen "127.0.0.1:$OPORT" --pg-listen "127.0.0.1:$WPORT" \
     > /dev/null 2> "$WORK/pgwarden.log" &
@@ -113,6 +114,22 @@ for clients in 1 16 64; do
 done
 echo "]" >> "$OUT/results.json"
 
+echo "== Memory: pgwarden's RSS with idle clients (SCRAM, then idle)"
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+printf '{"baseline_kib": %s' "$(rss_kib "$PGWARDEN_PID")" > "$OUT/memory.json"
+for idle in 1000 10000; do
+    coproc IDLE { python3 bench/idle_clients.py 127.0.0.1 "$WPORT" postgres postgres "$idle"; }
+    read -r ready <&"${IDLE[0]}"
+    sleep 2
+    held=$(rss_kib "$PGWARDEN_PID")
+    echo "== $ready: $((held / 1024)) MiB"
+    echo >&"${IDLE[1]}"
+    wait "$IDLE_PID" || true
+    printf ', "clients_%s_kib": %s' "$idle" "$held" >> "$OUT/memory.json"
+    sleep 2
+done
+echo "}" >> "$OUT/memory.json"
+
 python3 - "$OUT" "$(getconf CLK_TCK)" > "$OUT/summary.md" <<'PY'
 import json, sys
 out, hz = sys.argv[1], int(sys.argv[2])
@@ -131,6 +148,15 @@ for clients in (1, 16, 64):
         vs_d = f"{w['tps'] / d['tps']:.2f}" if w["status"] == "ok" and d["tps"] else "–"
         label = "`-C` (simple)" if mode == "connect" else mode
         print(f"| {label} | {clients} | {tps(d)} | {tps(b)} | {tps(w)} | {vs_b} | {vs_d} | {cpu_us(b)} | {cpu_us(w)} |")
+memory = json.load(open(f"{out}/memory.json"))
+base = memory["baseline_kib"]
+print()
+print("| idle wire clients | pgwarden RSS | per idle client |")
+print("|---|---|---|")
+print(f"| 0 | {base / 1024:.0f} MiB | – |")
+for n in (1000, 10000):
+    held = memory[f"clients_{n}_kib"]
+    print(f"| {n:,} | {held / 1024:.0f} MiB | {(held - base) * 1024 / n / 1024:.1f} KiB |")
 PY
 cat "$OUT/summary.md"
 echo "Results in $OUT"

@@ -738,3 +738,76 @@ async fn a_setting_changed_and_undone_gives_the_session_back() {
         .unwrap();
     assert_eq!(pinned().await, 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadpool_postgres_pool_of_sixteen_shares_four_server_sessions() {
+    use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+    let cluster = Cluster::start();
+    cluster.psql("CREATE TABLE ledger (worker int PRIMARY KEY, n bigint NOT NULL)");
+    let daemon = TestDaemon::start(Config {
+        max_connections: 4,
+        ..config_for(&cluster)
+    })
+    .await;
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        pg_addr(&daemon).port()
+    );
+    let manager = Manager::from_config(
+        dsn.parse().unwrap(),
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let pool = Pool::builder(manager).max_size(16).build().unwrap();
+    // Each worker increments its own row and reads it back, with the
+    // statements its pooled connection prepared and cached.
+    let workers: Vec<_> = (0..16i32)
+        .map(|worker| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut acknowledged = 0i64;
+                for _ in 0..50 {
+                    let client = pool.get().await.unwrap();
+                    let increment = client
+                        .prepare_cached(
+                            "INSERT INTO ledger VALUES ($1, 1) \
+                             ON CONFLICT (worker) DO UPDATE SET n = ledger.n + 1",
+                        )
+                        .await
+                        .unwrap();
+                    client.execute(&increment, &[&worker]).await.unwrap();
+                    acknowledged += 1;
+                    let read = client
+                        .prepare_cached("SELECT n FROM ledger WHERE worker = $1")
+                        .await
+                        .unwrap();
+                    let n: i64 = client.query_one(&read, &[&worker]).await.unwrap().get(0);
+                    assert_eq!(n, acknowledged, "worker {worker} reads its own writes");
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for worker in workers {
+        total += tokio::time::timeout(Duration::from_secs(60), worker)
+            .await
+            .expect("the workers finish")
+            .unwrap();
+    }
+    assert_eq!(total, 800);
+    assert_eq!(cluster.psql("SELECT sum(n) FROM ledger").trim(), "800");
+    let pinned = daemon
+        .metric(r#"pgwarden_wire_clients{state="pinned"}"#)
+        .await;
+    assert_eq!(pinned, 0.0);
+    let hits = daemon
+        .metric(r#"pgwarden_wire_prepared_statements_total{event="hit"}"#)
+        .await;
+    assert!(hits > 0.0, "the cached statements are shared: {hits}");
+    let sessions =
+        cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgwarden'");
+    assert!(sessions.trim().parse::<u32>().unwrap() <= 5, "{sessions}");
+}

@@ -34,6 +34,14 @@ use crate::telemetry::labels::{
 use postgres_protocol::message::backend::Message;
 use replies::Expect;
 
+/// Buffer capacity an idle client keeps; a larger one (a long pipeline, a
+/// big result) is given back when the client goes idle, so ten thousand
+/// idle clients cost little memory.
+const IDLE_BUFFER_BYTES: usize = 1024;
+
+/// Buffers above this are given back when their client is idle.
+const SHED_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Bytes of server messages gathered before they are written to the
 /// client, unless a ReadyForQuery (or a message the client must see at
 /// once) comes first.
@@ -50,8 +58,8 @@ where
         wire,
         stream,
         client,
-        inbox: BytesMut::with_capacity(8 * 1024),
-        outbox: BytesMut::with_capacity(8 * 1024),
+        inbox: BytesMut::with_capacity(IDLE_BUFFER_BYTES),
+        outbox: BytesMut::new(),
         lease: None,
         owed: VecDeque::new(),
         units: 0,
@@ -192,6 +200,7 @@ where
     async fn wait_for_input(&mut self, stop: &CancellationToken) -> Result<bool, WireError> {
         let limit = self.wire.limits.max_message_bytes;
         let Some(lease) = self.lease.as_mut() else {
+            self.shed_buffers();
             tokio::select! {
                 read = self.stream.read_buf(&mut self.inbox) => return Ok(read? > 0),
                 _ = stop.cancelled() => {
@@ -234,6 +243,16 @@ where
             }
         }
         Ok(())
+    }
+
+    /// Gives back buffers grown large, now that the client is idle.
+    fn shed_buffers(&mut self) {
+        if self.inbox.is_empty() && self.inbox.capacity() > SHED_BUFFER_BYTES {
+            self.inbox = BytesMut::with_capacity(IDLE_BUFFER_BYTES);
+        }
+        if self.outbox.is_empty() && self.outbox.capacity() > SHED_BUFFER_BYTES {
+            self.outbox = BytesMut::new();
+        }
     }
 
     /// Tells an idle client that pgwarden is shutting down (57P01, as
