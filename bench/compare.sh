@@ -3,8 +3,8 @@
 # (transaction pooling, defaults otherwise) and pgwarden, on one private
 # PostgreSQL cluster, with the same load driver (pgwarden-bench).
 #
-# Direct PostgreSQL and PgBouncer are driven over the Postgres protocol;
-# pgwarden over its HTTP API (its wire front end does not exist yet).
+# Direct PostgreSQL, PgBouncer and pgwarden's wire port (`pgwarden-wire`)
+# are driven over the Postgres protocol; pgwarden also over its HTTP API.
 #
 # Usage: bench/compare.sh [duration_s] [clients]   (defaults: 12 s, 16 clients)
 # COMPARE_FAULTS picks faults (default: "restart crash terminate stall outage5 failover").
@@ -43,7 +43,7 @@ RUNAS=""; [ "$(id -u)" = 0 ] && RUNAS="runuser -u postgres --"
 as_pg() { $RUNAS "$@"; }
 [ "$(id -u)" = 0 ] && chown postgres "$WORK"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PGPORT=$(free_port); BPORT=$(free_port); WPORT=$(free_port); OPORT=$(free_port)
+PGPORT=$(free_port); BPORT=$(free_port); WPORT=$(free_port); OPORT=$(free_port); GPORT=$(free_port)
 DATA="$WORK/data"
 
 cleanup() {
@@ -92,9 +92,9 @@ INI
 [ "$(id -u)" = 0 ] && chown postgres "$WORK"/pgbouncer.ini "$WORK"/userlist.txt
 as_pg pgbouncer -d "$WORK/pgbouncer.ini"
 
-echo "== pgwarden on port $WPORT (ops $OPORT)"
+echo "== pgwarden on port $WPORT, wire port $GPORT (ops $OPORT)"
 "$PGWARDEN" --database-url "postgresql://postgres@127.0.0.1:$PGPORT/postgres?sslmode=disable" \
-    --listen "127.0.0.1:$WPORT" --ops-listen "127.0.0.1:$OPORT" --pg-listen "" > "$WORK/pgwarden.out" 2> "$WORK/pgwarden.log" &
+    --listen "127.0.0.1:$WPORT" --ops-listen "127.0.0.1:$OPORT" --pg-listen "127.0.0.1:$GPORT" > "$WORK/pgwarden.out" 2> "$WORK/pgwarden.log" &
 PGWARDEN_PID=$!
 
 wait_ready() {
@@ -120,12 +120,13 @@ ADMIN="postgresql://postgres@127.0.0.1:$PGPORT/postgres?sslmode=disable"
 declare -A TARGETS=(
     [direct]="postgresql://postgres@127.0.0.1:$PGPORT/postgres?sslmode=disable"
     [pgbouncer]="postgresql://postgres@127.0.0.1:$BPORT/postgres?sslmode=disable"
+    [pgwarden-wire]="postgresql://postgres@127.0.0.1:$GPORT/postgres?sslmode=disable"
     [pgwarden]="http://127.0.0.1:$WPORT/sql"
 )
 
 for fault in restart crash terminate stall outage5; do
     [[ " $ONLY " == *" $fault "* ]] || continue
-    for target in direct pgbouncer pgwarden; do
+    for target in direct pgbouncer pgwarden-wire pgwarden; do
         echo "== $fault against $target"
         wait_ready
         "$BENCH" --target "${TARGETS[$target]}" --admin-dsn "$ADMIN" --clients "$CLIENTS" \
@@ -140,7 +141,7 @@ done
 # Every target gets a fresh pair, since a failover cannot be undone; each
 # target reaches the database through the forwarder, so all pay for it.
 VIP=$(free_port); PPORT=$(free_port); SPORT=$(free_port)
-FB_PORT=$(free_port); FW_PORT=$(free_port); FO_PORT=$(free_port)
+FB_PORT=$(free_port); FW_PORT=$(free_port); FO_PORT=$(free_port); FG_PORT=$(free_port)
 PAIR="$WORK/pair"
 forward_to() {
     (socat "TCP-LISTEN:$VIP,bind=127.0.0.1,reuseaddr,fork,nodelay" "TCP:127.0.0.1:$1,nodelay" >/dev/null 2>&1 &
@@ -179,7 +180,7 @@ failover_down() {
     sleep 0.5
 }
 VIP_DSN="postgresql://postgres@127.0.0.1:$VIP/postgres?sslmode=disable"
-for target in direct pgbouncer pgwarden; do
+for target in direct pgbouncer pgwarden-wire pgwarden; do
     [[ " $ONLY " == *" failover "* ]] || continue
     echo "== failover against $target"
     failover_up
@@ -191,12 +192,13 @@ for target in direct pgbouncer pgwarden; do
         [ "$(id -u)" = 0 ] && chown postgres "$PAIR/pgbouncer.ini"
         as_pg pgbouncer -d "$PAIR/pgbouncer.ini"
         url="postgresql://postgres@127.0.0.1:$FB_PORT/postgres?sslmode=disable" ;;
-    pgwarden)
-        "$PGWARDEN" --database-url "$VIP_DSN" --listen "127.0.0.1:$FW_PORT" --ops-listen "127.0.0.1:$FO_PORT" --pg-listen "" \
-            > /dev/null 2> "$PAIR/pgwarden.log" &
+    pgwarden | pgwarden-wire)
+        "$PGWARDEN" --database-url "$VIP_DSN" --listen "127.0.0.1:$FW_PORT" --ops-listen "127.0.0.1:$FO_PORT" \
+            --pg-listen "127.0.0.1:$FG_PORT" > /dev/null 2> "$PAIR/pgwarden.log" &
         FW_PID=$!
         for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$FO_PORT/readyz" >/dev/null && break; sleep 0.1; done
-        url="http://127.0.0.1:$FW_PORT/sql" ;;
+        url="http://127.0.0.1:$FW_PORT/sql"
+        [ "$target" = pgwarden-wire ] && url="postgresql://postgres@127.0.0.1:$FG_PORT/postgres?sslmode=disable" ;;
     esac
     "$BENCH" --target "$url" --admin-dsn "$VIP_DSN" --clients "$CLIENTS" \
         --duration-s "$DURATION" --fault failover --fault-at-s "$FAULT_AT" --fault-cmd "bash $PAIR/failover.sh" \
@@ -208,13 +210,13 @@ python3 - "$OUT" "$CLIENTS" "$DURATION" > "$OUT/summary.md" <<'PY'
 import json, os, sys
 out, clients, duration = sys.argv[1], sys.argv[2], sys.argv[3]
 print(f"Faults at 4 s into a {duration} s run of {clients} clients (point reads and single-row UPDATEs); window = 5 s after the fault.")
-print("Direct PostgreSQL and PgBouncer over the Postgres protocol, pgwarden over HTTP.")
+print("Direct PostgreSQL, PgBouncer and pgwarden-wire over the Postgres protocol; pgwarden over HTTP.")
 print("failover: a fresh primary with a synchronous standby per target, all reached through one socat forwarder;")
 print("the fault crashes the primary, points the forwarder at the standby and promotes it.\n")
 print("| fault | target | success (window) | errors | fault → last error | fault end → first success | p99 window (ms) | max window (ms) | writes acked | lost | doubled | no answer |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for fault in ["restart", "crash", "terminate", "stall", "outage5", "failover"]:
-    for target in ["direct", "pgbouncer", "pgwarden"]:
+    for target in ["direct", "pgbouncer", "pgwarden-wire", "pgwarden"]:
         path = os.path.join(out, f"{fault}-{target}.json")
         if not os.path.exists(path):
             continue
