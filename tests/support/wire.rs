@@ -63,6 +63,23 @@ impl Raw {
         self
     }
 
+    /// Describe of a statement (`S`) or portal (`P`).
+    pub fn describe(&mut self, kind: u8, name: &str) -> &mut Self {
+        frontend::describe(kind, name, &mut self.send).unwrap();
+        self
+    }
+
+    /// Close of a statement (`S`) or portal (`P`).
+    pub fn close(&mut self, kind: u8, name: &str) -> &mut Self {
+        frontend::close(kind, name, &mut self.send).unwrap();
+        self
+    }
+
+    pub fn flush(&mut self) -> &mut Self {
+        frontend::flush(&mut self.send);
+        self
+    }
+
     pub fn query(&mut self, sql: &str) -> &mut Self {
         frontend::query(sql, &mut self.send).unwrap();
         self
