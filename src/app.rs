@@ -218,6 +218,7 @@ async fn start_wire(
         database: credentials.database.clone(),
         verifier: (!credentials.password.is_empty())
             .then(|| Arc::new(ScramVerifier::new(&credentials.password))),
+        cleartext: config.pg_auth == "password",
     };
     let limits = WireLimits {
         max_clients: config.pg_max_clients,

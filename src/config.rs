@@ -92,6 +92,9 @@ pub struct Config {
     pub pg_startup_timeout_ms: u64,
     /// Largest wire protocol message accepted from a client or a server.
     pub pg_max_message_bytes: usize,
+    /// How wire clients prove the password: `scram-sha-256`, or `password`
+    /// (the password itself, only over TLS or loopback; elsewhere SCRAM).
+    pub pg_auth: String,
     /// How wire clients hold server sessions: `transaction` (one
     /// transaction at a time, shared) or `session` (one for the client's
     /// whole connection, for applications that keep session state).
@@ -181,6 +184,7 @@ impl Default for Config {
             pg_max_message_bytes: DEFAULT_PG_MAX_MESSAGE_BYTES,
             pg_max_prepared_statements: DEFAULT_PG_MAX_PREPARED_STATEMENTS,
             pool_mode: "transaction".into(),
+            pg_auth: "scram-sha-256".into(),
             pg_tls_cert: None,
             pg_tls_key: None,
             guard_timeout_ms: DEFAULT_GUARD_TIMEOUT_MS,
@@ -333,6 +337,13 @@ impl Config {
         check(
             self.pg_tls_cert.is_some() == self.pg_tls_key.is_some(),
             "pg_tls_cert, pg_tls_key: set both or neither".into(),
+        );
+        check(
+            ["scram-sha-256", "password"].contains(&self.pg_auth.as_str()),
+            format!(
+                "pg_auth: {:?} must be \"scram-sha-256\" or \"password\"",
+                self.pg_auth
+            ),
         );
         check(
             ["transaction", "session"].contains(&self.pool_mode.as_str()),
@@ -548,6 +559,7 @@ fn known_keys() -> Vec<&'static str> {
         "pg_max_message_bytes",
         "pg_max_prepared_statements",
         "pool_mode",
+        "pg_auth",
         "pg_tls_cert",
         "pg_tls_key",
         "guard_timeout_ms",

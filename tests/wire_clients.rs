@@ -811,3 +811,54 @@ async fn a_deadpool_postgres_pool_of_sixteen_shares_four_server_sessions() {
         cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgwarden'");
     assert!(sessions.trim().parse::<u32>().unwrap() <= 5, "{sessions}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pg_auth_password_a_loopback_client_sends_the_password_itself() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(Config {
+        client_password: Some("right-password".into()),
+        pg_auth: "password".into(),
+        ..config_for(&cluster)
+    })
+    .await;
+    // The exchange by hand: the server asks for the password itself
+    // (AuthenticationCleartextPassword, code 3).
+    let login = |password: &'static str| {
+        let address = pg_addr(&daemon);
+        async move {
+            let mut stream = TcpStream::connect(address).await.unwrap();
+            let mut buf = bytes::BytesMut::new();
+            let params = [("user", "postgres"), ("database", "postgres")];
+            postgres_protocol::message::frontend::startup_message(params.iter().copied(), &mut buf)
+                .unwrap();
+            stream.write_all(&buf).await.unwrap();
+            let mut request = [0u8; 9];
+            stream.read_exact(&mut request).await.unwrap();
+            assert_eq!(request, [b'R', 0, 0, 0, 8, 0, 0, 0, 3], "cleartext asked");
+            buf.clear();
+            postgres_protocol::message::frontend::password_message(password.as_bytes(), &mut buf)
+                .unwrap();
+            stream.write_all(&buf).await.unwrap();
+            let mut answer = vec![0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+                .await
+                .unwrap()
+                .unwrap();
+            answer.truncate(n);
+            answer
+        }
+    };
+    let accepted = login("right-password").await;
+    assert!(
+        accepted.starts_with(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0]),
+        "{accepted:?}"
+    );
+    let refused = login("wrong-password").await;
+    assert_eq!(refused.first(), Some(&b'E'));
+    assert!(refused.windows(5).any(|w| w == b"28P01"), "{refused:?}");
+    // libpq answers the same request unchanged.
+    let mut good = psql(&cluster, &daemon, "postgres");
+    good.env("PGPASSWORD", "right-password");
+    let (out, err) = run_psql(good, &["SELECT 'in'"], None);
+    assert_eq!(out.trim(), "in", "{err}");
+}

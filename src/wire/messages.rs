@@ -156,6 +156,11 @@ pub fn authentication_ok(buf: &mut BytesMut) {
     message(buf, b'R', |b| b.put_i32(0));
 }
 
+/// AuthenticationCleartextPassword.
+pub fn authentication_cleartext(buf: &mut BytesMut) {
+    message(buf, b'R', |b| b.put_i32(3));
+}
+
 /// AuthenticationSASL offering `mechanisms`.
 pub fn authentication_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
     message(buf, b'R', |b| {

@@ -73,6 +73,10 @@ pub struct ClientAuth {
     /// The password clients must prove with SCRAM-SHA-256; `None` admits
     /// the configured user without a password (as `trust` would).
     pub verifier: Option<Arc<ScramVerifier>>,
+    /// Clients on a private stream (TLS, loopback) send the password
+    /// itself (PostgreSQL's `password` method), which clients without
+    /// SCRAM need; elsewhere they prove it with SCRAM all the same.
+    pub cleartext: bool,
 }
 
 impl std::fmt::Debug for ClientAuth {
@@ -234,30 +238,36 @@ async fn serve_client(
             }
             let handshake = tokio::time::timeout(limit, acceptor.accept(stream)).await;
             match handshake {
-                Ok(Ok(tls)) => serve_stream(&wire, tls, None, count, peer, stop).await,
+                Ok(Ok(tls)) => serve_stream(&wire, tls, None, count, peer, true, stop).await,
                 Ok(Err(error)) => {
                     debug!(peer = %peer, error = %error, "TLS handshake with a wire client failed.")
                 }
                 Err(_) => debug!(peer = %peer, "TLS handshake with a wire client timed out."),
             }
         }
-        (first, _) => serve_stream(&wire, stream, Some(first), count, peer, stop).await,
+        (first, _) => {
+            let loopback = peer.ip().is_loopback();
+            serve_stream(&wire, stream, Some(first), count, peer, loopback, stop).await
+        }
     }
 }
 
-/// Startup, then the session, on a plain or TLS stream.
+/// Startup, then the session, on a plain or TLS stream; `private` when
+/// no one can read the stream on its way (TLS, or loopback).
 async fn serve_stream<S>(
     wire: &Wire,
     mut stream: S,
     first: Option<messages::Initial>,
     count: usize,
     peer: SocketAddr,
+    private: bool,
     stop: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let limit = wire.limits.startup_timeout;
-    let started = tokio::time::timeout(limit, startup::run(wire, &mut stream, first, count)).await;
+    let startup = startup::run(wire, &mut stream, first, count, private);
+    let started = tokio::time::timeout(limit, startup).await;
     let client = match started {
         Ok(Ok(Some(client))) => client,
         Ok(Ok(None)) => return,

@@ -110,6 +110,15 @@ impl ScramVerifier {
         })
     }
 
+    /// True when `password` is the one this verifier was derived from
+    /// (a full key derivation: thousands of hashes; compared in constant
+    /// time).
+    pub fn matches_password(&self, password: &str) -> bool {
+        let derived =
+            ScramVerifier::derive(&saslprep(password), self.salt.clone(), self.iterations);
+        bool::from(derived.stored_key.ct_eq(&self.stored_key))
+    }
+
     /// Starts one authentication exchange against this verifier.
     pub fn exchange(&self) -> ScramServer {
         ScramServer {
@@ -589,6 +598,14 @@ mod tests {
         let text = std::str::from_utf8(message).unwrap();
         assert!(text.contains(from), "{text} lacks {from}");
         text.replacen(from, to, 1).into_bytes()
+    }
+
+    #[test]
+    fn a_password_itself_is_checked_against_the_verifier() {
+        let verifier = ScramVerifier::new("pencil");
+        assert!(verifier.matches_password("pencil"));
+        assert!(!verifier.matches_password("Pencil"));
+        assert!(!verifier.matches_password(""));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! cancel key of pgwarden's own.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use subtle::ConstantTimeEq;
@@ -17,7 +18,7 @@ use tracing::info;
 use super::Wire;
 use super::cancel::Registration;
 use super::messages::{self, Initial, PROTOCOL_3_0, WireError};
-use super::scram::ScramServer;
+use super::scram::{ScramServer, ScramVerifier};
 use super::settings;
 use crate::backend::BackendError;
 use crate::telemetry::labels::WireConnection;
@@ -42,6 +43,7 @@ pub(crate) async fn run<S>(
     stream: &mut S,
     mut first: Option<Initial>,
     clients: usize,
+    private: bool,
 ) -> Result<Option<Client>, WireError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -77,7 +79,7 @@ where
     if let Some((code, text)) = refusal(wire, &startup, clients) {
         return refuse(wire, stream, code, &text).await;
     }
-    if !authenticate(wire, stream, &startup).await? {
+    if !authenticate(wire, stream, &startup, private).await? {
         let text = format!(
             "password authentication failed for user \"{}\"",
             startup.user
@@ -184,13 +186,21 @@ fn is_utf8(encoding: &str) -> bool {
 /// Proves the configured password with SCRAM-SHA-256, when one is set.
 /// The user name is compared in constant time after the proof, so a wrong
 /// user and a wrong password look the same from outside.
-async fn authenticate<S>(wire: &Wire, stream: &mut S, startup: &Startup) -> Result<bool, WireError>
+async fn authenticate<S>(
+    wire: &Wire,
+    stream: &mut S,
+    startup: &Startup,
+    private: bool,
+) -> Result<bool, WireError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let Some(verifier) = &wire.auth.verifier else {
         return Ok(true);
     };
+    if wire.auth.cleartext && private {
+        return cleartext(wire, stream, startup, verifier).await;
+    }
     let mut exchange = verifier.exchange();
     let mut buf = BytesMut::new();
     messages::authentication_sasl(&mut buf, ScramServer::MECHANISMS);
@@ -220,6 +230,31 @@ where
     messages::authentication_sasl_data(&mut buf, 12, &server_final);
     stream.write_all(&buf).await?;
     Ok(true)
+}
+
+/// The password itself, checked against the verifier (a key derivation,
+/// off the async workers), and the user name, both in constant time.
+async fn cleartext<S>(
+    wire: &Wire,
+    stream: &mut S,
+    startup: &Startup,
+    verifier: &Arc<ScramVerifier>,
+) -> Result<bool, WireError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::new();
+    messages::authentication_cleartext(&mut buf);
+    stream.write_all(&buf).await?;
+    let message = read_password_message(stream).await?;
+    let password = message.strip_suffix(&[0]).unwrap_or(&message);
+    let password = String::from_utf8_lossy(password).into_owned();
+    let verifier = verifier.clone();
+    let matches = tokio::task::spawn_blocking(move || verifier.matches_password(&password))
+        .await
+        .unwrap_or(false);
+    let same_user = bool::from(startup.user.as_bytes().ct_eq(wire.auth.user.as_bytes()));
+    Ok(matches && same_user)
 }
 
 /// Reads a PasswordMessage-type message ('p') during authentication.
