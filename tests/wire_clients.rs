@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
@@ -18,17 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
 
-fn pg_addr(daemon: &TestDaemon) -> SocketAddr {
-    daemon
-        .daemon
-        .as_ref()
-        .and_then(|d| d.pg_addr())
-        .expect("the wire front end is on")
-}
-
 /// A psql client of pgwarden's wire port, unaligned and quiet.
 fn psql(cluster: &Cluster, daemon: &TestDaemon, database: &str) -> Command {
-    let address = pg_addr(daemon);
+    let address = daemon.pg_addr();
     let mut cmd = cluster.bin().command("psql");
     cmd.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=0", "-w"])
         .args(["-h", "127.0.0.1", "-U", "postgres", "-d", database])
@@ -191,7 +182,7 @@ async fn pgbench_runs_without_a_failed_transaction_in_every_query_mode() {
         ..config_for(&cluster)
     })
     .await;
-    let port = pg_addr(&daemon).port().to_string();
+    let port = daemon.pg_addr().port().to_string();
     let pgbench = |args: &[&str]| {
         let mut cmd = cluster.bin().command("pgbench");
         cmd.args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
@@ -327,7 +318,7 @@ async fn hostile_input_is_closed_and_disturbs_nobody() {
         ..config_for(&cluster)
     })
     .await;
-    let address = pg_addr(&daemon);
+    let address = daemon.pg_addr();
     let closed_within = |mut stream: TcpStream| async move {
         let mut sink = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink))
@@ -393,7 +384,7 @@ async fn without_a_certificate_tls_is_declined_and_required_tls_fails_clearly() 
 }
 
 async fn client_with(daemon: &TestDaemon, extra: &str) -> tokio_postgres::Client {
-    let address = pg_addr(daemon);
+    let address = daemon.pg_addr();
     let dsn = format!(
         "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable {extra}",
         address.port()
@@ -405,18 +396,10 @@ async fn client_with(daemon: &TestDaemon, extra: &str) -> tokio_postgres::Client
     client
 }
 
-/// A setting as the client's session has it; the simple protocol, since
-/// tokio-postgres names the statements it prepares (which pins).
+/// A setting as the client's session has it.
 async fn setting(client: &tokio_postgres::Client, name: &str) -> String {
     let sql = format!("SELECT pg_catalog.current_setting('{name}')");
-    let messages = client.simple_query(&sql).await.unwrap();
-    messages
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .expect("a row")
+    setting_of(client, &sql).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -443,7 +426,7 @@ async fn startup_settings_follow_each_client_onto_a_shared_session() {
         .await;
     assert_ne!(body["rows"][0][0], "Asia/Tokyo", "{body}");
     // A setting the server refuses refuses the client, as PostgreSQL would.
-    let address = pg_addr(&daemon);
+    let address = daemon.pg_addr();
     let dsn = format!(
         "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable options='-c DateStyle=nonsense'",
         address.port()
@@ -605,7 +588,7 @@ async fn setting_of(client: &tokio_postgres::Client, sql: &str) -> String {
 async fn a_pipeline_longer_than_any_socket_buffer_flows_through() {
     let cluster = Cluster::start();
     let daemon = TestDaemon::start(one_session(&cluster)).await;
-    let raw = support::wire::Raw::connect(pg_addr(&daemon)).await;
+    let raw = support::wire::Raw::connect(daemon.pg_addr()).await;
     let (mut from_server, mut to_server) = raw.into_stream().into_split();
     // One unit (a single Sync) of 100,000 executions whose replies, about
     // 25 MB, outgrow every buffer between the server and the client long
@@ -751,7 +734,7 @@ async fn a_deadpool_postgres_pool_of_sixteen_shares_four_server_sessions() {
     .await;
     let dsn = format!(
         "host=127.0.0.1 port={} user=postgres dbname=postgres",
-        pg_addr(&daemon).port()
+        daemon.pg_addr().port()
     );
     let manager = Manager::from_config(
         dsn.parse().unwrap(),
@@ -824,7 +807,7 @@ async fn with_pg_auth_password_a_loopback_client_sends_the_password_itself() {
     // The exchange by hand: the server asks for the password itself
     // (AuthenticationCleartextPassword, code 3).
     let login = |password: &'static str| {
-        let address = pg_addr(&daemon);
+        let address = daemon.pg_addr();
         async move {
             let mut stream = TcpStream::connect(address).await.unwrap();
             let mut buf = bytes::BytesMut::new();

@@ -109,11 +109,7 @@ async fn scripted_sequences_get_the_same_replies_directly_and_through_pgwarden()
         ..config_for(&cluster)
     })
     .await;
-    let wire = daemon
-        .daemon
-        .as_ref()
-        .and_then(|d| d.pg_addr())
-        .expect("the wire front end is on");
+    let wire = daemon.pg_addr();
     let direct = format!("127.0.0.1:{}", cluster.port()).parse().unwrap();
     let mut to_postgres = Raw::connect(direct).await;
     let mut to_pgwarden = Raw::connect(wire).await;

@@ -9,7 +9,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,14 +20,6 @@ use support::node;
 
 /// Longest a whole node test file may run before it counts as hung.
 const NODE_DEADLINE: Duration = Duration::from_secs(180);
-
-fn pg_addr(daemon: &TestDaemon) -> SocketAddr {
-    daemon
-        .daemon
-        .as_ref()
-        .and_then(|d| d.pg_addr())
-        .expect("the wire front end is on")
-}
 
 /// pgwarden with `sessions` server sessions, never more, never fewer.
 fn sessions(cluster: &Cluster, sessions: usize) -> Config {
@@ -47,7 +38,7 @@ fn node(cluster: &Cluster, daemon: &TestDaemon, package: &str) -> tokio::process
             "PGWARDEN_WIRE_URL",
             format!(
                 "postgresql://postgres@127.0.0.1:{}/postgres",
-                pg_addr(daemon).port()
+                daemon.pg_addr().port()
             ),
         )
         .env("PGWARDEN_DIRECT_URL", cluster.url("postgres", None));

@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use pgwarden::config::Config;
@@ -17,18 +16,10 @@ use support::wire::{Raw, error_code, first_value, tags};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
-fn pg_addr(daemon: &TestDaemon) -> SocketAddr {
-    daemon
-        .daemon
-        .as_ref()
-        .and_then(|d| d.pg_addr())
-        .expect("the wire front end is on")
-}
-
 async fn client(daemon: &TestDaemon) -> Client {
     let dsn = format!(
         "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable",
-        pg_addr(daemon).port()
+        daemon.pg_addr().port()
     );
     let (client, connection) = tokio_postgres::connect(&dsn, NoTls)
         .await
@@ -303,8 +294,8 @@ async fn the_same_name_in_two_clients_is_two_statements_on_one_session() {
     let cluster = Cluster::start();
     let daemon = TestDaemon::start(one_session(&cluster)).await;
     let (mut a, mut b) = (
-        Raw::connect(pg_addr(&daemon)).await,
-        Raw::connect(pg_addr(&daemon)).await,
+        Raw::connect(daemon.pg_addr()).await,
+        Raw::connect(daemon.pg_addr()).await,
     );
     assert_eq!(
         tags(&a.parse("s", "SELECT 'a'").sync().exchange().await),
@@ -335,7 +326,7 @@ async fn the_same_name_in_two_clients_is_two_statements_on_one_session() {
 async fn deallocate_by_name_and_errors_inside_a_pipeline_keep_the_names_right() {
     let cluster = Cluster::start();
     let daemon = TestDaemon::start(one_session(&cluster)).await;
-    let mut raw = Raw::connect(pg_addr(&daemon)).await;
+    let mut raw = Raw::connect(daemon.pg_addr()).await;
     raw.parse("Stmt_A", "SELECT 1").sync().exchange().await;
     assert_eq!(first_value(&raw.run("Stmt_A").sync().exchange().await), "1");
     // Unquoted, the name folds to lower case, as the server reads it.
@@ -367,7 +358,7 @@ async fn deallocate_by_name_and_errors_inside_a_pipeline_keep_the_names_right() 
     // A statement another pipeline left prepared on the session, then an
     // error before its ParseComplete was due: the skipped fake reply
     // leaves no name either.
-    let mut other = Raw::connect(pg_addr(&daemon)).await;
+    let mut other = Raw::connect(daemon.pg_addr()).await;
     other.parse("held", "SELECT 4").sync().exchange().await;
     let replies = raw.query("SELECT 1/0").exchange().await;
     assert_eq!(error_code(&replies), "22012");

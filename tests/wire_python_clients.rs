@@ -61,11 +61,7 @@ fn pool_of(cluster: &Cluster, sessions: usize) -> Config {
 }
 
 fn pgwarden_url(daemon: &TestDaemon) -> String {
-    let address = daemon
-        .daemon
-        .as_ref()
-        .and_then(|d| d.pg_addr())
-        .expect("the wire front end is on");
+    let address = daemon.pg_addr();
     format!(
         "postgresql://postgres@127.0.0.1:{}/postgres?sslmode=disable",
         address.port()

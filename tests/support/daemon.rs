@@ -49,6 +49,14 @@ pub fn config_for(cluster: &Cluster) -> Config {
 }
 
 impl TestDaemon {
+    /// The address of the wire front end (tests start it on a free port).
+    pub fn pg_addr(&self) -> std::net::SocketAddr {
+        self.daemon
+            .as_ref()
+            .and_then(|d| d.pg_addr())
+            .expect("the wire front end is on")
+    }
+
     /// Starts the daemon with `config` and waits until it is ready.
     pub async fn start(config: Config) -> TestDaemon {
         Self::start_unready(config).await.ready().await
