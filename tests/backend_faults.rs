@@ -143,3 +143,42 @@ async fn an_idle_connection_notices_that_the_server_terminated_it() {
     }
     assert!(conn.is_broken());
 }
+
+#[tokio::test]
+async fn an_idle_connection_keeps_a_notification_and_notices_a_warning_goodbye() {
+    let cluster = Cluster::start();
+    // Connected first, so it is the backend the kit kills below (the
+    // lowest pid of the idle ones): the listener only hears the warning.
+    let mut notifier = connect(superuser(&cluster)).await;
+    let mut listener = connect(superuser(&cluster)).await;
+    listener
+        .query(&Statement::new("LISTEN jobs"))
+        .await
+        .unwrap();
+    notifier
+        .query(&Statement::new("NOTIFY jobs, 'one'"))
+        .await
+        .unwrap();
+    // A notification arrives on the idle session: it is no goodbye.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(listener.check_idle().is_ok());
+    assert_eq!(
+        scalar(&mut listener, "SELECT 'still here'")
+            .await
+            .as_deref(),
+        Some("still here")
+    );
+
+    // Another backend killed: the server ends every session with a
+    // WARNING (57P02) and then closes it; the idle check sees the close.
+    // The kit returns once the server recovered, so both have arrived: one
+    // look must see the close behind the warning (the pool looks once
+    // before lending a session).
+    cluster.kill_one_backend();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        listener.check_idle().is_err(),
+        "the close behind the warning was missed"
+    );
+    assert!(listener.is_broken());
+}

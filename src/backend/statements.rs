@@ -130,12 +130,14 @@ impl PreparedSet {
     }
 
     /// Statements held (stale ones included).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.used.len() + self.stale.len()
     }
 
     /// True when the session holds none.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

@@ -144,8 +144,9 @@ impl Registry {
         statement
     }
 
-    /// Distinct statements some client holds now (for tests).
-    pub fn live(&self) -> usize {
+    /// Distinct statements some client holds now.
+    #[cfg(test)]
+    fn live(&self) -> usize {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner
             .by_body
@@ -188,16 +189,6 @@ impl ClientStatements {
     /// Drops every name.
     pub fn clear(&mut self) {
         self.by_name.clear();
-    }
-
-    /// Names the client holds.
-    pub fn len(&self) -> usize {
-        self.by_name.len()
-    }
-
-    /// True when the client holds none.
-    pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
     }
 }
 
