@@ -238,6 +238,7 @@ impl Pool {
             .wait_timeout(Some(config.wait_timeout))
             .create_timeout(Some(config.create_timeout))
             .recycle_timeout(Some(config.recycle_timeout))
+            .queue_mode(managed::QueueMode::Lifo)
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .map_err(|e| PoolError::Config(e.to_string()))?;

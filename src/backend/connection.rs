@@ -14,7 +14,7 @@
 //! further use with [`BackendError::Broken`]; the pool then discards it.
 
 use std::fmt;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use postgres_protocol::IsNull;
 use postgres_protocol::message::frontend;
@@ -28,6 +28,13 @@ use super::result::QueryResult;
 use super::statement::Statement;
 use super::statements::PreparedSet;
 use super::stream::Socket;
+
+/// How recently the server must have answered for the idle check to trust
+/// that answer instead of asking the kernel. A session that answered this
+/// short a time ago is as alive as one probed a moment before use (the
+/// server may fail right after either); busy pools lend such sessions all
+/// the time, and the probe is a system call per request.
+const RECENT_ANSWER: Duration = Duration::from_millis(1);
 
 /// Transaction status reported by the last ReadyForQuery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +77,8 @@ pub struct Connection {
     result_limit: Option<usize>,
     /// When the session was established.
     created_at: Instant,
+    /// When the last ReadyForQuery arrived.
+    answered_at: Instant,
 }
 
 impl Connection {
@@ -89,6 +98,7 @@ impl Connection {
             retired: false,
             result_limit: None,
             created_at: Instant::now(),
+            answered_at: Instant::now(),
         }
     }
 
@@ -303,9 +313,14 @@ impl Connection {
     /// Checks, without waiting, whether the server has closed this idle
     /// session (e.g. it was terminated or the server restarted): anything but
     /// asynchronous notices arriving on an idle session means it is gone.
+    /// A session whose server answered within [`RECENT_ANSWER`] is taken
+    /// as alive without asking the kernel.
     pub fn check_idle(&mut self) -> Result<(), BackendError> {
         if self.is_broken() {
             return Err(BackendError::Broken);
+        }
+        if self.answered_at.elapsed() < RECENT_ANSWER {
+            return Ok(());
         }
         let result = self.framer.poll_unsolicited();
         if result.is_err() {
@@ -628,6 +643,7 @@ impl Connection {
     }
 
     pub(crate) fn set_transaction_status(&mut self, status: u8) -> Result<(), BackendError> {
+        self.answered_at = Instant::now();
         self.transaction_status = match status {
             b'I' => TransactionStatus::Idle,
             b'T' => TransactionStatus::InTransaction,

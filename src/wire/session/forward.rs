@@ -440,7 +440,9 @@ where
     fn refuse_unit(&mut self, unit: Unit, refused: &NoSession) -> Result<(), WireError> {
         let (code, text, kind) = match refused {
             NoSession::Guard(error) => {
-                warn!(error = %error, "A wire unit got no database session within the budget.");
+                self.span.in_scope(|| {
+                    warn!(error = %error, "A wire unit got no database session within the budget.");
+                });
                 ("57P03", format!("pgwarden: {error}"), error.kind())
             }
             NoSession::Cancelled => (

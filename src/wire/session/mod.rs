@@ -19,7 +19,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Span, debug, info, warn};
 
 use super::messages::{self, WireError};
 use super::prepared::ClientStatements;
@@ -39,6 +39,9 @@ use replies::Expect;
 /// idle clients cost little memory.
 const IDLE_BUFFER_BYTES: usize = 1024;
 
+/// Room kept free in the inbox before each read.
+const MIN_READ_ROOM: usize = 512;
+
 /// Buffers above this are given back when their client is idle.
 const SHED_BUFFER_BYTES: usize = 64 * 1024;
 
@@ -49,13 +52,19 @@ const OUTBOX_FLUSH_BYTES: usize = 16 * 1024;
 
 /// Runs a client until it leaves, its connection fails, or the daemon
 /// stops (an idle client is then told so and closed).
-pub(crate) async fn run<S>(wire: &Wire, stream: S, client: Client, stop: CancellationToken)
-where
+pub(crate) async fn run<S>(
+    wire: &Wire,
+    stream: S,
+    client: Client,
+    stop: CancellationToken,
+    span: Span,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let process_id = client.registration.process_id;
     let mut session = Session {
         wire,
+        span,
         stream,
         client,
         inbox: BytesMut::with_capacity(IDLE_BUFFER_BYTES),
@@ -79,16 +88,19 @@ where
         state: WireClientState::Idle,
     };
     wire.metrics.wire_client(None, Some(WireClientState::Idle));
-    match session.serve(&stop).await {
+    let served = session.serve(&stop).await;
+    session.span.in_scope(|| match served {
         Ok(()) => debug!(client = process_id, "Wire client left."),
         Err(error) => debug!(client = process_id, error = %error, "Wire client connection ended."),
-    }
+    });
     session.leave();
     wire.metrics.wire_client(Some(session.state), None);
 }
 
 struct Session<'w, S> {
     wire: &'w Wire,
+    /// The client's span, around the session's log lines.
+    span: Span,
     stream: S,
     client: Client,
     /// Bytes from the client not yet forwarded.
@@ -199,6 +211,7 @@ where
     /// False when the client left or the daemon stops with the client idle.
     async fn wait_for_input(&mut self, stop: &CancellationToken) -> Result<bool, WireError> {
         let limit = self.wire.limits.max_message_bytes;
+        self.make_room();
         let Some(lease) = self.lease.as_mut() else {
             self.shed_buffers();
             tokio::select! {
@@ -243,6 +256,15 @@ where
             }
         }
         Ok(())
+    }
+
+    /// Keeps room in the inbox for a whole message of the usual size: each
+    /// unit taken off its front takes that much room with it, and a read
+    /// into a few bytes of room costs a second read for the rest.
+    fn make_room(&mut self) {
+        if self.inbox.capacity() - self.inbox.len() < MIN_READ_ROOM {
+            self.inbox.reserve(IDLE_BUFFER_BYTES);
+        }
     }
 
     /// Gives back buffers grown large, now that the client is idle.
@@ -339,7 +361,9 @@ where
         if error.scope() == Scope::Server {
             self.wire.guard.report_connection_lost(generation);
         }
-        warn!(generation, error = %error, "A wire client's server session failed.");
+        self.span.in_scope(|| {
+            warn!(generation, error = %error, "A wire client's server session failed.");
+        });
         drop(lease);
         let in_transaction = self.status != b'I';
         let waiting = std::mem::take(&mut self.units);
@@ -350,7 +374,8 @@ where
         self.reapply_settings = false;
         self.probe_due = false;
         if let Some(reason) = self.pinned.take() {
-            info!(reason, "The pinned session is gone with its state.");
+            self.span
+                .in_scope(|| info!(reason, "The pinned session is gone with its state."));
         }
         if waiting == 0 {
             self.lost_transaction = in_transaction;

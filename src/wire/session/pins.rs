@@ -108,7 +108,11 @@ where
     /// differs.
     pub(super) fn probe_answered(&mut self, changed: bool) {
         if changed {
-            debug!("A wire client keeps its session: a setting of its differs from the default.");
+            self.span.in_scope(|| {
+                debug!(
+                    "A wire client keeps its session: a setting of its differs from the default."
+                );
+            });
             return;
         }
         if self.pinned == Some(SESSION_SETTING) {

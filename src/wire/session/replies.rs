@@ -298,10 +298,12 @@ where
             }
             b'E' => {
                 let report = non_fatal_error(frame);
-                warn!(
-                    error = report.as_deref().unwrap_or("unreadable"),
-                    "A client's session settings were refused on a server session."
-                );
+                self.span.in_scope(|| {
+                    warn!(
+                        error = report.as_deref().unwrap_or("unreadable"),
+                        "A client's session settings were refused on a server session."
+                    );
+                });
                 if let Some(lease) = self.lease.as_mut() {
                     // Unknown now: a reset clears them before the next user.
                     lease.conn().set_client_settings(Vec::new());
