@@ -104,7 +104,7 @@ pub async fn start(config: &Config) -> Result<Daemon, AppError> {
     );
     let executor = Executor::new(guard.clone(), exec_settings(config), metrics.clone());
     let stop_data = CancellationToken::new();
-    let wire = start_wire(config, &credentials, guard, &metrics, &stop_data).await?;
+    let wire = start_wire(config, &credentials, &executor, guard, &metrics, &stop_data).await?;
 
     let data_state = DataState {
         executor: executor.clone(),
@@ -204,6 +204,7 @@ impl Daemon {
 async fn start_wire(
     config: &Config,
     credentials: &Credentials,
+    executor: &Executor,
     guard: Guard<BackendSource>,
     metrics: &Metrics,
     stop: &CancellationToken,
@@ -235,7 +236,15 @@ async fn start_wire(
         (Some(cert), Some(key)) => Some(crate::wire::tls::acceptor(cert, key)?),
         _ => None,
     };
-    let wire = Arc::new(Wire::new(guard, metrics.clone(), auth, limits, tls));
+    let executor = executor.clone();
+    let wire = Arc::new(Wire::new(
+        guard,
+        executor,
+        metrics.clone(),
+        auth,
+        limits,
+        tls,
+    ));
     let task = tokio::spawn(crate::wire::serve(listener, wire.clone(), stop.clone()));
     Ok(Some((address, wire, task)))
 }

@@ -210,7 +210,7 @@ struct Break {
 
 /// The session a request was on when it broke.
 #[derive(Clone, Copy, Debug)]
-struct OldSession {
+pub(crate) struct OldSession {
     /// Its generation.
     generation: u64,
     /// Whether the server failed ([`Scope::Server`]) or only this session.
@@ -223,7 +223,8 @@ struct OldSession {
 }
 
 impl OldSession {
-    fn of(lease: &mut Lease<BackendSource>) -> Self {
+    /// The session under `lease`, before it is given up.
+    pub(crate) fn of(lease: &mut Lease<BackendSource>) -> Self {
         let generation = lease.generation().id();
         let conn = lease.conn();
         let backend = conn.process_id().map(|pid| (pid, conn.local_port()));
@@ -233,6 +234,11 @@ impl OldSession {
             backend,
             opened: conn.created_at(),
         }
+    }
+
+    /// Marks it broken by `scope` (see [`Scope`]).
+    pub(crate) fn broken_by(self, scope: Scope) -> Self {
+        OldSession { scope, ..self }
     }
 
     /// Requests after the break go to a newer generation only when the
@@ -324,6 +330,22 @@ impl Executor {
     /// How often each replay rule fired since start.
     pub fn rule_counts(&self) -> Vec<(Rule, u64)> {
         self.rules.snapshot()
+    }
+
+    /// What became of a client's transaction whose session broke after
+    /// its COMMIT was sent (the wire front end's explicit transactions):
+    /// asked of the server as for a broken write (see [`super::replay`]),
+    /// within the guard budget. [`Decision::Answer`]: it committed;
+    /// [`Decision::Replay`]: it provably did not; otherwise the database
+    /// cannot tell.
+    pub(crate) async fn resolve_commit(&self, identity: &TxIdentity, old: &OldSession) -> Decision {
+        let deadline = Instant::now() + self.guard.budget();
+        let (class, point) = (Class::Write, BreakPoint::AfterCommit);
+        let (decision, outcome) = self
+            .resolve(class, point, Some(identity), old, deadline)
+            .await;
+        self.rules.count(Rule::of(class, point, outcome));
+        decision
     }
 
     /// Runs one statement, replaying it across reconnects when that is safe.

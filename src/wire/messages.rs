@@ -206,6 +206,21 @@ pub fn parse_complete(buf: &mut BytesMut) {
     message(buf, b'1', |_| {});
 }
 
+/// BindComplete, for a Bind answered without the server.
+pub fn bind_complete(buf: &mut BytesMut) {
+    message(buf, b'2', |_| {});
+}
+
+/// NoData: the described statement or portal returns no rows.
+pub fn no_data(buf: &mut BytesMut) {
+    message(buf, b'n', |_| {});
+}
+
+/// ParameterDescription of a statement without parameters.
+pub fn no_parameters(buf: &mut BytesMut) {
+    message(buf, b't', |b| b.put_i16(0));
+}
+
 /// CloseComplete, for a Close pgwarden did not need to send.
 pub fn close_complete(buf: &mut BytesMut) {
     message(buf, b'3', |_| {});

@@ -55,7 +55,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::guard::Guard;
+use crate::guard::{Executor, Guard};
 use crate::lifecycle::BackendSource;
 use crate::telemetry::Metrics;
 use crate::telemetry::labels::WireConnection;
@@ -124,6 +124,9 @@ pub enum PoolMode {
 pub struct Wire {
     /// The only way to a server session.
     pub guard: Guard<BackendSource>,
+    /// The HTTP API's executor, whose replay rules resolve a COMMIT in
+    /// flight when a session breaks.
+    pub executor: Executor,
     /// The metrics (`api="pgwire"` on the request series).
     pub metrics: Metrics,
     /// Who may connect.
@@ -147,6 +150,7 @@ impl Wire {
     /// The shared state of a wire front end.
     pub fn new(
         guard: Guard<BackendSource>,
+        executor: Executor,
         metrics: Metrics,
         auth: ClientAuth,
         limits: WireLimits,
@@ -154,6 +158,7 @@ impl Wire {
     ) -> Self {
         Self {
             guard,
+            executor,
             metrics,
             auth,
             limits,

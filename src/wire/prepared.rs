@@ -51,6 +51,11 @@ pub struct Statement {
 }
 
 impl Statement {
+    /// The statement's query text.
+    pub fn text(&self) -> &[u8] {
+        split_cstr(&self.body).map_or(&[], |(text, _)| text)
+    }
+
     /// Appends a Parse message that prepares this statement.
     pub fn encode_parse(&self, buf: &mut BytesMut) {
         message(buf, b'P', &[&self.name, &self.body]);

@@ -88,17 +88,11 @@ where
             }
             return Ok(());
         }
-        if self.lost_transaction && unit.answers > 0 {
-            self.lost_transaction = false;
-            let text = "the connection to the database was lost inside the transaction, which was rolled back";
-            return self.answer_locally(
-                unit.answers,
-                "08006",
-                text,
-                ClientErrorKind::ConnectionLost,
-            );
-        }
         let started = Instant::now();
+        if self.lost.is_some() {
+            self.answer_lost(&bytes, started);
+            return Ok(());
+        }
         if self.lease.is_none() {
             if self.local_unit(&bytes) {
                 self.answer_unit(&bytes, started);
@@ -111,6 +105,9 @@ where
         let Some(mut lease) = self.lease.take() else {
             return Ok(());
         };
+        if self.status == b'T' && self.units == 0 && self.commits(&bytes) {
+            self.ask_identity(lease.conn());
+        }
         self.write_unit(lease.conn(), &bytes, started);
         self.lease = Some(lease);
         self.answer_fakes();
@@ -477,6 +474,7 @@ where
             let outcome = match kind {
                 ClientErrorKind::GuardTimeout => RequestOutcome::GuardTimeout,
                 ClientErrorKind::Sql => RequestOutcome::SqlError,
+                ClientErrorKind::ResolutionUnknown => RequestOutcome::ResolutionUnknown,
                 _ => RequestOutcome::ConnectionLost,
             };
             self.wire
@@ -490,7 +488,7 @@ where
 
 /// The name in a Describe or Close of a named statement (`S`), if it is
 /// one.
-fn statement_name(body: &[u8]) -> Option<&[u8]> {
+pub(super) fn statement_name(body: &[u8]) -> Option<&[u8]> {
     let (&kind, rest) = body.split_first()?;
     let (name, _) = prepared::split_cstr(rest)?;
     (kind == b'S' && !name.is_empty()).then_some(name)

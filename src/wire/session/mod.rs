@@ -10,6 +10,7 @@
 //! Query for state that pins a client, ErrorResponse and ReadyForQuery.
 
 mod forward;
+mod lost;
 mod pins;
 mod replies;
 
@@ -27,6 +28,7 @@ use super::startup::Client;
 use super::{PoolMode, Wire};
 use crate::backend::{BackendError, DbError, Scope};
 use crate::guard::Lease;
+use crate::guard::exec::OldSession;
 use crate::lifecycle::BackendSource;
 use crate::telemetry::labels::{
     Api, ClientErrorKind, RequestKind, RequestOutcome, WireClientState,
@@ -78,7 +80,8 @@ pub(crate) async fn run<S>(
         failed: false,
         status: b'I',
         pinned: None,
-        lost_transaction: false,
+        lost: None,
+        commit: None,
         skipping_to_sync: false,
         sending: false,
         settings_touched: false,
@@ -128,9 +131,12 @@ struct Session<'w, S> {
     status: u8,
     /// Why the client keeps its session until it leaves, if it does.
     pinned: Option<&'static str>,
-    /// The client's session broke inside its transaction: its next unit is
-    /// told that the transaction is gone.
-    lost_transaction: bool,
+    /// The client's session broke inside its transaction: its units are
+    /// answered as in a failed transaction until it ends it (see [`lost`]).
+    lost: Option<lost::Lost>,
+    /// A COMMIT of the client's is in flight behind pgwarden's question
+    /// (see [`lost`]).
+    commit: Option<lost::Commit>,
     /// A unit without a Sync was answered with an error locally: what the
     /// client sends up to its Sync is skipped, as PostgreSQL skips after an
     /// error, and the Sync gets the ReadyForQuery.
@@ -310,6 +316,9 @@ where
     /// A unit got its ReadyForQuery (the server's or pgwarden's).
     fn unit_answered(&mut self, status: u8, started: Option<Instant>) {
         self.status = status;
+        // A COMMIT goes behind the question only with nothing else
+        // waiting: the first unit answered is the COMMIT's.
+        self.commit = None;
         if let Some(started) = started {
             let outcome = if std::mem::take(&mut self.failed) {
                 RequestOutcome::SqlError
@@ -353,7 +362,7 @@ where
     /// waiting gets an honest error and a ReadyForQuery; the client stays
     /// connected, and its next unit gets a fresh session.
     async fn server_broke(&mut self, error: BackendError) -> Result<(), WireError> {
-        let Some(lease) = self.lease.take() else {
+        let Some(mut lease) = self.lease.take() else {
             return Ok(());
         };
         self.client.registration.slot.set(None);
@@ -364,10 +373,12 @@ where
         self.span.in_scope(|| {
             warn!(generation, error = %error, "A wire client's server session failed.");
         });
+        let old = OldSession::of(&mut lease).broken_by(error.scope());
         drop(lease);
         let in_transaction = self.status != b'I';
         let waiting = std::mem::take(&mut self.units);
-        self.owed.clear();
+        let owed: Vec<_> = std::mem::take(&mut self.owed).into();
+        let commit = self.commit.take();
         self.unsynced = false;
         self.failed = false;
         self.settings_touched = false;
@@ -377,22 +388,18 @@ where
             self.span
                 .in_scope(|| info!(reason, "The pinned session is gone with its state."));
         }
-        if waiting == 0 {
-            self.lost_transaction = in_transaction;
-            return Ok(());
+        match commit {
+            Some(commit) if waiting > 0 => {
+                self.answer_commit(commit, &old, owed, waiting).await;
+            }
+            _ if in_transaction => self.lose_transaction(waiting),
+            _ if waiting == 0 => {}
+            _ => {
+                let text = "pgwarden: the connection to the database was lost while the statement ran; it may or may not have been applied";
+                let kind = ClientErrorKind::ResolutionUnknown;
+                self.answer_locally(waiting, "08007", text, kind)?;
+            }
         }
-        let (code, text) = if in_transaction {
-            (
-                "08006",
-                "the connection to the database was lost; the transaction was rolled back",
-            )
-        } else {
-            (
-                "08007",
-                "the connection to the database was lost while the statement ran; it may or may not have been applied",
-            )
-        };
-        self.answer_locally(waiting, code, text, ClientErrorKind::ConnectionLost)?;
         self.flush_outbox().await
     }
 

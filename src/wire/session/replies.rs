@@ -45,6 +45,9 @@ pub(super) enum Expect {
     /// pgwarden's question whether a setting differs (see
     /// [`super::pins`]): swallowed; `changed` until it says none does.
     Probe { changed: bool },
+    /// pgwarden's question who the transaction is, in front of its COMMIT
+    /// (see [`super::lost`]): swallowed but for what it says.
+    Identify,
     /// A reply pgwarden gives itself.
     Fake(Fake),
 }
@@ -90,6 +93,7 @@ impl Expect {
             | Expect::Query(_)
             | Expect::Own { .. }
             | Expect::Probe { .. }
+            | Expect::Identify
             | Expect::Fake(_) => return false,
         };
         match ends {
@@ -129,7 +133,7 @@ where
     }
 
     /// Takes the entry at the head of the queue.
-    fn pop(&mut self) -> Option<Expect> {
+    pub(super) fn pop(&mut self) -> Option<Expect> {
         let entry = self.owed.pop_front()?;
         if entry.is_unit() {
             self.units -= 1;
@@ -152,6 +156,7 @@ where
                 return self.own_reply(tag, frame);
             }
             Expect::Probe { .. } => return self.probe_reply(tag, frame),
+            Expect::Identify => return self.identify_reply(tag, frame),
             _ => {}
         }
         match tag {
