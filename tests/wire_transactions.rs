@@ -1,7 +1,8 @@
 //! Explicit transactions over the wire when their server session breaks:
 //! one that was open fails once with a retryable error (40001) and the
 //! client stays connected, in a failed transaction that its ROLLBACK ends;
-//! a COMMIT in flight is answered with what really became of it.
+//! a COMMIT in flight is answered with what really became of it; a client
+//! pinned to its session (LISTEN) is told what it lost.
 //! Real clients, a real server broken on purpose.
 
 mod support;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use pgwarden::config::Config;
 use support::Cluster;
 use support::daemon::{TestDaemon, config_for};
+use support::pg::wait_until_none;
 use support::wire::{Raw, error_code, first_value, tags};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
@@ -262,4 +264,53 @@ async fn a_commit_in_flight_that_did_not_commit_fails_with_the_retryable_error()
         .await
         .expect("the retried transaction commits");
     assert_eq!(ids(&cluster).trim(), "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listening_client_whose_session_ended_is_told_to_listen_again() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(config(&cluster)).await;
+    let mut raw = Raw::connect(daemon.pg_addr()).await;
+    raw.query("SET application_name = 'wire-tx'")
+        .exchange()
+        .await;
+    raw.query("LISTEN jobs").exchange().await;
+    let pinned = r#"pgwarden_wire_clients{state="pinned"}"#;
+    assert_eq!(daemon.metric(pinned).await, 1.0, "LISTEN pins the client");
+    let pid = backend_of(&cluster, "idle");
+    terminate(&cluster, pid);
+    // Its goodbye is out before it exits: the client is idle when it ends.
+    let gone = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}");
+    wait_until_none(
+        &cluster,
+        &gone,
+        Duration::from_secs(10),
+        "the backend stayed",
+    );
+
+    let told = raw.query("SELECT 1").exchange().await;
+    assert_eq!(
+        tags(&told),
+        "NEZ",
+        "a warning as soon as the session ended, then the next statement fails"
+    );
+    assert_eq!(error_code(&told), "08006");
+    let text = String::from_utf8_lossy(&told[1].1).into_owned();
+    assert!(text.contains("LISTEN again"), "{text}");
+    assert_eq!(
+        daemon.metric(pinned).await,
+        0.0,
+        "the pin went with the session"
+    );
+
+    let again = raw.query("SELECT 42").exchange().await;
+    assert_eq!(first_value(&again), "42", "the client goes on");
+    raw.query("LISTEN jobs").exchange().await;
+    cluster.psql("NOTIFY jobs, 'after'");
+    let notified = raw.query("SELECT 1").exchange().await;
+    assert!(
+        tags(&notified).contains('A'),
+        "listening again receives notifications: {}",
+        tags(&notified)
+    );
 }

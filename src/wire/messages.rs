@@ -245,7 +245,17 @@ pub fn negotiate_protocol_version(buf: &mut BytesMut, options: &[String]) {
 
 /// ErrorResponse with severity `ERROR` or `FATAL`, a SQLSTATE and a message.
 pub fn error_response(buf: &mut BytesMut, severity: &str, code: &str, text: &str) {
-    message(buf, b'E', |b| {
+    report(buf, b'E', severity, code, text);
+}
+
+/// NoticeResponse with its severity, SQLSTATE and message: a warning the
+/// client may get at any time, between its statements too.
+pub fn notice_response(buf: &mut BytesMut, severity: &str, code: &str, text: &str) {
+    report(buf, b'N', severity, code, text);
+}
+
+fn report(buf: &mut BytesMut, tag: u8, severity: &str, code: &str, text: &str) {
+    message(buf, tag, |b| {
         for (field, value) in [
             (b'S', severity),
             (b'V', severity),

@@ -93,6 +93,9 @@ where
             self.answer_lost(&bytes, started);
             return Ok(());
         }
+        if self.refuse_after_lost_pin(unit.answers) {
+            return Ok(());
+        }
         if self.lease.is_none() {
             if self.local_unit(&bytes) {
                 self.answer_unit(&bytes, started);

@@ -23,6 +23,12 @@
 //! broken HTTP write: committed → `COMMIT`; provably not → 40001; a
 //! transaction that wrote nothing → `COMMIT` (there was nothing to keep);
 //! no answer to the question, or a database that cannot tell → 08007.
+//!
+//! **A pinned session lost.** What pinned the client (a LISTEN, a session
+//! advisory lock, a temporary table, a setting of its own...) went with
+//! the session. The client is warned at once (a NoticeResponse, which a
+//! client idle in LISTEN sees too), and its next unit fails with 08006
+//! saying what was lost, so it is never carried on as if it were there.
 
 use std::time::Instant;
 
@@ -58,6 +64,8 @@ const LOST_AT_COMMIT: &str = "pgwarden: the connection to the database was lost 
 const ABORTED: &str = "25P02";
 const ABORTED_TEXT: &str =
     "current transaction is aborted, commands ignored until end of transaction block";
+/// connection_failure: the session, and the state pinned to it, are gone.
+const PIN_LOST: &str = "08006";
 /// transaction_resolution_unknown.
 const UNKNOWN: &str = "08007";
 const UNKNOWN_TEXT: &str = "pgwarden: the connection to the database was lost during COMMIT; \
@@ -292,6 +300,49 @@ where
                 | Expect::Identify => {}
             }
         }
+    }
+
+    /// The session the client was pinned to (for `reason`) broke outside a
+    /// transaction: the client is warned now, and its next unit is refused
+    /// unless a unit of its was waiting and got the error already.
+    pub(super) fn lose_pin(&mut self, reason: &str, waiting: usize) {
+        let again = if reason == "LISTEN" {
+            "; LISTEN again to receive notifications"
+        } else {
+            ""
+        };
+        let text = format!(
+            "pgwarden: the database session this connection was pinned to ({reason}) was lost, \
+             and that state with it{again}"
+        );
+        messages::notice_response(&mut self.outbox, "WARNING", PIN_LOST, &text);
+        if waiting == 0 {
+            self.pin_lost = Some(text);
+        }
+    }
+
+    /// Refuses the first unit after a pinned session was lost (see
+    /// [`Session::lose_pin`]); true when it did.
+    pub(super) fn refuse_after_lost_pin(&mut self, answers: usize) -> bool {
+        let Some(text) = self.pin_lost.take() else {
+            return false;
+        };
+        messages::error_response(&mut self.outbox, "ERROR", PIN_LOST, &text);
+        self.wire
+            .metrics
+            .client_error(ClientErrorKind::ConnectionLost);
+        if answers == 0 {
+            // Answered at its Sync, as PostgreSQL answers after an error.
+            self.skipping_to_sync = true;
+        } else {
+            messages::ready_for_query(&mut self.outbox, b'I');
+            let took = std::time::Duration::ZERO;
+            let outcome = RequestOutcome::ConnectionLost;
+            self.wire
+                .metrics
+                .request(Api::Pgwire, RequestKind::Query, outcome, took);
+        }
+        true
     }
 
     /// The session broke inside the client's transaction: each unit still

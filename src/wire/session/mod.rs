@@ -82,6 +82,7 @@ pub(crate) async fn run<S>(
         pinned: None,
         lost: None,
         commit: None,
+        pin_lost: None,
         skipping_to_sync: false,
         sending: false,
         settings_touched: false,
@@ -137,6 +138,9 @@ struct Session<'w, S> {
     /// A COMMIT of the client's is in flight behind pgwarden's question
     /// (see [`lost`]).
     commit: Option<lost::Commit>,
+    /// The session the client was pinned to broke while the client was
+    /// idle: its next unit is told what was lost (see [`lost`]).
+    pin_lost: Option<String>,
     /// A unit without a Sync was answered with an error locally: what the
     /// client sends up to its Sync is skipped, as PostgreSQL skips after an
     /// error, and the Sync gets the ReadyForQuery.
@@ -387,6 +391,9 @@ where
         if let Some(reason) = self.pinned.take() {
             self.span
                 .in_scope(|| info!(reason, "The pinned session is gone with its state."));
+            if !in_transaction {
+                self.lose_pin(reason, waiting);
+            }
         }
         match commit {
             Some(commit) if waiting > 0 => {
