@@ -243,7 +243,7 @@ impl OldSession {
 
     /// Requests after the break go to a newer generation only when the
     /// server failed; a session that failed alone leaves its siblings good.
-    fn newer_than(&self) -> u64 {
+    pub(crate) fn newer_than(&self) -> u64 {
         if self.scope == Scope::Server {
             self.generation
         } else {
@@ -330,6 +330,17 @@ impl Executor {
     /// How often each replay rule fired since start.
     pub fn rule_counts(&self) -> Vec<(Rule, u64)> {
         self.rules.snapshot()
+    }
+
+    /// Counts a replay rule that fired for a request of another front end
+    /// (the wire's), so `/status` shows every decision.
+    pub(crate) fn count_rule(&self, rule: Rule) {
+        self.rules.count(rule);
+    }
+
+    /// How writes are run.
+    pub fn write_safety(&self) -> WriteSafety {
+        self.settings.write_safety
     }
 
     /// What became of a client's transaction whose session broke after

@@ -207,8 +207,27 @@ pub fn is_read(sql: &str) -> bool {
     }
 }
 
+/// The first keyword of `sql`, upper-cased as written or not, when `sql`
+/// holds exactly one statement (semicolons inside literals, quoted
+/// identifiers, dollar-quoted bodies and comments do not count; a
+/// trailing one does not either).
+pub fn single_statement(sql: &str) -> Option<&str> {
+    let mut words = Keywords { rest: sql };
+    let first = words.next().filter(|w| *w != ";")?;
+    let mut ended = false;
+    for word in words {
+        if word == ";" {
+            ended = true;
+        } else if ended {
+            return None;
+        }
+    }
+    Some(first)
+}
+
 /// The bare words of `sql`, as slices of it, skipping string literals,
-/// quoted identifiers, dollar-quoted bodies and comments.
+/// quoted identifiers, dollar-quoted bodies and comments; each `;` that
+/// ends a statement is a word of its own.
 struct Keywords<'a> {
     rest: &'a str,
 }
@@ -225,6 +244,10 @@ impl<'a> Iterator for Keywords<'a> {
                 '-' if rest.starts_with("--") => rest.find('\n').map_or("", |i| &rest[i..]),
                 '/' if rest.starts_with("/*") => rest.find("*/").map_or("", |i| &rest[i + 2..]),
                 '$' => skip_dollar(rest),
+                ';' => {
+                    self.rest = &rest[1..];
+                    return Some(&rest[..1]);
+                }
                 c if c.is_ascii_alphabetic() || c == '_' => {
                     let end = rest
                         .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
@@ -278,6 +301,23 @@ mod tests {
                 .into_iter()
                 .flat_map(move |point| outcomes.map(|outcome| (class, point, outcome)))
         })
+    }
+
+    #[test]
+    fn one_statement_is_told_from_several() {
+        assert_eq!(single_statement("select 1"), Some("select"));
+        assert_eq!(
+            single_statement("  UPDATE t SET a = ';' ; "),
+            Some("UPDATE")
+        );
+        assert_eq!(single_statement("SELECT $$a;b$$ -- c; d"), Some("SELECT"));
+        assert_eq!(single_statement("SELECT 1; SELECT 2"), None);
+        assert_eq!(
+            single_statement("BEGIN; INSERT INTO t VALUES (1); COMMIT"),
+            None
+        );
+        assert_eq!(single_statement("; SELECT 1"), None);
+        assert_eq!(single_statement("   "), None);
     }
 
     #[test]

@@ -139,6 +139,9 @@ pub struct Wire {
     cancels: Arc<CancelRegistry>,
     /// Every client's named statements, by text.
     statements: prepared::Registry,
+    /// pgwarden's own question at the end of a unit (see
+    /// `session::replay`), prepared once per server session.
+    identify: Arc<prepared::Statement>,
     /// Connected clients.
     clients: AtomicUsize,
     /// The server's ParameterStatus values, learned from a pooled session,
@@ -156,6 +159,8 @@ impl Wire {
         limits: WireLimits,
         tls: Option<tls::ClientTls>,
     ) -> Self {
+        let statements = prepared::Registry::default();
+        let identify = session::identify_statement(&statements);
         Self {
             guard,
             executor,
@@ -164,7 +169,8 @@ impl Wire {
             limits,
             tls,
             cancels: Arc::default(),
-            statements: prepared::Registry::default(),
+            statements,
+            identify,
             clients: AtomicUsize::new(0),
             server_parameters: std::sync::Mutex::default(),
         }

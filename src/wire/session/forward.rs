@@ -13,6 +13,7 @@ use super::replies::{Ends, Expect, Fake};
 use super::{Session, Unit};
 use crate::backend::Connection;
 use crate::backend::statements::Held;
+use crate::guard::exec::OldSession;
 use crate::guard::{Guard, GuardError, Lease};
 use crate::lifecycle::BackendSource;
 use crate::telemetry::labels::{
@@ -111,7 +112,9 @@ where
         if self.status == b'T' && self.units == 0 && self.commits(&bytes) {
             self.ask_identity(lease.conn());
         }
-        self.write_unit(lease.conn(), &bytes, started);
+        if !self.write_kept(lease.conn(), &bytes, started) {
+            self.write_unit(lease.conn(), &bytes, started);
+        }
         self.lease = Some(lease);
         self.answer_fakes();
         self.unsynced = unit.unsynced || (self.unsynced && unit.answers == 0);
@@ -126,17 +129,19 @@ where
         let limit = self.wire.limits.max_message_bytes;
         self.sending = true;
         let result = loop {
+            // A replay after a break puts the unit on a fresh session,
+            // which this loop sends on.
+            self.resend = false;
             let Some(lease) = self.lease.as_mut() else {
                 break Ok(());
             };
-            match lease.conn().passthrough_exchange(limit).await {
+            let step = match lease.conn().passthrough_exchange(limit).await {
                 Ok(None) => break Ok(()),
-                Ok(Some(frame)) => {
-                    if let Err(error) = self.on_server_frame(frame).await {
-                        break Err(error);
-                    }
-                }
-                Err(error) => break self.server_broke(error).await,
+                Ok(Some(frame)) => self.on_server_frame(frame).await,
+                Err(error) => self.server_broke(error).await,
+            };
+            if let Err(error) = step {
+                break Err(error);
             }
         };
         self.sending = false;
@@ -146,7 +151,7 @@ where
 
     /// Writes a unit's messages into the session's send buffer, queueing
     /// what each is owed.
-    fn write_unit(&mut self, conn: &mut Connection, bytes: &Bytes, started: Instant) {
+    pub(super) fn write_unit(&mut self, conn: &mut Connection, bytes: &Bytes, started: Instant) {
         let mut at = 0;
         while let Some((tag, len)) = messages::peek_header(&bytes[at..]) {
             let message = &bytes[at..at + len];
@@ -187,6 +192,7 @@ where
         }
         let statement = self.wire.statements.statement(rest);
         self.statements.insert(name, statement.clone());
+        self.kept_parse(name);
         let client = Bytes::copy_from_slice(name);
         match conn.prepared().lookup(statement.id) {
             Held::Ready => {
@@ -215,7 +221,7 @@ where
 
     /// Prepares `statement` on the session (closing a stale copy first,
     /// and the least recently used ones when the session is full).
-    fn send_parse(
+    pub(super) fn send_parse(
         &mut self,
         conn: &mut Connection,
         statement: &Statement,
@@ -509,7 +515,28 @@ enum NoSession {
 /// whose reset was refused, or that broke while idle, is exchanged for
 /// another within the same budget).
 async fn lend(guard: &Guard<BackendSource>) -> Result<Lease<BackendSource>, GuardError> {
-    let mut lease = guard.admit().await?;
+    let lease = guard.admit().await?;
+    lend_checked(guard, lease).await
+}
+
+/// [`lend`] after `old` broke: from a generation newer than its own when
+/// the server failed (see [`OldSession`]), within `deadline`.
+pub(super) async fn lend_after(
+    guard: &Guard<BackendSource>,
+    old: &OldSession,
+    deadline: tokio::time::Instant,
+) -> Result<Lease<BackendSource>, GuardError> {
+    let lease = match old.newer_than() {
+        0 => guard.admit_until(deadline).await?,
+        broken => guard.admit_after(broken, deadline).await?,
+    };
+    lend_checked(guard, lease).await
+}
+
+async fn lend_checked(
+    guard: &Guard<BackendSource>,
+    mut lease: Lease<BackendSource>,
+) -> Result<Lease<BackendSource>, GuardError> {
     loop {
         match lease.conn().passthrough_begin().await {
             Ok(()) => return Ok(lease),

@@ -49,7 +49,7 @@ use crate::wire::prepared;
 /// pgwarden's question in front of a COMMIT (see [`TxIdentity`]). Nothing
 /// in it can fail, even on a standby: an error would abort the client's
 /// transaction.
-const IDENTIFY_SQL: &str = "SELECT pg_catalog.txid_current_if_assigned(), \
+pub(super) const IDENTIFY_SQL: &str = "SELECT pg_catalog.txid_current_if_assigned(), \
      pg_catalog.pg_postmaster_start_time()::text, \
      CASE WHEN pg_catalog.pg_is_in_recovery() THEN '' \
      ELSE pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) END, \
@@ -297,7 +297,10 @@ where
                 | Expect::Close(_)
                 | Expect::Own { .. }
                 | Expect::Probe { .. }
-                | Expect::Identify => {}
+                | Expect::Identify
+                | Expect::IdentifyRow
+                | Expect::Hidden(_) => {}
+                Expect::Described => messages::no_data(out),
             }
         }
     }
@@ -510,7 +513,7 @@ fn parse_end(body: &[u8]) -> Option<(&[u8], Option<End>)> {
 
 /// The transaction's identity from the DataRow answering
 /// [`IDENTIFY_SQL`]; `Some(None)` when it wrote nothing.
-fn identity_of(frame: &[u8]) -> Option<Option<TxIdentity>> {
+pub(super) fn identity_of(frame: &[u8]) -> Option<Option<TxIdentity>> {
     let mut body = frame.get(5..)?;
     let count = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
     body = &body[2..];

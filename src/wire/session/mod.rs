@@ -12,7 +12,10 @@
 mod forward;
 mod lost;
 mod pins;
+mod replay;
 mod replies;
+
+pub(crate) use replay::identify_statement;
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -83,6 +86,8 @@ pub(crate) async fn run<S>(
         lost: None,
         commit: None,
         pin_lost: None,
+        inflight: None,
+        resend: false,
         skipping_to_sync: false,
         sending: false,
         settings_touched: false,
@@ -141,6 +146,11 @@ struct Session<'w, S> {
     /// The session the client was pinned to broke while the client was
     /// idle: its next unit is told what was lost (see [`lost`]).
     pin_lost: Option<String>,
+    /// The unit outside a transaction being sent, kept until its
+    /// ReadyForQuery for a replay (see [`replay`]).
+    inflight: Option<replay::InFlight>,
+    /// A replay put a unit on a fresh session, still to be sent.
+    resend: bool,
     /// A unit without a Sync was answered with an error locally: what the
     /// client sends up to its Sync is skipped, as PostgreSQL skips after an
     /// error, and the Sync gets the ReadyForQuery.
@@ -190,7 +200,11 @@ where
                 self.probe_settings().await?;
                 self.count_state();
             }
-            self.flush_outbox().await?;
+            // A kept unit's replies wait for its ReadyForQuery (see
+            // `replay`), unless they grow large.
+            if self.inflight.is_none() || self.outbox.len() >= OUTBOX_FLUSH_BYTES {
+                self.flush_outbox().await?;
+            }
             if !self.wait_for_input(stop).await? {
                 return Ok(());
             }
@@ -234,7 +248,7 @@ where
         };
         // A pinned client between transactions is idle too.
         let idle = self.owed.is_empty() && !self.unsynced && self.status == b'I';
-        tokio::select! {
+        let read = tokio::select! {
             biased;
             frame = lease.conn().passthrough_frame(limit) => {
                 match frame {
@@ -244,14 +258,19 @@ where
                     }
                     Err(error) => self.server_broke(error).await?,
                 }
-                Ok(true)
+                true
             }
-            read = self.stream.read_buf(&mut self.inbox) => Ok(read? > 0),
+            read = self.stream.read_buf(&mut self.inbox) => read? > 0,
             _ = stop.cancelled(), if idle => {
                 self.say_goodbye().await?;
-                Ok(false)
+                false
             }
+        };
+        if std::mem::take(&mut self.resend) {
+            // A replay put the unit on a fresh session.
+            self.send().await?;
         }
+        Ok(read)
     }
 
     /// Handles the server's messages that arrived with the last one, so
@@ -320,9 +339,10 @@ where
     /// A unit got its ReadyForQuery (the server's or pgwarden's).
     fn unit_answered(&mut self, status: u8, started: Option<Instant>) {
         self.status = status;
-        // A COMMIT goes behind the question only with nothing else
-        // waiting: the first unit answered is the COMMIT's.
+        // A COMMIT goes behind the question, and a unit is kept, only with
+        // nothing else waiting: the first unit answered is theirs.
         self.commit = None;
+        self.kept_answered();
         if let Some(started) = started {
             let outcome = if std::mem::take(&mut self.failed) {
                 RequestOutcome::SqlError
@@ -378,11 +398,13 @@ where
             warn!(generation, error = %error, "A wire client's server session failed.");
         });
         let old = OldSession::of(&mut lease).broken_by(error.scope());
+        let fatal = matches!(error, BackendError::Fatal(_));
         drop(lease);
         let in_transaction = self.status != b'I';
         let waiting = std::mem::take(&mut self.units);
         let owed: Vec<_> = std::mem::take(&mut self.owed).into();
         let commit = self.commit.take();
+        let kept = self.inflight.take();
         self.unsynced = false;
         self.failed = false;
         self.settings_touched = false;
@@ -395,9 +417,12 @@ where
                 self.lose_pin(reason, waiting);
             }
         }
-        match commit {
-            Some(commit) if waiting > 0 => {
+        match (commit, kept) {
+            (Some(commit), _) if waiting > 0 => {
                 self.answer_commit(commit, &old, owed, waiting).await;
+            }
+            (_, Some(kept)) if waiting == 1 && !in_transaction => {
+                self.resend = self.settle_kept(kept, &old, fatal).await;
             }
             _ if in_transaction => self.lose_transaction(waiting),
             _ if waiting == 0 => {}
@@ -412,6 +437,7 @@ where
 
     async fn flush_outbox(&mut self) -> Result<(), WireError> {
         if !self.outbox.is_empty() {
+            self.outbox_leaves();
             self.stream.write_all(&self.outbox).await?;
             self.outbox.clear();
         }

@@ -48,6 +48,17 @@ pub(super) enum Expect {
     /// pgwarden's question who the transaction is, in front of its COMMIT
     /// (see [`super::lost`]): swallowed but for what it says.
     Identify,
+    /// The same question at the end of a unit outside a transaction (see
+    /// [`super::replay`]), an Execute: swallowed up to its
+    /// CommandComplete but for what it says.
+    IdentifyRow,
+    /// A message pgwarden sent for the client whose reply the client
+    /// must not see (the Parse and Bind a simple Query is sent as, the
+    /// Bind of pgwarden's question).
+    Hidden(Ends),
+    /// The Describe a simple Query is sent with: its RowDescription is the
+    /// Query's, its NoData is not.
+    Described,
     /// A reply pgwarden gives itself.
     Fake(Fake),
 }
@@ -85,7 +96,8 @@ impl Expect {
     /// gets (ReadyForQuery and errors are handled apart).
     fn ends_at(&self, tag: u8) -> bool {
         let ends = match self {
-            Expect::Reply(ends) => *ends,
+            Expect::Reply(ends) | Expect::Hidden(ends) => *ends,
+            Expect::Described => Ends::Description,
             Expect::Bind(_) => Ends::BindComplete,
             Expect::Parse { .. } => Ends::ParseComplete,
             Expect::Close(_) => Ends::CloseComplete,
@@ -94,6 +106,7 @@ impl Expect {
             | Expect::Own { .. }
             | Expect::Probe { .. }
             | Expect::Identify
+            | Expect::IdentifyRow
             | Expect::Fake(_) => return false,
         };
         match ends {
@@ -105,10 +118,14 @@ impl Expect {
         }
     }
 
-    /// True when the entry's successful reply is pgwarden's, not the
-    /// client's.
-    fn swallows(&self) -> bool {
-        matches!(self, Expect::Parse { client: None, .. } | Expect::Close(_))
+    /// True when the entry's successful reply, of type `tag`, is
+    /// pgwarden's, not the client's.
+    fn swallows(&self, tag: u8) -> bool {
+        match self {
+            Expect::Parse { client: None, .. } | Expect::Close(_) | Expect::Hidden(_) => true,
+            Expect::Described => tag == b'n',
+            _ => false,
+        }
     }
 
     /// True for the entries that end a unit with a ReadyForQuery.
@@ -157,11 +174,17 @@ where
             }
             Expect::Probe { .. } => return self.probe_reply(tag, frame),
             Expect::Identify => return self.identify_reply(tag, frame),
+            Expect::IdentifyRow if tag != b'E' => return self.identify_row_reply(tag, frame),
             _ => {}
         }
         match tag {
             // Asynchronous: a notice, a notification, a parameter change.
-            b'N' | b'A' | b'S' => self.outbox.extend_from_slice(frame),
+            b'N' | b'A' | b'S' => {
+                if tag == b'N' {
+                    self.notice_seen(frame);
+                }
+                self.outbox.extend_from_slice(frame);
+            }
             b'E' => {
                 self.outbox.extend_from_slice(frame);
                 self.failed = true;
@@ -173,7 +196,7 @@ where
             }
             _ => {
                 let ends = head.ends_at(tag);
-                if !(ends && head.swallows()) {
+                if !(ends && head.swallows(tag)) {
                     self.outbox.extend_from_slice(frame);
                 }
                 if ends {
@@ -322,7 +345,7 @@ where
 }
 
 /// The SQLSTATE of an ErrorResponse frame, read in place.
-fn error_code(frame: &[u8]) -> Option<&[u8]> {
+pub(super) fn error_code(frame: &[u8]) -> Option<&[u8]> {
     let mut fields = frame.get(5..)?;
     while let Some((&kind, rest)) = fields.split_first() {
         if kind == 0 {
@@ -361,14 +384,16 @@ mod tests {
         assert!(Expect::Reply(Ends::Description).ends_at(b'n'));
         assert!(!Expect::Reply(Ends::Description).ends_at(b't'));
         assert!(Expect::Bind(1).ends_at(b'2'));
-        assert!(Expect::Close(1).swallows());
+        assert!(Expect::Close(1).swallows(b'3'));
         assert!(
             !Expect::Parse {
                 id: 1,
                 client: Some(Bytes::from_static(b"s"))
             }
-            .swallows()
+            .swallows(b'1')
         );
+        assert!(Expect::Described.swallows(b'n'));
+        assert!(!Expect::Described.swallows(b'T'));
         assert!(!Expect::Sync(Instant::now()).ends_at(b'Z'));
     }
 }

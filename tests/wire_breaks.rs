@@ -1,9 +1,11 @@
-//! Explicit transactions over the wire when their server session breaks:
-//! one that was open fails once with a retryable error (40001) and the
-//! client stays connected, in a failed transaction that its ROLLBACK ends;
-//! a COMMIT in flight is answered with what really became of it; a client
-//! pinned to its session (LISTEN) is told what it lost.
-//! Real clients, a real server broken on purpose.
+//! What a wire client gets when its server session breaks under it, and
+//! that it stays connected in every case: a statement outside a
+//! transaction is replayed when that is provably safe and answered when it
+//! provably committed, never applied twice; a transaction that was open
+//! fails once with a retryable error (40001), in a failed transaction that
+//! its ROLLBACK ends; a COMMIT in flight is answered with what really
+//! became of it; a client pinned to its session (LISTEN) is told what it
+//! lost. Real clients, a real server broken on purpose.
 
 mod support;
 
@@ -15,7 +17,7 @@ use support::daemon::{TestDaemon, config_for};
 use support::pg::wait_until_none;
 use support::wire::{Raw, error_code, first_value, tags};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 const APP: &str = "wire-tx";
 
@@ -312,5 +314,132 @@ async fn a_listening_client_whose_session_ended_is_told_to_listen_again() {
         tags(&notified).contains('A'),
         "listening again receives notifications: {}",
         tags(&notified)
+    );
+}
+
+fn count(cluster: &Cluster) -> String {
+    cluster
+        .psql("SELECT count(*) FROM ledger")
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_session_ended_under_it_is_replayed() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(config(&cluster)).await;
+    let db = client(&daemon).await;
+    let read = "SELECT pg_sleep(1)::text || 'slept'";
+    let running = tokio::spawn(async move { db.simple_query(read).await });
+    terminate(&cluster, backend_of(&cluster, "active"));
+
+    let rows = tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("answered")
+        .unwrap()
+        .expect("replayed on a fresh session, not failed");
+    let value = rows.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(value.as_deref(), Some("slept"));
+    assert_eq!(
+        decisions(&daemon, "before_commit").await,
+        1,
+        "the server said goodbye before the question: nothing committed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_session_ended_before_it_committed_is_applied_once() {
+    let cluster = Cluster::start();
+    cluster.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text)");
+    let daemon = TestDaemon::start(config(&cluster)).await;
+    let db = client(&daemon).await;
+    // Extended protocol, a parameter: what drivers send.
+    let write = "INSERT INTO ledger (note) SELECT $1::text FROM pg_sleep(1)";
+    let running = tokio::spawn(async move { db.execute(write, &[&"once"]).await });
+    terminate(&cluster, backend_of(&cluster, "active"));
+
+    let inserted = tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("answered")
+        .unwrap()
+        .expect("replayed, not failed");
+    assert_eq!(inserted, 1);
+    assert_eq!(count(&cluster), "1", "applied once, never twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_committed_before_its_session_ended_is_answered_not_replayed() {
+    let cluster = Cluster::start();
+    cluster.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text)");
+    let daemon = TestDaemon::start(config(&cluster)).await;
+    let db = client(&daemon).await;
+    waiting_for_a_standby(&cluster);
+    let running = tokio::spawn(async move {
+        db.simple_query("INSERT INTO ledger (note) VALUES ('committed')")
+            .await
+    });
+    // Durable here, waiting for the standby: the session ends now.
+    let pid = backend_of(&cluster, "active");
+    terminate(&cluster, pid);
+    no_standby_wait(&cluster);
+
+    let answered = tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("answered")
+        .unwrap()
+        .expect("it committed: the client is answered with its own result");
+    assert!(matches!(
+        answered.last(),
+        Some(SimpleQueryMessage::CommandComplete(1))
+    ));
+    assert_eq!(
+        count(&cluster),
+        "1",
+        "answered from the result in hand, not replayed"
+    );
+    assert_eq!(decisions(&daemon, "committed").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_writes_in_flight_across_a_restart_are_replayed_once() {
+    let cluster = Cluster::start();
+    cluster.psql("CREATE TABLE ledger (id serial PRIMARY KEY, note text)");
+    let daemon = TestDaemon::start(config(&cluster)).await;
+    let (reader, writer) = (client(&daemon).await, client(&daemon).await);
+    let read = tokio::spawn(async move {
+        reader
+            .query_one("SELECT $1::int + 1 FROM pg_sleep(1)", &[&41])
+            .await
+            .map(|row| row.get::<_, i32>(0))
+    });
+    let write = tokio::spawn(async move {
+        writer
+            .simple_query("INSERT INTO ledger (note) SELECT 'w' FROM pg_sleep(1)")
+            .await
+            .map(|_| ())
+    });
+    let probe = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{APP}' AND state = 'active'"
+    );
+    for _ in 0..400 {
+        if cluster.psql(&probe).trim() == "2" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    cluster.restart_fast();
+
+    let within = Duration::from_secs(20);
+    let read = tokio::time::timeout(within, read).await.expect("answered");
+    assert_eq!(read.unwrap().expect("the read is replayed"), 42);
+    let write = tokio::time::timeout(within, write).await.expect("answered");
+    write.unwrap().expect("the write is replayed");
+    assert_eq!(count(&cluster), "1", "applied once");
+    assert!(
+        daemon.reconnects().await >= 1.0,
+        "a new generation served the replays"
     );
 }
