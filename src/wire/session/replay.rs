@@ -5,37 +5,45 @@
 //! A unit is kept until its ReadyForQuery, and its replies are held (the
 //! outbox is written at the ReadyForQuery, or past 16 KiB), so a unit cut
 //! off before its end can be sent again as if the first attempt had never
-//! been. What makes its fate decidable is a question that rides in the
-//! same write: behind the client's statements and before the Sync that
-//! commits them, pgwarden's prepared statement asks the transaction's id
-//! (NULL when the statements wrote nothing) and what tells a crash or a
-//! failover (see [`crate::guard::replay`]), then a Flush makes the server
-//! send the answer *before* it reaches the Sync. So, when the session
-//! breaks:
-//! - the answer said the unit wrote nothing: replayed;
-//! - no answer came, but the server's own goodbye did (a FATAL, or the
-//!   WARNING a crash sends): the server ended the session before the
-//!   Flush, which it reaches before the Sync, so nothing committed:
-//!   replayed. (A stream is ordered: what the server sent before its
-//!   goodbye arrived before it.)
-//! - the answer named a transaction: its fate is asked of the server as
-//!   for a broken HTTP write: committed → the replies in hand and a
-//!   ReadyForQuery; provably not → replayed; otherwise 08007;
-//! - no answer and no goodbye (a cut network, a proxy that closed): 08007.
+//! been. Its fate is decidable because of where PostgreSQL commits an
+//! extended-protocol unit: at its Sync, after every Execute has completed
+//! and its CommandComplete is in the output buffer; and because a server
+//! that ends a session says goodbye (a FATAL; a crash's WARNING) through
+//! the same buffer, after whatever was already in it. So, when the
+//! session breaks:
+//! - the server said goodbye before the unit's last Execute completed: it
+//!   never reached the Sync, so nothing committed: replayed;
+//! - a statement failed: its implicit transaction was rolled back, and
+//!   the error in hand is the answer;
+//! - a unit that may write also carries a question, an Execute of
+//!   pgwarden's prepared statement behind the client's and before the
+//!   Sync, in the same write: the transaction's id (NULL when nothing was
+//!   written) and what tells a crash or a failover (see
+//!   [`crate::guard::replay`]). NULL: replayed. An id: asked of the server
+//!   as for a broken HTTP write: committed → the replies in hand and a
+//!   ReadyForQuery (a COMMIT waiting for a synchronous standby is durable
+//!   already); provably not → replayed; otherwise 08007;
+//! - no goodbye and no answer (a cut network, a proxy that closed, a
+//!   backend killed outright): 08007.
+//!
+//! Reads (by the HTTP path's conservative keyword check) go without the
+//! question, so they cost nothing more; a read cut off after its last
+//! statement completed but before its ReadyForQuery gets 08007.
 //!
 //! A unit without an Execute (a Parse, a Describe) runs nothing and is
-//! always replayed. A simple Query of one statement is sent as its
-//! extended-protocol equivalent (Parse, Bind, Describe, Execute of the
-//! unnamed statement, text results), whose replies are those of the
-//! Query once ParseComplete, BindComplete and NoData are left out.
+//! always replayed. A simple Query of one statement commits before its
+//! CommandComplete, so it is sent as its extended-protocol equivalent
+//! (Parse, Bind, Describe, Execute of the unnamed statement, text
+//! results), whose replies are the Query's once ParseComplete,
+//! BindComplete and NoData are left out.
 //!
 //! Only statements that run inside the unit's implicit transaction are
-//! asked about: `SELECT`, `INSERT`, `UPDATE`, `DELETE`, `MERGE`, `WITH`,
+//! kept: `SELECT`, `INSERT`, `UPDATE`, `DELETE`, `MERGE`, `WITH`,
 //! `VALUES`, `TABLE`. Anything else (`VACUUM`, `CREATE DATABASE` and
 //! `CALL` commit on their own; `COPY` streams; `BEGIN` opens a
-//! transaction) is sent as it is and gets 08007 when broken, as do
-//! units of pinned clients (their state does not move), units behind
-//! others still waiting, and every unit with `write_safety = "fast"`.
+//! transaction) is sent as it is and gets 08007 when broken, as do units
+//! of pinned clients (their state does not move) and units behind others
+//! still waiting. With `write_safety = "fast"` no question is asked.
 //! Replays count against the guard budget from the first break.
 
 use std::time::Instant;
@@ -52,7 +60,7 @@ use crate::backend::statements::Held;
 use crate::backend::{Connection, TxIdentity};
 use crate::guard::WriteSafety;
 use crate::guard::exec::OldSession;
-use crate::guard::replay::{Decision, Rule, single_statement};
+use crate::guard::replay::{Decision, Rule, is_read, single_statement};
 use crate::telemetry::labels::{ClientErrorKind, ReplayResult};
 use crate::wire::messages;
 use crate::wire::prepared::{self, Registry, Statement};
@@ -75,10 +83,12 @@ pub(crate) fn identify_statement(registry: &Registry) -> std::sync::Arc<Statemen
 enum Shape {
     /// Extended-protocol messages up to a Sync, none of which executes.
     Quiet,
-    /// Extended-protocol messages up to a Sync, with the question before it.
-    Extended,
-    /// A Query of one statement, sent as its extended-protocol equivalent.
-    Simple,
+    /// Extended-protocol messages up to a Sync; `ask` puts the question
+    /// before the Sync.
+    Extended { ask: bool },
+    /// A Query of one statement, sent as its extended-protocol
+    /// equivalent; `ask` as above.
+    Simple { ask: bool },
 }
 
 /// A unit kept until its ReadyForQuery.
@@ -92,6 +102,11 @@ pub(super) struct InFlight {
     identity: Option<Option<TxIdentity>>,
     /// The server said goodbye (FATAL, or a crash's WARNING).
     goodbye: bool,
+    /// Executes (the client's, and the question) not yet complete: the
+    /// server reaches the Sync that commits only after the last.
+    pending: usize,
+    /// A statement of it failed: its implicit transaction is rolled back.
+    failed: bool,
     /// Outbox bytes that were there before the unit's replies.
     mark: usize,
     /// Some of its replies reached the client already.
@@ -129,7 +144,7 @@ where
         bytes: &Bytes,
         started: Instant,
     ) -> bool {
-        let Some(shape) = self.shape_of(bytes) else {
+        let Some((shape, executes)) = self.shape_of(bytes) else {
             return false;
         };
         self.inflight = Some(InFlight {
@@ -138,6 +153,8 @@ where
             started,
             identity: None,
             goodbye: false,
+            pending: executes,
+            failed: false,
             mark: self.outbox.len(),
             forwarded: false,
             parsed: Vec::new(),
@@ -158,13 +175,15 @@ where
         let (body, sync) = bytes.split_at(bytes.len() - 5);
         match shape {
             Shape::Quiet => self.write_unit(conn, bytes, started),
-            Shape::Extended => {
+            Shape::Extended { ask } => {
                 self.write_unit(conn, &bytes.slice(..body.len()), started);
-                self.ask(conn);
+                if ask {
+                    self.ask(conn);
+                }
                 conn.passthrough_buf().extend_from_slice(sync);
                 self.expect(Expect::Sync(started));
             }
-            Shape::Simple => {
+            Shape::Simple { ask } => {
                 let text = prepared::split_cstr(&bytes[5..]).map_or(&[][..], |(t, _)| t);
                 let buf = conn.passthrough_buf();
                 prepared::message(buf, b'P', &[b"\0", text, b"\0\0\0"]);
@@ -175,14 +194,16 @@ where
                 self.expect(Expect::Hidden(Ends::BindComplete));
                 self.expect(Expect::Described);
                 self.expect(Expect::Reply(Ends::Execution));
-                self.ask(conn);
+                if ask {
+                    self.ask(conn);
+                }
                 frontend::sync(conn.passthrough_buf());
                 self.expect(Expect::Sync(started));
             }
         }
     }
 
-    /// The question, then a Flush so its answer leaves before the Sync.
+    /// The question, an Execute of pgwarden's statement.
     fn ask(&mut self, conn: &mut Connection) {
         let statement = self.wire.identify.clone();
         let held = conn.prepared().lookup(statement.id);
@@ -193,46 +214,47 @@ where
         self.expect(Expect::Hidden(Ends::BindComplete));
         frontend::execute("", 0, conn.passthrough_buf()).ok();
         self.expect(Expect::IdentifyRow);
-        frontend::flush(conn.passthrough_buf());
     }
 
-    /// How a unit can be kept, if it can: outside a transaction, nothing
-    /// else waiting, the client not pinned, and its statements asked
-    /// about (see the module doc).
-    fn shape_of(&self, bytes: &[u8]) -> Option<Shape> {
+    /// How a unit can be kept, if it can, and the Executes it sends:
+    /// outside a transaction, nothing else waiting, the client not pinned,
+    /// and only statements that run in its implicit transaction (see the
+    /// module doc). The question goes with units that may write, unless
+    /// `write_safety = "fast"`.
+    fn shape_of(&self, bytes: &[u8]) -> Option<(Shape, usize)> {
         let free = self.status == b'I'
             && self.units == 0
             && !self.unsynced
             && self.pinned.is_none()
             && self.lost.is_none();
-        if !free || bytes.len() < 5 {
+        let synced = bytes.len() >= 5 && bytes[bytes.len() - 5] == b'S';
+        if !free || !(synced || bytes.first() == Some(&b'Q')) {
             return None;
         }
-        let asks = self.wire.executor.write_safety() == WriteSafety::Resolve;
-        if bytes[bytes.len() - 5..][0] != b'S' && bytes[0] != b'Q' {
-            return None;
-        }
+        let resolve = self.wire.executor.write_safety() == WriteSafety::Resolve;
         let mut at = 0;
-        let mut executes = false;
-        let mut unnamed: Option<bool> = None;
-        let mut bound: Option<bool> = None;
-        let mut named: Vec<(&[u8], bool)> = Vec::new();
+        let mut executes = 0;
+        let mut writes = false;
+        let mut unnamed: Option<Kind> = None;
+        let mut bound: Option<Kind> = None;
+        let mut named: Vec<(&[u8], Option<Kind>)> = Vec::new();
         while let Some((tag, len)) = messages::peek_header(&bytes[at..]) {
             let body = &bytes[at + 5..at + len];
             at += len;
             let last = at == bytes.len();
             match tag {
-                b'Q' if last && at == len && asks => {
-                    let text = prepared::split_cstr(body)?.0;
-                    return asked(text).then_some(Shape::Simple);
+                b'Q' if last && at == len => {
+                    let kind = kind_of(prepared::split_cstr(body)?.0)?;
+                    let ask = resolve && kind == Kind::Write;
+                    return Some((Shape::Simple { ask }, 1 + usize::from(ask)));
                 }
                 b'P' => {
                     let (name, rest) = prepared::split_cstr(body)?;
-                    let ok = asked(prepared::split_cstr(rest)?.0);
+                    let kind = kind_of(prepared::split_cstr(rest)?.0);
                     if name.is_empty() {
-                        unnamed = Some(ok);
+                        unnamed = kind;
                     } else {
-                        named.push((name, ok));
+                        named.push((name, kind));
                     }
                 }
                 b'B' => {
@@ -240,28 +262,41 @@ where
                     let (name, _) = prepared::split_cstr(rest)?;
                     bound = if name.is_empty() {
                         unnamed
-                    } else if let Some((_, ok)) = named.iter().rev().find(|(n, _)| *n == name) {
-                        Some(*ok)
+                    } else if let Some((_, kind)) = named.iter().rev().find(|(n, _)| *n == name) {
+                        *kind
                     } else {
-                        self.statements.get(name).map(|s| asked(s.text()))
+                        self.statements.get(name).and_then(|s| kind_of(s.text()))
                     };
                 }
                 b'E' => {
-                    executes = true;
-                    if !(asks && bound == Some(true)) {
-                        return None;
-                    }
+                    executes += 1;
+                    writes |= bound? == Kind::Write;
                 }
                 b'D' | b'C' => {}
                 b'S' if last => {}
                 _ => return None,
             }
         }
-        Some(if executes {
-            Shape::Extended
-        } else {
-            Shape::Quiet
-        })
+        let ask = resolve && writes;
+        let shape = match executes {
+            0 => Shape::Quiet,
+            _ => Shape::Extended { ask },
+        };
+        Some((shape, executes + usize::from(ask)))
+    }
+
+    /// An Execute of a kept unit completed (or the question was answered).
+    pub(super) fn kept_executed(&mut self) {
+        if let Some(kept) = self.inflight.as_mut() {
+            kept.pending = kept.pending.saturating_sub(1);
+        }
+    }
+
+    /// A statement of a kept unit failed.
+    pub(super) fn kept_failed(&mut self) {
+        if let Some(kept) = self.inflight.as_mut() {
+            kept.failed = true;
+        }
     }
 
     /// A client's Parse of a new name in a kept unit: undone before a
@@ -286,6 +321,7 @@ where
             }
             b'C' => {
                 self.pop();
+                self.kept_executed();
                 self.answer_fakes();
             }
             _ => {}
@@ -365,21 +401,26 @@ where
                 _ => unknown,
             };
         }
-        match (&kept.shape, &kept.identity, kept.goodbye) {
-            (Shape::Quiet, _, _) => Fate::Replay(Some(Rule::NeverSent)),
-            (_, Some(None), _) => Fate::Replay(Some(Rule::Read)),
-            (_, None, true) => Fate::Replay(Some(Rule::BeforeCommit)),
-            (_, None, false) => {
+        if kept.shape == Shape::Quiet {
+            return Fate::Replay(Some(Rule::NeverSent));
+        }
+        if kept.failed {
+            // Rolled back by its error, which is in hand.
+            return Fate::Answer;
+        }
+        match &kept.identity {
+            Some(None) => Fate::Replay(Some(Rule::Read)),
+            // The resolution counts its own rule.
+            Some(Some(identity)) => match self.wire.executor.resolve_commit(identity, old).await {
+                Decision::Answer => Fate::Answer,
+                Decision::Replay => Fate::Replay(None),
+                Decision::AskAgain | Decision::Unknown => unknown,
+            },
+            // The server ended the session before the Sync that commits.
+            None if kept.goodbye && kept.pending > 0 => Fate::Replay(Some(Rule::BeforeCommit)),
+            None => {
                 self.wire.executor.count_rule(Rule::Unknown);
                 unknown
-            }
-            // The resolution counts its own rule.
-            (_, Some(Some(identity)), _) => {
-                match self.wire.executor.resolve_commit(identity, old).await {
-                    Decision::Answer => Fate::Answer,
-                    Decision::Replay => Fate::Replay(None),
-                    Decision::AskAgain | Decision::Unknown => unknown,
-                }
             }
         }
     }
@@ -433,12 +474,28 @@ where
     }
 }
 
-/// True for a statement asked about (see [`ASKED`]).
-fn asked(text: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(text) else {
-        return false;
-    };
-    single_statement(text).is_some_and(|word| ASKED.iter().any(|a| a.eq_ignore_ascii_case(word)))
+/// What a statement of a kept unit does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Reads, by the conservative keyword check of the HTTP path.
+    Read,
+    /// May write.
+    Write,
+}
+
+/// How a statement runs, when it runs inside the unit's implicit
+/// transaction (see [`ASKED`]); `None` otherwise.
+fn kind_of(text: &[u8]) -> Option<Kind> {
+    let text = std::str::from_utf8(text).ok()?;
+    let word = single_statement(text)?;
+    if !ASKED.iter().any(|a| a.eq_ignore_ascii_case(word)) {
+        return None;
+    }
+    Some(if is_read(text) {
+        Kind::Read
+    } else {
+        Kind::Write
+    })
 }
 
 #[cfg(test)]
@@ -446,15 +503,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_statements_inside_the_units_transaction_are_asked_about() {
-        for sql in [
-            "SELECT 1",
-            "insert into t values (1)",
-            "WITH a AS (SELECT 1) SELECT * FROM a",
-            "update t set x = 1;",
-        ] {
-            assert!(asked(sql.as_bytes()), "{sql}");
-        }
+    fn only_statements_inside_the_units_transaction_are_kept() {
+        let kind = |sql: &str| kind_of(sql.as_bytes());
+        assert_eq!(kind("SELECT 1"), Some(Kind::Read));
+        assert_eq!(
+            kind("WITH a AS (SELECT 1) SELECT * FROM a"),
+            Some(Kind::Read)
+        );
+        assert_eq!(kind("insert into t values (1)"), Some(Kind::Write));
+        assert_eq!(kind("update t set x = 1;"), Some(Kind::Write));
+        assert_eq!(kind("SELECT * FROM t FOR UPDATE"), Some(Kind::Write));
         for sql in [
             "VACUUM",
             "CALL p()",
@@ -464,7 +522,7 @@ mod tests {
             "CREATE DATABASE d",
             "",
         ] {
-            assert!(!asked(sql.as_bytes()), "{sql}");
+            assert_eq!(kind(sql), None, "{sql}");
         }
     }
 }

@@ -188,6 +188,7 @@ where
             b'E' => {
                 self.outbox.extend_from_slice(frame);
                 self.failed = true;
+                self.kept_failed();
                 self.on_error(frame);
             }
             b'Z' => {
@@ -200,6 +201,9 @@ where
                     self.outbox.extend_from_slice(frame);
                 }
                 if ends {
+                    if matches!(head, Expect::Reply(Ends::Execution)) {
+                        self.kept_executed();
+                    }
                     // What it prepared was recorded when sent, so that a
                     // Bind right behind it finds it.
                     self.pop();
