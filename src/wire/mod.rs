@@ -139,9 +139,9 @@ pub struct Wire {
     cancels: Arc<CancelRegistry>,
     /// Every client's named statements, by text.
     statements: prepared::Registry,
-    /// pgwarden's own question at the end of a unit (see
+    /// pgwarden's own statements in front of units (see
     /// `session::replay`), prepared once per server session.
-    identify: Arc<prepared::Statement>,
+    own: session::OwnStatements,
     /// Connected clients.
     clients: AtomicUsize,
     /// The server's ParameterStatus values, learned from a pooled session,
@@ -160,7 +160,7 @@ impl Wire {
         tls: Option<tls::ClientTls>,
     ) -> Self {
         let statements = prepared::Registry::default();
-        let identify = session::identify_statement(&statements);
+        let own = session::OwnStatements::new(&statements);
         Self {
             guard,
             executor,
@@ -170,7 +170,7 @@ impl Wire {
             tls,
             cancels: Arc::default(),
             statements,
-            identify,
+            own,
             clients: AtomicUsize::new(0),
             server_parameters: std::sync::Mutex::default(),
         }

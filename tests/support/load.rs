@@ -1,9 +1,11 @@
-//! A write-ledger load through the executor: each client owns one row of
+//! A write-ledger load through the executor or the wire front end: each
+//! client owns one row of
 //! `purchase_order`, alternates a point read with an UPDATE that adds 1 to
 //! its row, and counts what it was told. Afterwards the stored totals are
 //! compared with the acknowledged writes, so a lost or doubled write is
 //! counted, not guessed.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -67,6 +69,73 @@ async fn client(executor: Executor, row: usize, stop: Arc<AtomicBool>) -> Client
     report
 }
 
+/// The same client through the wire front end, on a connection of its
+/// own: odd rows in the simple protocol, even rows in the extended one
+/// with a parameter, as drivers send them. A closed connection is a
+/// failure and ends the client.
+async fn wire_client(address: SocketAddr, row: usize, stop: Arc<AtomicBool>) -> ClientReport {
+    let mut report = ClientReport::default();
+    let dsn = format!(
+        "host={} port={} user=postgres dbname=postgres sslmode=disable application_name=ledger",
+        address.ip(),
+        address.port()
+    );
+    let (db, connection) = match tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await {
+        Ok(connected) => connected,
+        Err(error) => {
+            report.failures.push(format!("connect: {error}"));
+            return report;
+        }
+    };
+    tokio::spawn(connection);
+    let simple = row % 2 == 1;
+    let id = row as i32;
+    let mut turn = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        turn += 1;
+        let reading = turn.is_multiple_of(2);
+        let done = match (reading, simple) {
+            (true, true) => db
+                .simple_query(&format!("SELECT n FROM purchase_order WHERE id = {row}"))
+                .await
+                .map(|_| ()),
+            (true, false) => db
+                .query_one("SELECT n FROM purchase_order WHERE id = $1", &[&id])
+                .await
+                .map(|_| ()),
+            (false, true) => db
+                .simple_query(&format!(
+                    "UPDATE purchase_order SET n = n + 1 WHERE id = {row}"
+                ))
+                .await
+                .map(|_| ()),
+            (false, false) => db
+                .execute("UPDATE purchase_order SET n = n + 1 WHERE id = $1", &[&id])
+                .await
+                .map(|updated| assert_eq!(updated, 1)),
+        };
+        match done {
+            Ok(()) if reading => report.reads += 1,
+            Ok(()) => report.acknowledged += 1,
+            Err(error) if db.is_closed() => {
+                report.failures.push(format!("disconnected: {error}"));
+                return report;
+            }
+            Err(error) if !reading && error.code().map(|c| c.code()) == Some("08007") => {
+                report.unknown += 1;
+            }
+            Err(error) => {
+                report
+                    .failures
+                    .push(format!("{error} (read: {reading}, simple: {simple})"));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    report
+}
+
 /// The clients of a load run.
 pub struct Load {
     stop: Arc<AtomicBool>,
@@ -79,6 +148,16 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let clients = (1..=clients)
             .map(|row| tokio::spawn(client(executor.clone(), row, stop.clone())))
+            .collect();
+        Load { stop, clients }
+    }
+
+    /// Starts `clients` wire clients of pgwarden at `address`, on rows 1
+    /// to `clients` (see `wire_client`).
+    pub fn start_wire(address: SocketAddr, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = (1..=clients)
+            .map(|row| tokio::spawn(wire_client(address, row, stop.clone())))
             .collect();
         Load { stop, clients }
     }

@@ -15,7 +15,7 @@ mod pins;
 mod replay;
 mod replies;
 
-pub(crate) use replay::identify_statement;
+pub(crate) use replay::OwnStatements;
 
 use std::collections::VecDeque;
 use std::time::Instant;

@@ -5,30 +5,30 @@
 //! A unit is kept until its ReadyForQuery, and its replies are held (the
 //! outbox is written at the ReadyForQuery, or past 16 KiB), so a unit cut
 //! off before its end can be sent again as if the first attempt had never
-//! been. Its fate is decidable because of where PostgreSQL commits an
-//! extended-protocol unit: at its Sync, after every Execute has completed
-//! and its CommandComplete is in the output buffer; and because a server
-//! that ends a session says goodbye (a FATAL; a crash's WARNING) through
-//! the same buffer, after whatever was already in it. So, when the
-//! session breaks:
-//! - the server said goodbye before the unit's last Execute completed: it
-//!   never reached the Sync, so nothing committed: replayed;
-//! - a statement failed: its implicit transaction was rolled back, and
-//!   the error in hand is the answer;
-//! - a unit that may write also carries a question, an Execute of
-//!   pgwarden's prepared statement behind the client's and before the
-//!   Sync, in the same write: the transaction's id (NULL when nothing was
-//!   written) and what tells a crash or a failover (see
-//!   [`crate::guard::replay`]). NULL: replayed. An id: asked of the server
-//!   as for a broken HTTP write: committed → the replies in hand and a
-//!   ReadyForQuery (a COMMIT waiting for a synchronous standby is durable
-//!   already); provably not → replayed; otherwise 08007;
-//! - no goodbye and no answer (a cut network, a proxy that closed, a
-//!   backend killed outright): 08007.
+//! been. What makes its fate decidable rides in the same write, in front
+//! of the client's messages, inside the implicit transaction the Sync
+//! commits:
+//! - a **read** (the HTTP path's conservative keyword check) goes behind
+//!   pgwarden's prepared `SET TRANSACTION READ ONLY`: PostgreSQL then
+//!   guarantees it changed nothing, so it is replayed whatever point it
+//!   reached. A hidden write (a volatile function, `nextval`) is refused
+//!   with 25006; that answer is dropped and the unit runs again as a write;
+//! - a **write** goes behind pgwarden's question, its transaction's id
+//!   (`txid_current()`) and what tells a crash or a failover (see
+//!   [`crate::guard::replay`]), with a Flush, so the answer leaves before
+//!   the client's statements run. When the session breaks, the server is
+//!   asked what became of that id, as for a broken HTTP write: committed →
+//!   the replies in hand and a ReadyForQuery (a COMMIT waiting for a
+//!   synchronous standby is durable already); provably not → replayed;
+//!   otherwise 08007.
 //!
-//! Reads (by the HTTP path's conservative keyword check) go without the
-//! question, so they cost nothing more; a read cut off after its last
-//! statement completed but before its ReadyForQuery gets 08007.
+//! Without an answer (or with `write_safety = "fast"`, which asks nothing)
+//! a write is still replayed when the server said goodbye (a FATAL; a
+//! crash's WARNING) before its last Execute completed: PostgreSQL commits
+//! an extended-protocol unit at its Sync, after its last CommandComplete,
+//! and a goodbye goes through the same buffer after whatever was in it.
+//! Otherwise (a cut network, a backend killed outright) 08007. A unit
+//! whose statement failed was rolled back, and its error is the answer.
 //!
 //! A unit without an Execute (a Parse, a Describe) runs nothing and is
 //! always replayed. A simple Query of one statement commits before its
@@ -43,9 +43,10 @@
 //! `CALL` commit on their own; `COPY` streams; `BEGIN` opens a
 //! transaction) is sent as it is and gets 08007 when broken, as do units
 //! of pinned clients (their state does not move) and units behind others
-//! still waiting. With `write_safety = "fast"` no question is asked.
-//! Replays count against the guard budget from the first break.
+//! still waiting. Replays count against the guard budget from the first
+//! break.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -54,7 +55,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
 use super::Session;
-use super::lost::IDENTIFY_SQL;
 use super::replies::{Ends, Expect};
 use crate::backend::statements::Held;
 use crate::backend::{Connection, TxIdentity};
@@ -65,30 +65,65 @@ use crate::telemetry::labels::{ClientErrorKind, ReplayResult};
 use crate::wire::messages;
 use crate::wire::prepared::{self, Registry, Statement};
 
-/// Statements asked about: they run inside the unit's implicit
-/// transaction, so its Sync commits them.
-const ASKED: [&str; 8] = [
+/// Statements kept: they run inside the unit's implicit transaction, so
+/// its Sync commits them.
+const KEPT: [&str; 8] = [
     "SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "WITH", "VALUES", "TABLE",
 ];
 
-/// pgwarden's question, as a statement every session prepares once.
-pub(crate) fn identify_statement(registry: &Registry) -> std::sync::Arc<Statement> {
-    let mut body = IDENTIFY_SQL.as_bytes().to_vec();
-    body.extend_from_slice(b"\0\0\0");
-    registry.statement(&body)
+/// pgwarden's question in front of a write (see [`TxIdentity`]).
+const IDENTIFY_SQL: &str = "SELECT pg_catalog.txid_current(), \
+     pg_catalog.pg_postmaster_start_time()::text, \
+     pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8), \
+     pg_catalog.pg_stat_get_bgwriter_stat_reset_time()::text";
+
+/// What makes a read provably read-only.
+const READ_ONLY_SQL: &str = "SET TRANSACTION READ ONLY";
+
+/// The statements pgwarden puts in front of kept units, prepared once
+/// per server session.
+#[derive(Debug)]
+pub(crate) struct OwnStatements {
+    identify: Arc<Statement>,
+    read_only: Arc<Statement>,
+}
+
+impl OwnStatements {
+    /// pgwarden's statements, held in `registry` for as long as they live.
+    pub(crate) fn new(registry: &Registry) -> Self {
+        let parse_body = |sql: &str| {
+            let mut body = sql.as_bytes().to_vec();
+            body.extend_from_slice(b"\0\0\0");
+            registry.statement(&body)
+        };
+        OwnStatements {
+            identify: parse_body(IDENTIFY_SQL),
+            read_only: parse_body(READ_ONLY_SQL),
+        }
+    }
+}
+
+/// How a kept unit's fate is made decidable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Guard {
+    /// It executes nothing.
+    Quiet,
+    /// Behind `SET TRANSACTION READ ONLY`.
+    ReadOnly,
+    /// Behind the question.
+    Identified,
+    /// Nothing in front (`write_safety = "fast"`).
+    Bare,
 }
 
 /// How a kept unit is sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Shape {
-    /// Extended-protocol messages up to a Sync, none of which executes.
-    Quiet,
-    /// Extended-protocol messages up to a Sync; `ask` puts the question
-    /// before the Sync.
-    Extended { ask: bool },
-    /// A Query of one statement, sent as its extended-protocol
-    /// equivalent; `ask` as above.
-    Simple { ask: bool },
+struct Shape {
+    guard: Guard,
+    /// A simple Query sent as its extended-protocol equivalent.
+    simple: bool,
+    /// The client's Executes.
+    executes: usize,
 }
 
 /// A unit kept until its ReadyForQuery.
@@ -97,22 +132,23 @@ pub(super) struct InFlight {
     bytes: Bytes,
     shape: Shape,
     started: Instant,
-    /// The answer to the question: `None` until it comes, then the
-    /// transaction, `None` when it wrote nothing.
-    identity: Option<Option<TxIdentity>>,
+    /// The answer to the question, once it came.
+    identity: Option<TxIdentity>,
     /// The server said goodbye (FATAL, or a crash's WARNING).
     goodbye: bool,
-    /// Executes (the client's, and the question) not yet complete: the
-    /// server reaches the Sync that commits only after the last.
+    /// The client's Executes not yet complete: the server reaches the
+    /// Sync that commits only after the last.
     pending: usize,
     /// A statement of it failed: its implicit transaction is rolled back.
     failed: bool,
+    /// A read was refused as read-only (25006): it runs again as a write.
+    refused: bool,
     /// Outbox bytes that were there before the unit's replies.
     mark: usize,
     /// Some of its replies reached the client already.
     forwarded: bool,
-    /// Names of statements the client prepared in it, undone before a
-    /// replay.
+    /// Names of statements the client prepared in it, undone before it
+    /// is sent again.
     parsed: Vec<Bytes>,
     /// Times it was replayed.
     replays: u32,
@@ -125,6 +161,7 @@ enum Fate {
     /// Sent again; the rule that decided it, unless the resolution
     /// counted it already.
     Replay(Option<Rule>),
+    /// Answered with the replies in hand.
     Answer,
     Fail(&'static str, &'static str, ClientErrorKind),
 }
@@ -144,7 +181,7 @@ where
         bytes: &Bytes,
         started: Instant,
     ) -> bool {
-        let Some((shape, executes)) = self.shape_of(bytes) else {
+        let Some(shape) = self.shape_of(bytes) else {
             return false;
         };
         self.inflight = Some(InFlight {
@@ -153,8 +190,9 @@ where
             started,
             identity: None,
             goodbye: false,
-            pending: executes,
+            pending: shape.executes,
             failed: false,
+            refused: false,
             mark: self.outbox.len(),
             forwarded: false,
             parsed: Vec::new(),
@@ -172,56 +210,52 @@ where
         shape: Shape,
         started: Instant,
     ) {
-        let (body, sync) = bytes.split_at(bytes.len() - 5);
-        match shape {
-            Shape::Quiet => self.write_unit(conn, bytes, started),
-            Shape::Extended { ask } => {
-                self.write_unit(conn, &bytes.slice(..body.len()), started);
-                if ask {
-                    self.ask(conn);
-                }
-                conn.passthrough_buf().extend_from_slice(sync);
-                self.expect(Expect::Sync(started));
+        match shape.guard {
+            Guard::ReadOnly => {
+                let statement = self.wire.own.read_only.clone();
+                self.run_own(conn, &statement, Expect::Hidden(Ends::Execution));
             }
-            Shape::Simple { ask } => {
-                let text = prepared::split_cstr(&bytes[5..]).map_or(&[][..], |(t, _)| t);
-                let buf = conn.passthrough_buf();
-                prepared::message(buf, b'P', &[b"\0", text, b"\0\0\0"]);
-                prepared::message(buf, b'B', &[b"\0\0\0\0\0\0\0\0"]);
-                prepared::message(buf, b'D', &[b"P\0"]);
-                prepared::message(buf, b'E', &[b"\0\0\0\0\0"]);
-                self.expect(Expect::Hidden(Ends::ParseComplete));
-                self.expect(Expect::Hidden(Ends::BindComplete));
-                self.expect(Expect::Described);
-                self.expect(Expect::Reply(Ends::Execution));
-                if ask {
-                    self.ask(conn);
-                }
-                frontend::sync(conn.passthrough_buf());
-                self.expect(Expect::Sync(started));
+            Guard::Identified => {
+                let statement = self.wire.own.identify.clone();
+                self.run_own(conn, &statement, Expect::IdentifyRow);
+                frontend::flush(conn.passthrough_buf());
             }
+            Guard::Quiet | Guard::Bare => {}
         }
+        if !shape.simple {
+            return self.write_unit(conn, bytes, started);
+        }
+        let text = prepared::split_cstr(&bytes[5..]).map_or(&[][..], |(t, _)| t);
+        let buf = conn.passthrough_buf();
+        prepared::message(buf, b'P', &[b"\0", text, b"\0\0\0"]);
+        prepared::message(buf, b'B', &[b"\0\0\0\0\0\0\0\0"]);
+        prepared::message(buf, b'D', &[b"P\0"]);
+        prepared::message(buf, b'E', &[b"\0\0\0\0\0"]);
+        frontend::sync(buf);
+        self.expect(Expect::Hidden(Ends::ParseComplete));
+        self.expect(Expect::Hidden(Ends::BindComplete));
+        self.expect(Expect::Described);
+        self.expect(Expect::Reply(Ends::Execution));
+        self.expect(Expect::Sync(started));
     }
 
-    /// The question, an Execute of pgwarden's statement.
-    fn ask(&mut self, conn: &mut Connection) {
-        let statement = self.wire.identify.clone();
+    /// Runs one of pgwarden's statements (prepared first where the
+    /// session lacks it), its replies owed as `owed` says.
+    fn run_own(&mut self, conn: &mut Connection, statement: &Statement, owed: Expect) {
         let held = conn.prepared().lookup(statement.id);
         if held != Held::Ready {
-            self.send_parse(conn, &statement, held, None);
+            self.send_parse(conn, statement, held, None);
         }
         statement.encode_bind(b"\0", b"\0\0\0\0\0\0", conn.passthrough_buf());
         self.expect(Expect::Hidden(Ends::BindComplete));
         frontend::execute("", 0, conn.passthrough_buf()).ok();
-        self.expect(Expect::IdentifyRow);
+        self.expect(owed);
     }
 
-    /// How a unit can be kept, if it can, and the Executes it sends:
-    /// outside a transaction, nothing else waiting, the client not pinned,
-    /// and only statements that run in its implicit transaction (see the
-    /// module doc). The question goes with units that may write, unless
-    /// `write_safety = "fast"`.
-    fn shape_of(&self, bytes: &[u8]) -> Option<(Shape, usize)> {
+    /// How a unit can be kept, if it can: outside a transaction, nothing
+    /// else waiting, the client not pinned, and only statements that run
+    /// in its implicit transaction (see the module doc).
+    fn shape_of(&self, bytes: &[u8]) -> Option<Shape> {
         let free = self.status == b'I'
             && self.units == 0
             && !self.unsynced
@@ -231,7 +265,6 @@ where
         if !free || !(synced || bytes.first() == Some(&b'Q')) {
             return None;
         }
-        let resolve = self.wire.executor.write_safety() == WriteSafety::Resolve;
         let mut at = 0;
         let mut executes = 0;
         let mut writes = false;
@@ -245,8 +278,7 @@ where
             match tag {
                 b'Q' if last && at == len => {
                     let kind = kind_of(prepared::split_cstr(body)?.0)?;
-                    let ask = resolve && kind == Kind::Write;
-                    return Some((Shape::Simple { ask }, 1 + usize::from(ask)));
+                    return Some(self.guarded(kind == Kind::Write, true, 1));
                 }
                 b'P' => {
                     let (name, rest) = prepared::split_cstr(body)?;
@@ -277,25 +309,28 @@ where
                 _ => return None,
             }
         }
-        let ask = resolve && writes;
-        let shape = match executes {
-            0 => Shape::Quiet,
-            _ => Shape::Extended { ask },
-        };
-        Some((shape, executes + usize::from(ask)))
-    }
-
-    /// An Execute of a kept unit completed (or the question was answered).
-    pub(super) fn kept_executed(&mut self) {
-        if let Some(kept) = self.inflight.as_mut() {
-            kept.pending = kept.pending.saturating_sub(1);
+        if executes == 0 {
+            let guard = Guard::Quiet;
+            return Some(Shape {
+                guard,
+                simple: false,
+                executes,
+            });
         }
+        Some(self.guarded(writes, false, executes))
     }
 
-    /// A statement of a kept unit failed.
-    pub(super) fn kept_failed(&mut self) {
-        if let Some(kept) = self.inflight.as_mut() {
-            kept.failed = true;
+    fn guarded(&self, writes: bool, simple: bool, executes: usize) -> Shape {
+        let resolve = self.wire.executor.write_safety() == WriteSafety::Resolve;
+        let guard = match (writes, resolve) {
+            (false, _) => Guard::ReadOnly,
+            (true, true) => Guard::Identified,
+            (true, false) => Guard::Bare,
+        };
+        Shape {
+            guard,
+            simple,
+            executes,
         }
     }
 
@@ -307,21 +342,74 @@ where
         }
     }
 
+    /// An Execute of the client's in a kept unit completed.
+    pub(super) fn kept_executed(&mut self) {
+        if let Some(kept) = self.inflight.as_mut() {
+            kept.pending = kept.pending.saturating_sub(1);
+        }
+    }
+
+    /// A statement of a kept unit failed: a read refused as read-only
+    /// runs again as a write (see [`Session::rerun_refused`]).
+    pub(super) fn kept_failed(&mut self, frame: &[u8]) {
+        if let Some(kept) = self.inflight.as_mut() {
+            kept.failed = true;
+            kept.refused |= kept.shape.guard == Guard::ReadOnly
+                && super::replies::error_code(frame) == Some(b"25006".as_slice());
+        }
+    }
+
+    /// At the ReadyForQuery of a read refused as read-only: its replies
+    /// are dropped and it goes again, as a write, on the same session.
+    /// True when it did (the ReadyForQuery is not the client's).
+    pub(super) fn rerun_refused(&mut self) -> bool {
+        let Some(old) = self
+            .inflight
+            .as_ref()
+            .filter(|k| k.refused)
+            .map(|k| k.shape)
+        else {
+            return false;
+        };
+        let Some(mut lease) = self.lease.take() else {
+            return false;
+        };
+        let shape = self.guarded(true, old.simple, old.executes);
+        let kept = self.inflight.as_mut().expect("kept above");
+        kept.shape = shape;
+        kept.refused = false;
+        kept.failed = false;
+        kept.pending = shape.executes;
+        let (mark, bytes, started) = (kept.mark, kept.bytes.clone(), kept.started);
+        let parsed = std::mem::take(&mut kept.parsed);
+        self.outbox.truncate(mark);
+        for name in parsed {
+            self.statements.remove(&name);
+        }
+        // The Sync the error skipped to.
+        self.pop();
+        self.failed = false;
+        self.write_shape(lease.conn(), &bytes, shape, started);
+        self.lease = Some(lease);
+        self.answer_fakes();
+        self.resend = true;
+        true
+    }
+
     /// The answer to the question in a kept unit.
     pub(super) fn identify_row_reply(&mut self, tag: u8, frame: &[u8]) {
         match tag {
             b'D' => {
-                let identity = super::lost::identity_of(frame);
+                let identity = super::lost::identity_of(frame).flatten();
                 if identity.is_none() {
                     warn!("pgwarden's question in a unit got an unreadable answer.");
                 }
-                if let (Some(kept), Some(identity)) = (self.inflight.as_mut(), identity) {
-                    kept.identity = Some(identity);
+                if let Some(kept) = self.inflight.as_mut() {
+                    kept.identity = identity;
                 }
             }
             b'C' => {
                 self.pop();
-                self.kept_executed();
                 self.answer_fakes();
             }
             _ => {}
@@ -351,8 +439,8 @@ where
 
     /// The session broke under a kept unit (the only one waiting):
     /// replayed on a fresh session, answered, or failed, as the module
-    /// doc says. True when it was replayed: the new session holds it,
-    /// to be sent.
+    /// doc says. True when it was replayed: the new session holds it, to
+    /// be sent.
     pub(super) async fn settle_kept(
         &mut self,
         mut kept: InFlight,
@@ -360,8 +448,7 @@ where
         fatal: bool,
     ) -> bool {
         kept.goodbye |= fatal;
-        let fate = self.fate_of(&kept, old).await;
-        match fate {
+        match self.fate_of(&kept, old).await {
             Fate::Replay(rule) => {
                 if let Some(rule) = rule {
                     self.wire.executor.count_rule(rule);
@@ -395,30 +482,36 @@ where
 
     async fn fate_of(&mut self, kept: &InFlight, old: &OldSession) -> Fate {
         let unknown = Fate::Fail("08007", UNKNOWN_TEXT, ClientErrorKind::ResolutionUnknown);
+        let guard = kept.shape.guard;
         if kept.forwarded {
-            return match kept.identity {
-                Some(None) => Fate::Fail("08006", LOST_TEXT, ClientErrorKind::ConnectionLost),
+            return match guard {
+                Guard::ReadOnly => Fate::Fail("08006", LOST_TEXT, ClientErrorKind::ConnectionLost),
                 _ => unknown,
             };
         }
-        if kept.shape == Shape::Quiet {
+        if guard == Guard::Quiet {
             return Fate::Replay(Some(Rule::NeverSent));
         }
-        if kept.failed {
+        if kept.failed && !kept.refused {
             // Rolled back by its error, which is in hand.
             return Fate::Answer;
         }
-        match &kept.identity {
-            Some(None) => Fate::Replay(Some(Rule::Read)),
+        // The server ended the session before the Sync that commits.
+        let before_sync = kept.goodbye && kept.pending > 0;
+        match (guard, &kept.identity) {
+            (Guard::ReadOnly, _) => Fate::Replay(Some(Rule::Read)),
             // The resolution counts its own rule.
-            Some(Some(identity)) => match self.wire.executor.resolve_commit(identity, old).await {
-                Decision::Answer => Fate::Answer,
-                Decision::Replay => Fate::Replay(None),
-                Decision::AskAgain | Decision::Unknown => unknown,
-            },
-            // The server ended the session before the Sync that commits.
-            None if kept.goodbye && kept.pending > 0 => Fate::Replay(Some(Rule::BeforeCommit)),
-            None => {
+            (Guard::Identified, Some(identity)) => {
+                match self.wire.executor.resolve_commit(identity, old).await {
+                    // Committed, but the replies are not all in hand.
+                    Decision::Answer if kept.pending > 0 => unknown,
+                    Decision::Answer => Fate::Answer,
+                    Decision::Replay => Fate::Replay(None),
+                    Decision::AskAgain | Decision::Unknown => unknown,
+                }
+            }
+            _ if before_sync => Fate::Replay(Some(Rule::BeforeCommit)),
+            _ => {
                 self.wire.executor.count_rule(Rule::Unknown);
                 unknown
             }
@@ -456,11 +549,17 @@ where
         kept.identity = None;
         kept.goodbye = false;
         kept.forwarded = false;
+        kept.failed = false;
+        kept.pending = kept.shape.executes;
         kept.mark = self.outbox.len();
+        self.failed = false;
         let (bytes, shape, started) = (kept.bytes.clone(), kept.shape, kept.started);
         self.inflight = Some(kept);
         self.write_shape(lease.conn(), &bytes, shape, started);
         self.lease = Some(lease);
+        // Replies pgwarden gives itself (a ParseComplete of a statement
+        // the new session holds) go in their turn, as on the first send.
+        self.answer_fakes();
         true
     }
 
@@ -484,11 +583,11 @@ enum Kind {
 }
 
 /// How a statement runs, when it runs inside the unit's implicit
-/// transaction (see [`ASKED`]); `None` otherwise.
+/// transaction (see [`KEPT`]); `None` otherwise.
 fn kind_of(text: &[u8]) -> Option<Kind> {
     let text = std::str::from_utf8(text).ok()?;
     let word = single_statement(text)?;
-    if !ASKED.iter().any(|a| a.eq_ignore_ascii_case(word)) {
+    if !KEPT.iter().any(|a| a.eq_ignore_ascii_case(word)) {
         return None;
     }
     Some(if is_read(text) {

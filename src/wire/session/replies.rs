@@ -179,6 +179,10 @@ where
         }
         match tag {
             // Asynchronous: a notice, a notification, a parameter change.
+            // pgwarden's `SET TRANSACTION READ ONLY` warns that it is not in
+            // a transaction block; it applies to the implicit one all the
+            // same, and the warning is not the client's.
+            b'N' if matches!(head, Expect::Hidden(Ends::Execution)) => {}
             b'N' | b'A' | b'S' => {
                 if tag == b'N' {
                     self.notice_seen(frame);
@@ -188,10 +192,13 @@ where
             b'E' => {
                 self.outbox.extend_from_slice(frame);
                 self.failed = true;
-                self.kept_failed();
+                self.kept_failed(frame);
                 self.on_error(frame);
             }
             b'Z' => {
+                if self.rerun_refused() {
+                    return;
+                }
                 self.outbox.extend_from_slice(frame);
                 self.on_ready(frame.get(5).copied().unwrap_or(b'I'));
             }
