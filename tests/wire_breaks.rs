@@ -48,10 +48,12 @@ async fn code_of(client: &Client, sql: &str) -> Option<SqlState> {
     error.code().cloned()
 }
 
-/// The server process of the client's session, once it is `state`.
-fn backend_of(cluster: &Cluster, state: &str) -> i32 {
+/// The server process of the client's session, once it is `state` after
+/// (or while) running a statement that starts with `query`.
+fn backend_of(cluster: &Cluster, state: &str, query: &str) -> i32 {
     let probe = format!(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = '{APP}' AND state = '{state}'"
+        "SELECT pid FROM pg_stat_activity WHERE application_name = '{APP}' \
+         AND state = '{state}' AND query LIKE '{query}%' ORDER BY backend_start DESC LIMIT 1"
     );
     for _ in 0..400 {
         if let Ok(pid) = cluster.psql(&probe).trim().parse() {
@@ -59,12 +61,22 @@ fn backend_of(cluster: &Cluster, state: &str) -> i32 {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("no session of the client is {state}");
+    panic!("no session of the client is {state} after {query}");
 }
 
+/// Ends a server process the way an operator does, and returns once it
+/// is gone (its goodbye is out before it exits), so that what the client
+/// sends next meets a session that has ended.
 fn terminate(cluster: &Cluster, pid: i32) {
     let done = cluster.psql(&format!("SELECT pg_terminate_backend({pid})"));
     assert_eq!(done.trim(), "t", "the backend was terminated");
+    let gone = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}");
+    wait_until_none(
+        cluster,
+        &gone,
+        Duration::from_secs(10),
+        "the backend stayed",
+    );
 }
 
 /// How often the replay rule `rule` decided, from `/status`.
@@ -73,21 +85,38 @@ async fn decisions(daemon: &TestDaemon, rule: &str) -> u64 {
     status["replay_decisions"][rule].as_u64().unwrap_or(0)
 }
 
+/// A client inside a transaction that wrote row 1 of `ledger`, whose
+/// server session was then terminated.
+async fn transaction_whose_session_ended() -> (Cluster, TestDaemon, Client) {
+    let cluster = Cluster::start();
+    cluster.psql("CREATE TABLE ledger (id int PRIMARY KEY)");
+    let daemon = TestDaemon::start(config(&cluster)).await;
+    let db = client(&daemon).await;
+    db.batch_execute("BEGIN; INSERT INTO ledger VALUES (1)")
+        .await
+        .unwrap();
+    terminate(
+        &cluster,
+        backend_of(&cluster, "idle in transaction", "BEGIN"),
+    );
+    (cluster, daemon, db)
+}
+
+/// What a statement running in the background got, within 20 s.
+async fn answered<T>(running: tokio::task::JoinHandle<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("answered")
+        .expect("the client task ran")
+}
+
 fn ids(cluster: &Cluster) -> String {
     cluster.psql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM ledger")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_whose_session_ended_fails_once_with_a_retryable_error() {
-    let cluster = Cluster::start();
-    cluster.psql("CREATE TABLE ledger (id int PRIMARY KEY)");
-    let daemon = TestDaemon::start(config(&cluster)).await;
-    let db = client(&daemon).await;
-
-    db.batch_execute("BEGIN; INSERT INTO ledger VALUES (1)")
-        .await
-        .unwrap();
-    terminate(&cluster, backend_of(&cluster, "idle in transaction"));
+    let (cluster, _daemon, db) = transaction_whose_session_ended().await;
 
     assert_eq!(
         code_of(&db, "INSERT INTO ledger VALUES (2)").await,
@@ -115,15 +144,7 @@ async fn a_transaction_whose_session_ended_fails_once_with_a_retryable_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_after_the_session_ended_unseen_gets_the_error_not_a_rollback_tag() {
-    let cluster = Cluster::start();
-    cluster.psql("CREATE TABLE ledger (id int PRIMARY KEY)");
-    let daemon = TestDaemon::start(config(&cluster)).await;
-    let db = client(&daemon).await;
-
-    db.batch_execute("BEGIN; INSERT INTO ledger VALUES (1)")
-        .await
-        .unwrap();
-    terminate(&cluster, backend_of(&cluster, "idle in transaction"));
+    let (cluster, _daemon, db) = transaction_whose_session_ended().await;
     assert_eq!(
         code_of(&db, "COMMIT").await,
         Some(SqlState::T_R_SERIALIZATION_FAILURE),
@@ -145,7 +166,10 @@ async fn a_lost_transaction_is_ended_in_the_extended_protocol_too() {
         .await;
     let begun = raw.query("BEGIN").exchange().await;
     assert_eq!(status(&begun), b'T');
-    terminate(&cluster, backend_of(&cluster, "idle in transaction"));
+    terminate(
+        &cluster,
+        backend_of(&cluster, "idle in transaction", "BEGIN"),
+    );
 
     let refused = raw.parse("", "SELECT 1").run("").sync().exchange().await;
     assert_eq!(error_code(&refused), "40001");
@@ -200,14 +224,11 @@ async fn a_commit_in_flight_that_committed_is_answered_commit() {
         let result = db.batch_execute("COMMIT").await;
         (db, result)
     });
-    let pid = backend_of(&cluster, "active");
+    let pid = backend_of(&cluster, "active", "COMMIT");
     terminate(&cluster, pid);
     no_standby_wait(&cluster);
 
-    let (db, result) = tokio::time::timeout(Duration::from_secs(20), commit)
-        .await
-        .expect("the COMMIT is answered")
-        .unwrap();
+    let (db, result) = answered(commit).await;
     result.expect("the transaction committed, and the client is told so");
     assert_eq!(ids(&cluster).trim(), "1");
     assert_eq!(
@@ -243,13 +264,10 @@ async fn a_commit_in_flight_that_did_not_commit_fails_with_the_retryable_error()
         let result = db.batch_execute("COMMIT").await;
         (db, result)
     });
-    let pid = backend_of(&cluster, "active");
+    let pid = backend_of(&cluster, "active", "COMMIT");
     terminate(&cluster, pid);
 
-    let (db, result) = tokio::time::timeout(Duration::from_secs(20), commit)
-        .await
-        .expect("the COMMIT is answered")
-        .unwrap();
+    let (db, result) = answered(commit).await;
     let error = result.expect_err("the transaction did not commit");
     assert_eq!(
         error.code(),
@@ -280,16 +298,7 @@ async fn a_listening_client_whose_session_ended_is_told_to_listen_again() {
     raw.query("LISTEN jobs").exchange().await;
     let pinned = r#"pgwarden_wire_clients{state="pinned"}"#;
     assert_eq!(daemon.metric(pinned).await, 1.0, "LISTEN pins the client");
-    let pid = backend_of(&cluster, "idle");
-    terminate(&cluster, pid);
-    // Its goodbye is out before it exits: the client is idle when it ends.
-    let gone = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}");
-    wait_until_none(
-        &cluster,
-        &gone,
-        Duration::from_secs(10),
-        "the backend stayed",
-    );
+    terminate(&cluster, backend_of(&cluster, "idle", "LISTEN"));
 
     let told = raw.query("SELECT 1").exchange().await;
     assert_eq!(
@@ -332,12 +341,10 @@ async fn a_read_whose_session_ended_under_it_is_replayed() {
     let db = client(&daemon).await;
     let read = "SELECT pg_sleep(1)::text || 'slept'";
     let running = tokio::spawn(async move { db.simple_query(read).await });
-    terminate(&cluster, backend_of(&cluster, "active"));
+    terminate(&cluster, backend_of(&cluster, "active", "SELECT pg_sleep"));
 
-    let rows = tokio::time::timeout(Duration::from_secs(20), running)
+    let rows = answered(running)
         .await
-        .expect("answered")
-        .unwrap()
         .expect("replayed on a fresh session, not failed");
     let value = rows.iter().find_map(|m| match m {
         SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
@@ -360,13 +367,12 @@ async fn a_write_whose_session_ended_before_it_committed_is_applied_once() {
     // Extended protocol, a parameter: what drivers send.
     let write = "INSERT INTO ledger (note) SELECT $1::text FROM pg_sleep(1)";
     let running = tokio::spawn(async move { db.execute(write, &[&"once"]).await });
-    terminate(&cluster, backend_of(&cluster, "active"));
+    terminate(
+        &cluster,
+        backend_of(&cluster, "active", "INSERT INTO ledger"),
+    );
 
-    let inserted = tokio::time::timeout(Duration::from_secs(20), running)
-        .await
-        .expect("answered")
-        .unwrap()
-        .expect("replayed, not failed");
+    let inserted = answered(running).await.expect("replayed, not failed");
     assert_eq!(inserted, 1);
     assert_eq!(count(&cluster), "1", "applied once, never twice");
 }
@@ -383,14 +389,12 @@ async fn a_write_that_committed_before_its_session_ended_is_answered_not_replaye
             .await
     });
     // Durable here, waiting for the standby: the session ends now.
-    let pid = backend_of(&cluster, "active");
+    let pid = backend_of(&cluster, "active", "INSERT INTO ledger");
     terminate(&cluster, pid);
     no_standby_wait(&cluster);
 
-    let answered = tokio::time::timeout(Duration::from_secs(20), running)
+    let answered = answered(running)
         .await
-        .expect("answered")
-        .unwrap()
         .expect("it committed: the client is answered with its own result");
     assert!(matches!(
         answered.last(),

@@ -15,15 +15,18 @@
 //!   with 25006; that answer is dropped and the unit runs again as a write;
 //! - a **write** goes behind pgwarden's question, its transaction's id
 //!   (`txid_current()`) and what tells a crash or a failover (see
-//!   [`crate::guard::replay`]), with a Flush, so the answer leaves before
-//!   the client's statements run. When the session breaks, the server is
-//!   asked what became of that id, as for a broken HTTP write: committed →
-//!   the replies in hand and a ReadyForQuery (a COMMIT waiting for a
-//!   synchronous standby is durable already); provably not → replayed;
-//!   otherwise 08007.
+//!   [`crate::guard::replay`]), with a Flush, so the answer leaves while
+//!   the client's statements run; the Sync that commits them is sent only
+//!   once the answer is in. So a write broken before the answer never
+//!   committed: replayed. After, the server is asked what became of that
+//!   id, as for a broken HTTP write: committed → the replies in hand and a
+//!   ReadyForQuery (a COMMIT waiting for a synchronous standby is durable
+//!   already); provably not → replayed; otherwise 08007. The Sync's wait
+//!   costs a write about half a round trip when its statements finish
+//!   before the answer arrives, and no round trip of its own.
 //!
-//! Without an answer (or with `write_safety = "fast"`, which asks nothing)
-//! a write is still replayed when the server said goodbye (a FATAL; a
+//! With `write_safety = "fast"` nothing is asked, and a write is still
+//! replayed when the server said goodbye (a FATAL; a
 //! crash's WARNING) before its last Execute completed: PostgreSQL commits
 //! an extended-protocol unit at its Sync, after its last CommandComplete,
 //! and a goodbye goes through the same buffer after whatever was in it.
@@ -143,6 +146,8 @@ pub(super) struct InFlight {
     failed: bool,
     /// A read was refused as read-only (25006): it runs again as a write.
     refused: bool,
+    /// A write's Sync went out (after the answer to the question).
+    sync_sent: bool,
     /// Outbox bytes that were there before the unit's replies.
     mark: usize,
     /// Some of its replies reached the client already.
@@ -193,6 +198,7 @@ where
             pending: shape.executes,
             failed: false,
             refused: false,
+            sync_sent: false,
             mark: self.outbox.len(),
             forwarded: false,
             parsed: Vec::new(),
@@ -222,21 +228,42 @@ where
             }
             Guard::Quiet | Guard::Bare => {}
         }
-        if !shape.simple {
-            return self.write_unit(conn, bytes, started);
+        if shape.simple {
+            let text = prepared::split_cstr(&bytes[5..]).map_or(&[][..], |(t, _)| t);
+            let buf = conn.passthrough_buf();
+            prepared::message(buf, b'P', &[b"\0", text, b"\0\0\0"]);
+            prepared::message(buf, b'B', &[b"\0\0\0\0\0\0\0\0"]);
+            prepared::message(buf, b'D', &[b"P\0"]);
+            prepared::message(buf, b'E', &[b"\0\0\0\0\0"]);
+            self.expect(Expect::Hidden(Ends::ParseComplete));
+            self.expect(Expect::Hidden(Ends::BindComplete));
+            self.expect(Expect::Described);
+            self.expect(Expect::Reply(Ends::Execution));
+        } else {
+            // Everything but its Sync, which is written below.
+            self.write_unit(conn, &bytes.slice(..bytes.len() - 5), started);
         }
-        let text = prepared::split_cstr(&bytes[5..]).map_or(&[][..], |(t, _)| t);
-        let buf = conn.passthrough_buf();
-        prepared::message(buf, b'P', &[b"\0", text, b"\0\0\0"]);
-        prepared::message(buf, b'B', &[b"\0\0\0\0\0\0\0\0"]);
-        prepared::message(buf, b'D', &[b"P\0"]);
-        prepared::message(buf, b'E', &[b"\0\0\0\0\0"]);
-        frontend::sync(buf);
-        self.expect(Expect::Hidden(Ends::ParseComplete));
-        self.expect(Expect::Hidden(Ends::BindComplete));
-        self.expect(Expect::Described);
-        self.expect(Expect::Reply(Ends::Execution));
         self.expect(Expect::Sync(started));
+        // A write's Sync, which commits it, waits for the answer to the
+        // question: without the answer, the write provably did not commit.
+        if shape.guard != Guard::Identified {
+            frontend::sync(conn.passthrough_buf());
+        }
+    }
+
+    /// Sends the Sync a write held back (see [`Session::write_shape`]).
+    pub(super) fn release_sync(&mut self) {
+        let Some(kept) = self.inflight.as_mut() else {
+            return;
+        };
+        if kept.shape.guard != Guard::Identified || kept.sync_sent {
+            return;
+        }
+        if let Some(lease) = self.lease.as_mut() {
+            kept.sync_sent = true;
+            frontend::sync(lease.conn().passthrough_buf());
+            self.resend = true;
+        }
     }
 
     /// Runs one of pgwarden's statements (prepared first where the
@@ -379,6 +406,7 @@ where
         kept.shape = shape;
         kept.refused = false;
         kept.failed = false;
+        kept.sync_sent = false;
         kept.pending = shape.executes;
         let (mark, bytes, started) = (kept.mark, kept.bytes.clone(), kept.started);
         let parsed = std::mem::take(&mut kept.parsed);
@@ -407,6 +435,7 @@ where
                 if let Some(kept) = self.inflight.as_mut() {
                     kept.identity = identity;
                 }
+                self.release_sync();
             }
             b'C' => {
                 self.pop();
@@ -510,6 +539,8 @@ where
                     Decision::AskAgain | Decision::Unknown => unknown,
                 }
             }
+            // Its Sync never went out.
+            (Guard::Identified, None) if !kept.sync_sent => Fate::Replay(Some(Rule::BeforeCommit)),
             _ if before_sync => Fate::Replay(Some(Rule::BeforeCommit)),
             _ => {
                 self.wire.executor.count_rule(Rule::Unknown);
@@ -550,6 +581,7 @@ where
         kept.goodbye = false;
         kept.forwarded = false;
         kept.failed = false;
+        kept.sync_sent = false;
         kept.pending = kept.shape.executes;
         kept.mark = self.outbox.len();
         self.failed = false;

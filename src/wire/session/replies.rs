@@ -193,6 +193,8 @@ where
                 self.outbox.extend_from_slice(frame);
                 self.failed = true;
                 self.kept_failed(frame);
+                // The server skips to the Sync: one held back goes now.
+                self.release_sync();
                 self.on_error(frame);
             }
             b'Z' => {
