@@ -69,6 +69,10 @@ impl GenerationPool for MemoryPool {
         Ok(())
     }
 
+    fn sweep_idle(&self) -> usize {
+        0
+    }
+
     fn status(&self) -> PoolStatus {
         PoolStatus::default()
     }

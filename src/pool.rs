@@ -139,9 +139,11 @@ pub struct PoolStatus {
 
 /// Called when the pool finds that the server ended one of its idle
 /// connections the way a server that goes away does ([`Scope::Server`]):
-/// the first sign of a restart, a crash, a failover or a mass termination,
-/// often before any request notices. Sessions that failed alone (abandoned
-/// mid-request, ended by an idle timeout) are discarded without a call.
+/// possibly the first sign of a restart, a crash, a failover or a mass
+/// termination, often before any request notices, and possibly one session
+/// terminated by an operator, which the lifecycle tells apart. Sessions
+/// that failed alone for a reason of their own (abandoned mid-request,
+/// ended by an idle timeout) are discarded without a call.
 #[derive(Clone)]
 pub struct LossHook(Arc<dyn Fn() + Send + Sync>);
 
@@ -282,6 +284,25 @@ impl Pool {
             Ok(result) => Ok(result?),
             Err(_) => Err(PoolError::CreateTimeout(self.config.create_timeout)),
         }
+    }
+
+    /// Looks at every idle session at once, asking the kernel (never
+    /// trusting a recent answer), and returns how many the server had ended
+    /// the way it ends every session when it goes away ([`Scope::Server`]).
+    ///
+    /// A quiet session stays. One with anything waiting is taken out to be
+    /// read, since reading needs it whole, and is not put back: deadpool
+    /// cannot take a session back once it left. So a session that only
+    /// received a notice or a notification is closed too; the pool opens a
+    /// new one when it needs it. The pool is locked while it is looked at,
+    /// which costs one non-blocking system call per idle session.
+    pub fn sweep_idle(&self) -> usize {
+        let suspects = self.inner.retain(|conn, _| conn.is_quiet()).removed;
+        suspects
+            .into_iter()
+            .filter_map(|mut conn| conn.check_idle_now().err())
+            .filter(|error| error.scope() == Scope::Server)
+            .count()
     }
 
     /// Removes a connection from the pool for good; it closes when dropped.

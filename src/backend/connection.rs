@@ -316,17 +316,32 @@ impl Connection {
     /// A session whose server answered within [`RECENT_ANSWER`] is taken
     /// as alive without asking the kernel.
     pub fn check_idle(&mut self) -> Result<(), BackendError> {
+        if !self.is_broken() && self.answered_at.elapsed() < RECENT_ANSWER {
+            return Ok(());
+        }
+        self.check_idle_now()
+    }
+
+    /// [`Connection::check_idle`] that always asks the kernel, for a caller
+    /// that must know whether the server ended the session a moment ago:
+    /// the lifecycle judging whether a lost session ended alone.
+    pub fn check_idle_now(&mut self) -> Result<(), BackendError> {
         if self.is_broken() {
             return Err(BackendError::Broken);
-        }
-        if self.answered_at.elapsed() < RECENT_ANSWER {
-            return Ok(());
         }
         let result = self.framer.poll_unsolicited();
         if result.is_err() {
             self.closed = true;
         }
         result
+    }
+
+    /// True when nothing arrived on this idle session: the kernel holds no
+    /// byte for it and nothing is left unread. Looks without reading, so
+    /// it needs no exclusive access; a session that is not quiet may hold
+    /// a goodbye or only a notice, which [`Connection::check_idle_now`] tells.
+    pub fn is_quiet(&self) -> bool {
+        !self.is_broken() && self.framer.is_quiet()
     }
 
     /// Ends the session politely (Terminate), ignoring errors.

@@ -22,6 +22,13 @@ pub(crate) struct Script {
     /// New sessions are refused (a server at `max_connections`) while
     /// established ones keep working.
     pub full: bool,
+    /// How often every session was ended at once (a restart, a crash,
+    /// every backend terminated): a session opened before the latest
+    /// time is gone, while new ones work.
+    pub ended_all: u64,
+    /// Idle sessions of the pool that hold the server's goodbye; the next
+    /// look at them discards them.
+    pub idle_ended: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -36,6 +43,8 @@ struct FakeState {
     lent: AtomicUsize,
     /// Every `get`, lent or refused.
     asked: AtomicUsize,
+    /// Every look at the idle sessions.
+    sweeps: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -47,6 +56,23 @@ pub(crate) struct FakePool {
 #[derive(Debug)]
 pub(crate) struct FakeConn {
     script: Arc<Mutex<Script>>,
+    /// [`Script::ended_all`] when it was opened.
+    born: u64,
+}
+
+impl FakeConn {
+    fn new(script: &Arc<Mutex<Script>>) -> Self {
+        let born = script.lock().unwrap().ended_all;
+        FakeConn {
+            script: script.clone(),
+            born,
+        }
+    }
+
+    /// Whether the server still serves this session.
+    fn alive(&self, script: &Script) -> bool {
+        script.up && self.born == script.ended_all
+    }
 }
 
 impl FakeSource {
@@ -57,6 +83,8 @@ impl FakeSource {
             ping_delay: Duration::from_millis(5),
             query_delay: Duration::from_millis(5),
             full: false,
+            ended_all: 0,
+            idle_ended: 0,
         };
         Self {
             script: Arc::new(Mutex::new(script)),
@@ -73,6 +101,22 @@ impl FakeSource {
         self.pools.lock().unwrap()[index]
             .asked
             .load(Ordering::SeqCst)
+    }
+
+    /// How often the idle sessions of generation `index + 1` were looked at.
+    pub fn sweeps(&self, index: usize) -> usize {
+        self.pools.lock().unwrap()[index]
+            .sweeps
+            .load(Ordering::SeqCst)
+    }
+
+    /// Ends every established session at once, as a restart, a crash or
+    /// the termination of every backend does; the server takes new ones.
+    pub fn end_every_session(&self) {
+        self.set(|s| {
+            s.ended_all += 1;
+            s.idle_ended = 2;
+        });
     }
 
     pub fn pool_closed(&self, index: usize) -> bool {
@@ -130,9 +174,7 @@ impl GenerationPool for FakePool {
             return Err(down());
         }
         self.state.lent.fetch_add(1, Ordering::SeqCst);
-        Ok(FakeConn {
-            script: self.script.clone(),
-        })
+        Ok(FakeConn::new(&self.script))
     }
 
     async fn warm(&self) -> Result<Vec<FakeConn>, SourceError> {
@@ -140,12 +182,12 @@ impl GenerationPool for FakePool {
     }
 
     async fn ping(conn: &mut FakeConn) -> Result<ServerRole, SourceError> {
-        let (delay, up, role) = {
+        let (delay, alive, role) = {
             let s = conn.script.lock().unwrap();
-            (s.ping_delay, s.up, s.role)
+            (s.ping_delay, conn.alive(&s), s.role)
         };
         tokio::time::sleep(delay).await;
-        if up { Ok(role) } else { Err(down()) }
+        if alive { Ok(role) } else { Err(down()) }
     }
 
     type Probe = FakeConn;
@@ -154,9 +196,7 @@ impl GenerationPool for FakePool {
         if let Some(error) = cannot_open(&self.script.lock().unwrap()) {
             return Err(error);
         }
-        Ok(FakeConn {
-            script: self.script.clone(),
-        })
+        Ok(FakeConn::new(&self.script))
     }
 
     async fn ping_probe(probe: &mut FakeConn) -> Result<ServerRole, SourceError> {
@@ -164,12 +204,17 @@ impl GenerationPool for FakePool {
     }
 
     async fn run(conn: &mut FakeConn, _sql: &str) -> Result<(), SourceError> {
-        let (delay, up) = {
+        let (delay, alive) = {
             let s = conn.script.lock().unwrap();
-            (s.query_delay, s.up)
+            (s.query_delay, conn.alive(&s))
         };
         tokio::time::sleep(delay).await;
-        if up { Ok(()) } else { Err(down()) }
+        if alive { Ok(()) } else { Err(down()) }
+    }
+
+    fn sweep_idle(&self) -> usize {
+        self.state.sweeps.fetch_add(1, Ordering::SeqCst);
+        std::mem::take(&mut self.script.lock().unwrap().idle_ended)
     }
 
     fn status(&self) -> PoolStatus {

@@ -4,14 +4,18 @@
 //! One task owns every transition, so there is never more than one
 //! reconnect at a time: failures reported by many requests arrive as
 //! commands tagged with the generation they saw, and only a report about the
-//! *current, ready* generation starts a reconnect. Everything the guard needs
+//! *current, ready* generation is considered. A lost connection is a
+//! suspicion, judged by one check a few milliseconds later however many
+//! reports arrive meanwhile (see [`LOSS_SETTLE`]); a report that arrives
+//! after that check started is judged by the next one, so a check made too
+//! early is corrected. Everything the guard needs
 //! is published on a `watch` channel, so waiters are woken by the change
 //! itself, never by polling. Waiters are also counted: while any wait, the
 //! pauses between failed attempts are capped lower, so a database that
 //! returns is noticed quickly by those who need it, and a database nobody
 //! asks for is spared.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -39,6 +43,13 @@ use crate::telemetry::labels::{
 /// check at once, unless one ran this recently.
 const SUSPICION_CHECK_SPACING: Duration = Duration::from_millis(250);
 
+/// How long after a lost connection is reported the check runs. A server
+/// that goes away, or an operator who terminates every session, signals
+/// its sessions within microseconds to milliseconds of each other: by
+/// then the health check's own session and the pool's idle ones have
+/// heard it too, and the reports of the whole burst are judged together.
+const LOSS_SETTLE: Duration = Duration::from_millis(10);
+
 /// What the lifecycle publishes: the state and the current generation.
 #[derive(Debug)]
 pub struct Snapshot<P> {
@@ -46,6 +57,10 @@ pub struct Snapshot<P> {
     pub state: PoolState,
     /// The generation that serves (or, while reconnecting, last served) requests.
     pub generation: Option<Arc<Generation<P>>>,
+    /// Reports of lost connections answered for the current generation: a
+    /// check made after each report up to this one found that the lost
+    /// sessions had ended alone (see [`Loss`]).
+    pub cleared: u64,
 }
 
 impl<P> Clone for Snapshot<P> {
@@ -53,8 +68,36 @@ impl<P> Clone for Snapshot<P> {
         Self {
             state: self.state,
             generation: self.generation.clone(),
+            cleared: self.cleared,
         }
     }
+}
+
+impl<P: GenerationPool> Snapshot<P> {
+    /// The generation a request may be admitted to now, if one is ready.
+    /// After a break reported as `after`, the broken session's siblings
+    /// are suspect until the lifecycle has judged the report: then a newer
+    /// generation serves, or the same one once the lost session was found
+    /// to have ended alone.
+    pub fn ready_for(&self, after: Option<Loss>) -> Option<&Arc<Generation<P>>> {
+        let generation = self.generation.as_ref()?;
+        let judged = after.is_none_or(|loss| {
+            generation.id() > loss.generation
+                || (generation.id() == loss.generation && self.cleared >= loss.report)
+        });
+        let ready = self.state == PoolState::Ready && !generation.is_retired();
+        (ready && judged).then_some(generation)
+    }
+}
+
+/// The receipt of one report of a lost connection
+/// ([`Lifecycle::report_connection_lost`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Loss {
+    /// The generation the lost connection belonged to.
+    pub generation: u64,
+    /// Its place among all reports: a check that starts later judges it.
+    report: u64,
 }
 
 /// The last reconnect, for `/status`.
@@ -124,7 +167,8 @@ impl Drop for Waiting {
 
 #[derive(Debug)]
 enum Command {
-    /// A connection of `generation` failed at the connection level.
+    /// The server ended a connection of `generation`: a check decides
+    /// whether it ended alone.
     ConnectionLost {
         generation: u64,
     },
@@ -173,6 +217,8 @@ struct Inner<P> {
     stop: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
     demand: Arc<Demand>,
+    /// Reports of lost connections so far; numbers their receipts.
+    losses: Arc<AtomicU64>,
 }
 
 impl<S: ConnectionSource> Lifecycle<S> {
@@ -182,11 +228,13 @@ impl<S: ConnectionSource> Lifecycle<S> {
         let (snapshot_tx, snapshot) = watch::channel(Snapshot {
             state: PoolState::Starting,
             generation: None,
+            cleared: 0,
         });
         let (commands, command_rx) = mpsc::unbounded_channel();
         let history = Arc::new(Mutex::new(History::default()));
         let stop = CancellationToken::new();
         let demand = Arc::new(Demand::default());
+        let losses = Arc::new(AtomicU64::new(0));
         metrics.set_state(PoolState::Starting);
         let driver = Driver {
             source,
@@ -200,6 +248,9 @@ impl<S: ConnectionSource> Lifecycle<S> {
             current: None,
             probe: None,
             last_check: None,
+            loss_check_at: None,
+            cleared: 0,
+            losses: losses.clone(),
             paused: false,
             demand: demand.clone(),
         };
@@ -211,6 +262,7 @@ impl<S: ConnectionSource> Lifecycle<S> {
             stop,
             task: Mutex::new(Some(task)),
             demand,
+            losses,
         };
         Self {
             inner: Arc::new(inner),
@@ -227,14 +279,21 @@ impl<S: ConnectionSource> Lifecycle<S> {
         self.inner.snapshot.borrow().clone()
     }
 
-    /// Passive detection: a connection of `generation` failed at the
-    /// connection level. Starts a reconnect if that is the current, ready
-    /// generation; later reports about it are absorbed.
-    pub fn report_connection_lost(&self, generation: u64) {
+    /// Passive detection: the server ended a connection of `generation`.
+    /// If that is the current, ready generation, a check decides at once
+    /// whether the server is going away (a reconnect) or the session ended
+    /// alone (nothing more); reports about a retired generation are
+    /// absorbed. The receipt tells when the report was judged (see
+    /// [`Snapshot::ready_for`]).
+    pub fn report_connection_lost(&self, generation: u64) -> Loss {
+        // Numbered before it is sent: a check that reads the count at its
+        // start has every report up to it behind it.
+        let report = self.inner.losses.fetch_add(1, Ordering::AcqRel) + 1;
         let _ = self
             .inner
             .commands
             .send(Command::ConnectionLost { generation });
+        Loss { generation, report }
     }
 
     /// A new session for `generation` could not reach the server. Not proof
@@ -317,6 +376,13 @@ struct Driver<S: ConnectionSource> {
     probe: Option<<S::Pool as GenerationPool>::Probe>,
     /// When the last health check ended, to space suspicion checks.
     last_check: Option<Instant>,
+    /// When the check after a lost connection of the current generation
+    /// is due; `None` while no report waits for one.
+    loss_check_at: Option<Instant>,
+    /// Published as [`Snapshot::cleared`].
+    cleared: u64,
+    /// Shared with [`Lifecycle::report_connection_lost`], which counts.
+    losses: Arc<AtomicU64>,
     paused: bool,
     demand: Arc<Demand>,
 }
@@ -336,34 +402,36 @@ impl<S: ConnectionSource> Driver<S> {
         info!("Lifecycle stopped.");
     }
 
-    /// Health checks and commands while a generation serves.
+    /// Health checks, checks after lost connections and commands while a
+    /// generation serves.
     async fn serve(&mut self) -> Result<(), Stopped> {
         let mut ticks = tokio::time::interval(self.settings.health_check_interval);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         ticks.reset();
         loop {
-            tokio::select! {
+            let loss_check_at = self.loss_check_at;
+            let loss_check_due =
+                tokio::time::sleep_until(loss_check_at.unwrap_or_else(Instant::now));
+            let reason = tokio::select! {
                 _ = self.stop.cancelled() => return Err(Stopped),
                 _ = ticks.tick() => {
-                    if !self.health_check().await {
-                        self.reconnect(ReconnectReason::HealthCheck).await?;
-                        ticks.reset();
-                    }
+                    (!self.health_check().await).then_some(ReconnectReason::HealthCheck)
                 }
+                _ = loss_check_due, if loss_check_at.is_some() => self.judge_loss().await,
                 command = self.commands.recv() => {
                     let Some(command) = command else { return Err(Stopped) };
-                    let reason = match self.handle(command) {
+                    match self.handle(command) {
                         Action::Reconnect(reason) => Some(reason),
                         Action::Check if !self.health_check().await => {
                             Some(ReconnectReason::HealthCheck)
                         }
                         Action::Check | Action::None => None,
-                    };
-                    if let Some(reason) = reason {
-                        self.reconnect(reason).await?;
-                        ticks.reset();
                     }
                 }
+            };
+            if let Some(reason) = reason {
+                self.reconnect(reason).await?;
+                ticks.reset();
             }
         }
     }
@@ -377,7 +445,10 @@ impl<S: ConnectionSource> Driver<S> {
             .map(|g| g.id());
         match command {
             Command::ConnectionLost { generation } if Some(generation) == current => {
-                Action::Reconnect(ReconnectReason::ConnectionLost)
+                // One check for the whole burst, a few moments from the first report.
+                self.loss_check_at
+                    .get_or_insert_with(|| Instant::now() + LOSS_SETTLE);
+                Action::None
             }
             Command::Reconnect { generation } if Some(generation) == current => {
                 Action::Reconnect(ReconnectReason::Admin)
@@ -444,6 +515,44 @@ impl<S: ConnectionSource> Driver<S> {
         self.metrics.health_check(result, started.elapsed());
         self.last_check = Some(Instant::now());
         healthy
+    }
+
+    /// The check after lost connections of the current generation (see
+    /// [`check_after_loss`]): `None` when they ended alone, which is then
+    /// published so that requests broken on them are served again by the
+    /// same generation; else the reason to reconnect.
+    async fn judge_loss(&mut self) -> Option<ReconnectReason> {
+        self.loss_check_at = None;
+        let generation = self.current.clone().filter(|g| !g.is_retired())?;
+        // Every report numbered up to here was made before this check began.
+        let judged = self.losses.load(Ordering::Acquire);
+        let span = info_span!("db_loss_check", "pool.generation" = generation.id());
+        let check = check_after_loss(generation.pool(), self.probe.take(), &self.metrics);
+        let outcome = tokio::time::timeout(self.settings.health_check_timeout, check)
+            .instrument(span)
+            .await;
+        let id = generation.id();
+        match outcome {
+            Ok(Ok(probe)) => {
+                self.probe = probe;
+                self.last_check = Some(Instant::now());
+                self.cleared = judged;
+                self.publish(PoolState::Ready);
+                info!(
+                    generation = id,
+                    "A server session ended alone; the server and the pool's other sessions are fine."
+                );
+                None
+            }
+            Ok(Err(evidence)) => {
+                warn!(generation = id, evidence = %evidence, "A lost connection was not alone.");
+                Some(ReconnectReason::ConnectionLost)
+            }
+            Err(_) => {
+                warn!(generation = id, timeout = ?self.settings.health_check_timeout, "The server did not answer after a lost connection.");
+                Some(ReconnectReason::ConnectionLost)
+            }
+        }
     }
 
     /// Retires the current generation and builds the next one.
@@ -568,6 +677,8 @@ impl<S: ConnectionSource> Driver<S> {
         let generation = Arc::new(generation);
         let old = self.current.replace(generation.clone());
         self.probe = None;
+        self.loss_check_at = None;
+        self.cleared = 0;
         self.publish(PoolState::Ready);
         if let Some(old) = old {
             old.retire();
@@ -607,7 +718,11 @@ impl<S: ConnectionSource> Driver<S> {
         self.metrics.set_state(state);
         self.metrics
             .set_generation(generation.as_ref().map_or(0, |g| g.id()));
-        self.snapshot.send_replace(Snapshot { state, generation });
+        self.snapshot.send_replace(Snapshot {
+            state,
+            generation,
+            cleared: self.cleared,
+        });
     }
 
     fn update_pool_gauges(&self, generation: &Generation<S::Pool>) {
@@ -662,6 +777,55 @@ fn absorb(paused: &mut bool, command: Option<Command>) -> Result<(), Stopped> {
         Some(_) => {}
     }
     Ok(())
+}
+
+/// What showed that a lost connection did not end alone.
+#[derive(Debug, thiserror::Error)]
+enum NotAlone {
+    /// The health check's own session, which no request uses, was ended too.
+    #[error("the health check's own session was ended too: {0}")]
+    ProbeEnded(SourceError),
+    /// A fresh session could not reach the server, or it did not answer.
+    #[error("the server failed its health check: {0}")]
+    ServerDown(SourceError),
+    /// Idle sessions of the pool had heard the same goodbye.
+    #[error("{0} idle sessions of the pool were ended too")]
+    IdleEnded(usize),
+}
+
+/// Decides whether lost connections of a generation ended alone (an
+/// operator terminated a session, the server runs on) or the server is
+/// going away, crashed, or ended every session: the check the lifecycle's
+/// module doc describes. Only the second is worth a reconnect.
+///
+/// The health check's own session (`probe`) is asked first: a server going
+/// away ends it as it ends every session, and the round trip gives the
+/// pool's idle sessions time to hear the same. Without one, a fresh session
+/// must reach the server (a server shutting down or recovering refuses it).
+/// Then every idle session of the pool is looked at: one the server ended
+/// too means the loss was not alone. Returns the probe session to keep.
+async fn check_after_loss<P: GenerationPool>(
+    pool: &P,
+    probe: Option<P::Probe>,
+    metrics: &Metrics,
+) -> Result<Option<P::Probe>, NotAlone> {
+    let probe = match probe {
+        Some(mut probe) => match P::ping_probe(&mut probe).await.map_err(Into::into) {
+            Ok(_) => Some(probe),
+            Err(error) if error.scope == Scope::Server => return Err(NotAlone::ProbeEnded(error)),
+            // Ended for a reason of its own (an idle timeout): ask anew.
+            Err(_) => check_server(pool, None, metrics)
+                .await
+                .map_err(NotAlone::ServerDown)?,
+        },
+        None => check_server(pool, None, metrics)
+            .await
+            .map_err(NotAlone::ServerDown)?,
+    };
+    match pool.sweep_idle() {
+        0 => Ok(probe),
+        ended => Err(NotAlone::IdleEnded(ended)),
+    }
 }
 
 /// Asks the server whether it is up, on the health check's own session.

@@ -23,7 +23,36 @@
 //! | `Session` | a request abandoned by its client or by the transaction timeout (cancelled on the server, the session discarded), a refused session reset, an idle-session or idle-in-transaction timeout, a protocol surprise | that session is discarded; a request on it is replayed on another session of the **same** generation |
 //! | `Refused` | a new session refused with SQLSTATE class 28 (authentication), 53 (too many connections), 3D, 42 | counted in `pgwarden_session_refusals_total{reason}` and logged; the request waits (within its budget) for a session to be given back; never a reconnect, since a new generation would be refused the same way |
 //! | `Unreachable` | a new session that cannot connect, times out, fails TLS, or meets 57P03 (starting up, shutting down) | a suspicion: a health check runs at once and decides |
-//! | `Server` | an established session ended by the server: end of stream, I/O error, 57P01, 57P02, PANIC | the generation is retired and the next one built (reason `connection_lost`) |
+//! | `Server` | an established session ended by the server: end of stream, I/O error, 57P01, 57P02, PANIC | a suspicion, judged by one check a few milliseconds later (below): the generation is retired and the next one built (reason `connection_lost`) only when the server is going away |
+//!
+//! # One session, or the server?
+//! A server that shuts down ends every session with 57P01, and so does
+//! `pg_terminate_backend()`, which operators run on one session every day;
+//! a crash ends them with 57P02 or a bare end of stream, and so does a
+//! network fault on one connection. The session's goodbye cannot tell them
+//! apart, but its siblings can. So the first report about the current
+//! generation schedules one check, 10 ms later (every session of a server
+//! going away has heard by then, and the whole burst of reports is judged
+//! together); a report that arrives after that check started is judged by
+//! another, so a check that came too early is corrected. The check:
+//!
+//! 1. pings the health check's own session, which no request ever uses:
+//!    ended too (a `Server`-scope failure), or no answer within the
+//!    check's timeout → reconnect. Without such a session, a fresh one
+//!    must reach the server: during a shutdown or a crash recovery it is
+//!    refused (57P03) or cannot connect → reconnect;
+//! 2. looks at every idle session of the pool without waiting, asking the
+//!    kernel: any that heard the server's goodbye too → reconnect;
+//! 3. otherwise the lost sessions ended alone: they are discarded, nothing
+//!    else happens, and the verdict is published
+//!    ([`Snapshot::cleared`]) so that requests that broke on them are
+//!    replayed or resolved on the same generation.
+//!
+//! A fast restart, an immediate shutdown, a crash (one backend killed: the
+//! server ends every other session and recovers in place) and the
+//! termination of every session each end the check's own session too, so
+//! each costs exactly one reconnect, as before; one terminated session
+//! costs none.
 //!
 //! Asynchronous messages on an idle session (NOTIFY, NOTICE,
 //! ParameterStatus) are read and kept in step, over TLS as over plain TCP;
@@ -42,7 +71,7 @@ pub mod source;
 pub mod warmup;
 
 pub use generation::Generation;
-pub use manager::{Lifecycle, LifecycleStatus, ReconnectRecord, Snapshot, Waiting};
+pub use manager::{Lifecycle, LifecycleStatus, Loss, ReconnectRecord, Snapshot, Waiting};
 pub use settings::{LifecycleSettings, RequiredRole};
 pub use source::{BackendSource, ConnectionSource, GenerationPool, ServerRole, SourceError};
 pub use warmup::{WarmupError, WarmupTimings};

@@ -106,6 +106,11 @@ pub trait GenerationPool: std::fmt::Debug + Send + Sync + 'static {
         sql: &str,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
+    /// Looks at every idle session without waiting and returns how many
+    /// the server ended the way it ends every session when it goes away;
+    /// those are discarded (see [`Pool::sweep_idle`]).
+    fn sweep_idle(&self) -> usize;
+
     /// Current sizes.
     fn status(&self) -> PoolStatus;
 
@@ -160,6 +165,10 @@ impl GenerationPool for Pool {
     async fn run(conn: &mut PooledConnection, sql: &str) -> Result<(), PoolError> {
         conn.simple_query(sql).await?;
         Ok(())
+    }
+
+    fn sweep_idle(&self) -> usize {
+        Pool::sweep_idle(self)
     }
 
     fn status(&self) -> PoolStatus {
