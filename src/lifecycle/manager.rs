@@ -5,10 +5,10 @@
 //! reconnect at a time: failures reported by many requests arrive as
 //! commands tagged with the generation they saw, and only a report about the
 //! *current, ready* generation is considered. A lost connection is a
-//! suspicion, judged by one check a few milliseconds later however many
-//! reports arrive meanwhile (see [`LOSS_SETTLE`]); a report that arrives
-//! after that check started is judged by the next one, so a check made too
-//! early is corrected. Everything the guard needs
+//! suspicion, judged by one check a few milliseconds later (see
+//! [`LOSS_SETTLE`]); another lost before then is evidence enough for a
+//! reconnect, and one lost after that check started is judged anew, so a
+//! check made too early is corrected. Everything the guard needs
 //! is published on a `watch` channel, so waiters are woken by the change
 //! itself, never by polling. Waiters are also counted: while any wait, the
 //! pauses between failed attempts are capped lower, so a database that
@@ -43,11 +43,11 @@ use crate::telemetry::labels::{
 /// check at once, unless one ran this recently.
 const SUSPICION_CHECK_SPACING: Duration = Duration::from_millis(250);
 
-/// How long after a lost connection is reported the check runs. A server
+/// How long after a lost connection is reported it is checked. A server
 /// that goes away, or an operator who terminates every session, signals
 /// its sessions within microseconds to milliseconds of each other: by
 /// then the health check's own session and the pool's idle ones have
-/// heard it too, and the reports of the whole burst are judged together.
+/// heard it too, and the rest of a burst of reports has arrived.
 const LOSS_SETTLE: Duration = Duration::from_millis(10);
 
 /// What the lifecycle publishes: the state and the current generation.
@@ -376,8 +376,8 @@ struct Driver<S: ConnectionSource> {
     probe: Option<<S::Pool as GenerationPool>::Probe>,
     /// When the last health check ended, to space suspicion checks.
     last_check: Option<Instant>,
-    /// When the check after a lost connection of the current generation
-    /// is due; `None` while no report waits for one.
+    /// When the lost connection of the current generation reported last
+    /// is checked; `None` while none waits.
     loss_check_at: Option<Instant>,
     /// Published as [`Snapshot::cleared`].
     cleared: u64,
@@ -445,10 +445,7 @@ impl<S: ConnectionSource> Driver<S> {
             .map(|g| g.id());
         match command {
             Command::ConnectionLost { generation } if Some(generation) == current => {
-                // One check for the whole burst, a few moments from the first report.
-                self.loss_check_at
-                    .get_or_insert_with(|| Instant::now() + LOSS_SETTLE);
-                Action::None
+                self.suspect_loss(generation)
             }
             Command::Reconnect { generation } if Some(generation) == current => {
                 Action::Reconnect(ReconnectReason::Admin)
@@ -467,6 +464,22 @@ impl<S: ConnectionSource> Driver<S> {
                 Action::None
             }
         }
+    }
+
+    /// A session of the current generation was lost. The first is checked
+    /// a few moments later ([`Driver::judge_loss`]). A second before that
+    /// is another session lost at once (each is reported once, when it is
+    /// found ended, and then discarded): a server restarted between two
+    /// requests, whose next one finds every pooled session closed, or
+    /// every session terminated. No check could say more: reconnect.
+    fn suspect_loss(&mut self, generation: u64) -> Action {
+        if self.loss_check_at.take().is_none() {
+            self.loss_check_at = Some(Instant::now() + LOSS_SETTLE);
+            return Action::None;
+        }
+        let evidence = NotAlone::Several;
+        warn!(generation, evidence = %evidence, "A lost connection was not alone.");
+        Action::Reconnect(ReconnectReason::ConnectionLost)
     }
 
     fn set_paused(&mut self, paused: bool) {
@@ -517,23 +530,25 @@ impl<S: ConnectionSource> Driver<S> {
         healthy
     }
 
-    /// The check after lost connections of the current generation (see
-    /// [`check_after_loss`]): `None` when they ended alone, which is then
-    /// published so that requests broken on them are served again by the
+    /// Checks whether the lost connection of the current generation ended
+    /// alone (see the lifecycle's module doc): `None` when it did, which is
+    /// then published so that a request broken on it is served again by the
     /// same generation; else the reason to reconnect.
     async fn judge_loss(&mut self) -> Option<ReconnectReason> {
         self.loss_check_at = None;
         let generation = self.current.clone().filter(|g| !g.is_retired())?;
         // Every report numbered up to here was made before this check began.
         let judged = self.losses.load(Ordering::Acquire);
-        let span = info_span!("db_loss_check", "pool.generation" = generation.id());
-        let check = check_after_loss(generation.pool(), self.probe.take(), &self.metrics);
-        let outcome = tokio::time::timeout(self.settings.health_check_timeout, check)
-            .instrument(span)
-            .await;
         let id = generation.id();
-        match outcome {
-            Ok(Ok(probe)) => {
+        let span = info_span!("db_loss_check", "pool.generation" = id);
+        let check = check_after_loss(generation.pool(), self.probe.take(), &self.metrics);
+        let timeout = self.settings.health_check_timeout;
+        let verdict = match tokio::time::timeout(timeout, check).instrument(span).await {
+            Ok(verdict) => verdict,
+            Err(_) => Err(NotAlone::Silent(timeout)),
+        };
+        match verdict {
+            Ok(probe) => {
                 self.probe = probe;
                 self.last_check = Some(Instant::now());
                 self.cleared = judged;
@@ -544,12 +559,8 @@ impl<S: ConnectionSource> Driver<S> {
                 );
                 None
             }
-            Ok(Err(evidence)) => {
+            Err(evidence) => {
                 warn!(generation = id, evidence = %evidence, "A lost connection was not alone.");
-                Some(ReconnectReason::ConnectionLost)
-            }
-            Err(_) => {
-                warn!(generation = id, timeout = ?self.settings.health_check_timeout, "The server did not answer after a lost connection.");
                 Some(ReconnectReason::ConnectionLost)
             }
         }
@@ -782,6 +793,12 @@ fn absorb(paused: &mut bool, command: Option<Command>) -> Result<(), Stopped> {
 /// What showed that a lost connection did not end alone.
 #[derive(Debug, thiserror::Error)]
 enum NotAlone {
+    /// Another session was lost before the first was checked.
+    #[error("another session was lost before the first was checked")]
+    Several,
+    /// The server did not answer the check in time.
+    #[error("the server did not answer within {0:?}")]
+    Silent(Duration),
     /// The health check's own session, which no request uses, was ended too.
     #[error("the health check's own session was ended too: {0}")]
     ProbeEnded(SourceError),

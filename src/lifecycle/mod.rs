@@ -30,29 +30,35 @@
 //! `pg_terminate_backend()`, which operators run on one session every day;
 //! a crash ends them with 57P02 or a bare end of stream, and so does a
 //! network fault on one connection. The session's goodbye cannot tell them
-//! apart, but its siblings can. So the first report about the current
-//! generation schedules one check, 10 ms later (every session of a server
-//! going away has heard by then, and the whole burst of reports is judged
-//! together); a report that arrives after that check started is judged by
-//! another, so a check that came too early is corrected. The check:
+//! apart, but its siblings can. So a report about the current generation
+//! is checked 10 ms later (every session of a server going away has heard
+//! by then); a report that arrives after that check started is checked
+//! anew, so a check that came too early is corrected. A session is
+//! reported once, when it is found ended, and then discarded, so:
 //!
-//! 1. pings the health check's own session, which no request ever uses:
+//! 1. a second report before the first was checked is another session
+//!    lost at once (a server restarted between two requests: the next one
+//!    finds every pooled session closed) → reconnect, at once;
+//! 2. otherwise the health check's own session, which no request uses, is pinged:
 //!    ended too (a `Server`-scope failure), or no answer within the
 //!    check's timeout → reconnect. Without such a session, a fresh one
 //!    must reach the server: during a shutdown or a crash recovery it is
 //!    refused (57P03) or cannot connect → reconnect;
-//! 2. looks at every idle session of the pool without waiting, asking the
-//!    kernel: any that heard the server's goodbye too → reconnect;
-//! 3. otherwise the lost sessions ended alone: they are discarded, nothing
-//!    else happens, and the verdict is published
-//!    ([`Snapshot::cleared`]) so that requests that broke on them are
-//!    replayed or resolved on the same generation.
+//! 3. every idle session of the pool is looked at without waiting, asking
+//!    the kernel: any that heard the server's goodbye too → reconnect;
+//! 4. otherwise the lost session ended alone: it is discarded, nothing
+//!    else happens, and the verdict is published ([`Snapshot::cleared`])
+//!    so that a request that broke on it is replayed or resolved on the
+//!    same generation.
 //!
 //! A fast restart, an immediate shutdown, a crash (one backend killed: the
 //! server ends every other session and recovers in place) and the
-//! termination of every session each end the check's own session too, so
-//! each costs exactly one reconnect, as before; one terminated session
-//! costs none.
+//! termination of every session each end the check's own session and the
+//! pool's other sessions too, so each costs exactly one reconnect, as
+//! before; one terminated session costs none. What stays ambiguous is a
+//! pool whose only session was lost while the check had no session of its
+//! own open yet: it is judged alone, and the pool goes on with fresh
+//! sessions of the server as it is now.
 //!
 //! Asynchronous messages on an idle session (NOTIFY, NOTICE,
 //! ParameterStatus) are read and kept in step, over TLS as over plain TCP;
