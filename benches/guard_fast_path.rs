@@ -18,7 +18,7 @@ use pgwarden::guard::Guard;
 use pgwarden::lifecycle::{
     ConnectionSource, GenerationPool, Lifecycle, LifecycleSettings, ServerRole, SourceError,
 };
-use pgwarden::pool::{LossHook, PoolStatus};
+use pgwarden::pool::{IdleSweep, LossHook, PoolStatus};
 use pgwarden::telemetry::Metrics;
 use pgwarden::telemetry::labels::PoolState;
 
@@ -69,8 +69,8 @@ impl GenerationPool for MemoryPool {
         Ok(())
     }
 
-    fn sweep_idle(&self) -> usize {
-        0
+    fn sweep_idle(&self) -> IdleSweep {
+        IdleSweep::default()
     }
 
     fn status(&self) -> PoolStatus {

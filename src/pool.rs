@@ -122,6 +122,16 @@ impl PoolError {
     }
 }
 
+/// What [`Pool::sweep_idle`] found among the idle sessions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdleSweep {
+    /// Sessions the server still serves.
+    pub alive: usize,
+    /// Sessions the server ended as it ends every session when it goes
+    /// away; they were discarded.
+    pub ended: usize,
+}
+
 /// Sizes of a pool at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolStatus {
@@ -287,22 +297,31 @@ impl Pool {
     }
 
     /// Looks at every idle session at once, asking the kernel (never
-    /// trusting a recent answer), and returns how many the server had ended
-    /// the way it ends every session when it goes away ([`Scope::Server`]).
+    /// trusting a recent answer): how many are alive, and how many the
+    /// server had ended the way it ends every session when it goes away
+    /// ([`Scope::Server`]).
     ///
     /// A quiet session stays. One with anything waiting is taken out to be
     /// read, since reading needs it whole, and is not put back: deadpool
     /// cannot take a session back once it left. So a session that only
-    /// received a notice or a notification is closed too; the pool opens a
-    /// new one when it needs it. The pool is locked while it is looked at,
-    /// which costs one non-blocking system call per idle session.
-    pub fn sweep_idle(&self) -> usize {
-        let suspects = self.inner.retain(|conn, _| conn.is_quiet()).removed;
-        suspects
-            .into_iter()
-            .filter_map(|mut conn| conn.check_idle_now().err())
-            .filter(|error| error.scope() == Scope::Server)
-            .count()
+    /// received a notice or a notification is closed too (and counted
+    /// alive); the pool opens a new one when it needs it. The pool is
+    /// locked while it is looked at, which costs one non-blocking system
+    /// call per idle session.
+    pub fn sweep_idle(&self) -> IdleSweep {
+        let looked = self.inner.retain(|conn, _| conn.is_quiet());
+        let mut sweep = IdleSweep {
+            alive: looked.retained,
+            ended: 0,
+        };
+        for mut conn in looked.removed {
+            match conn.check_idle_now() {
+                Ok(()) => sweep.alive += 1,
+                Err(error) if error.scope() == Scope::Server => sweep.ended += 1,
+                Err(_) => {}
+            }
+        }
+        sweep
     }
 
     /// Removes a connection from the pool for good; it closes when dropped.

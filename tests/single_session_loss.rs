@@ -105,6 +105,39 @@ async fn an_idle_pooled_session_terminated_by_an_operator_costs_no_reconnect() {
     assert_pool_kept(&daemon, "one idle session was terminated").await;
 }
 
+/// An operator who ends sessions one by one may end the health check's
+/// own session first: the next check would notice and replace it, but a
+/// pooled session terminated before then must not be taken for the whole
+/// server going away, since the pool's other idle session is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_check_session_and_then_a_pooled_one_terminated_cost_no_reconnect() {
+    let cluster = Cluster::start();
+    let daemon = TestDaemon::start(pgwarden::config::Config {
+        health_check_interval_ms: 3000,
+        ..config_for(&cluster)
+    })
+    .await;
+    // Both pooled sessions serve a request, and the first check opens its own.
+    let body = json!({ "query": "SELECT pg_sleep(0.2)", "params": [] }).to_string();
+    let (a, b) = tokio::join!(daemon.sql(body.clone(), &[]), daemon.sql(body, &[]));
+    assert!(a.status.is_success() && b.status.is_success());
+    tokio::time::sleep(Duration::from_millis(3300)).await;
+    let probe = cluster.psql(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgwarden' \
+         AND query = 'SELECT pg_catalog.pg_is_in_recovery()'",
+    );
+    terminate(
+        &cluster,
+        probe.trim().parse().expect("the check's own session"),
+    );
+
+    let pooled = pooled_backend(&daemon).await;
+    terminate(&cluster, pooled);
+    let served = pooled_backend(&daemon).await;
+    assert_ne!(served, pooled, "a terminated session was lent");
+    assert_pool_kept(&daemon, "two sessions were terminated one by one").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_whose_session_is_terminated_is_replayed_without_a_reconnect() {
     let cluster = Arc::new(Cluster::start());

@@ -29,6 +29,8 @@ pub(crate) struct Script {
     /// Idle sessions of the pool that hold the server's goodbye; the next
     /// look at them discards them.
     pub idle_ended: usize,
+    /// Idle sessions of the pool the server still serves.
+    pub idle_alive: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -85,6 +87,7 @@ impl FakeSource {
             full: false,
             ended_all: 0,
             idle_ended: 0,
+            idle_alive: 2,
         };
         Self {
             script: Arc::new(Mutex::new(script)),
@@ -115,7 +118,8 @@ impl FakeSource {
     pub fn end_every_session(&self) {
         self.set(|s| {
             s.ended_all += 1;
-            s.idle_ended = 2;
+            s.idle_ended = s.idle_alive;
+            s.idle_alive = 0;
         });
     }
 
@@ -152,6 +156,11 @@ impl ConnectionSource for FakeSource {
     type Pool = FakePool;
 
     fn open(&self, _on_loss: crate::pool::LossHook) -> Result<FakePool, SourceError> {
+        // A new pool's sessions are new: none heard an old goodbye.
+        self.set(|s| {
+            s.idle_alive = 2;
+            s.idle_ended = 0;
+        });
         let state = Arc::new(FakeState::default());
         self.pools.lock().unwrap().push(state.clone());
         Ok(FakePool {
@@ -212,9 +221,13 @@ impl GenerationPool for FakePool {
         if alive { Ok(()) } else { Err(down()) }
     }
 
-    fn sweep_idle(&self) -> usize {
+    fn sweep_idle(&self) -> crate::pool::IdleSweep {
         self.state.sweeps.fetch_add(1, Ordering::SeqCst);
-        std::mem::take(&mut self.script.lock().unwrap().idle_ended)
+        let mut script = self.script.lock().unwrap();
+        crate::pool::IdleSweep {
+            alive: script.idle_alive,
+            ended: std::mem::take(&mut script.idle_ended),
+        }
     }
 
     fn status(&self) -> PoolStatus {

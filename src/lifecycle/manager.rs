@@ -6,7 +6,7 @@
 //! commands tagged with the generation they saw, and only a report about the
 //! *current, ready* generation is considered. A lost connection is a
 //! suspicion, judged by one check a few milliseconds later (see
-//! [`LOSS_SETTLE`]); another lost before then is evidence enough for a
+//! `LOSS_SETTLE`); another lost before then is evidence enough for a
 //! reconnect, and one lost after that check started is judged anew, so a
 //! check made too early is corrected. Everything the guard needs
 //! is published on a `watch` channel, so waiters are woken by the change
@@ -810,38 +810,47 @@ enum NotAlone {
     IdleEnded(usize),
 }
 
-/// Decides whether lost connections of a generation ended alone (an
-/// operator terminated a session, the server runs on) or the server is
-/// going away, crashed, or ended every session: the check the lifecycle's
-/// module doc describes. Only the second is worth a reconnect.
+/// Decides whether a lost connection ended alone (an operator terminated
+/// a session, the server runs on) or the server is going away, crashed, or
+/// ended every session: the check the lifecycle's module doc describes.
+/// Only the second is worth a reconnect. Returns the probe session to keep.
 ///
-/// The health check's own session (`probe`) is asked first: a server going
-/// away ends it as it ends every session, and the round trip gives the
-/// pool's idle sessions time to hear the same. Without one, a fresh session
-/// must reach the server (a server shutting down or recovering refuses it).
-/// Then every idle session of the pool is looked at: one the server ended
-/// too means the loss was not alone. Returns the probe session to keep.
+/// The health check's own session (`probe`) is asked first, and its round
+/// trip gives the pool's idle sessions time to hear what it heard; then
+/// every idle session is looked at. One of them ended too: not alone. The
+/// probe ended too: not alone either, unless an idle session the server
+/// still serves vouches for the others, since an idle probe may have been
+/// terminated alone some seconds before. Last, unless the probe answered,
+/// a fresh session must reach the server; a server shutting down or
+/// recovering refuses it (57P03).
 async fn check_after_loss<P: GenerationPool>(
     pool: &P,
     probe: Option<P::Probe>,
     metrics: &Metrics,
 ) -> Result<Option<P::Probe>, NotAlone> {
-    let probe = match probe {
+    let (kept, probe_ended) = match probe {
         Some(mut probe) => match P::ping_probe(&mut probe).await.map_err(Into::into) {
-            Ok(_) => Some(probe),
-            Err(error) if error.scope == Scope::Server => return Err(NotAlone::ProbeEnded(error)),
+            Ok(_) => (Some(probe), None),
+            Err(error) if error.scope == Scope::Server => (None, Some(error)),
             // Ended for a reason of its own (an idle timeout): ask anew.
-            Err(_) => check_server(pool, None, metrics)
-                .await
-                .map_err(NotAlone::ServerDown)?,
+            Err(_) => (None, None),
         },
+        None => (None, None),
+    };
+    let idle = pool.sweep_idle();
+    if idle.ended > 0 {
+        return Err(NotAlone::IdleEnded(idle.ended));
+    }
+    if let Some(error) = probe_ended
+        && idle.alive == 0
+    {
+        return Err(NotAlone::ProbeEnded(error));
+    }
+    match kept {
+        Some(probe) => Ok(Some(probe)),
         None => check_server(pool, None, metrics)
             .await
-            .map_err(NotAlone::ServerDown)?,
-    };
-    match pool.sweep_idle() {
-        0 => Ok(probe),
-        ended => Err(NotAlone::IdleEnded(ended)),
+            .map_err(NotAlone::ServerDown),
     }
 }
 

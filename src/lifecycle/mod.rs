@@ -39,14 +39,19 @@
 //! 1. a second report before the first was checked is another session
 //!    lost at once (a server restarted between two requests: the next one
 //!    finds every pooled session closed) → reconnect, at once;
-//! 2. otherwise the health check's own session, which no request uses, is pinged:
-//!    ended too (a `Server`-scope failure), or no answer within the
-//!    check's timeout → reconnect. Without such a session, a fresh one
-//!    must reach the server: during a shutdown or a crash recovery it is
-//!    refused (57P03) or cannot connect → reconnect;
+//! 2. otherwise the health check's own session, which no request uses, is
+//!    pinged (no answer within the check's timeout → reconnect), and its
+//!    round trip gives the pool's other sessions time to hear the news;
 //! 3. every idle session of the pool is looked at without waiting, asking
 //!    the kernel: any that heard the server's goodbye too → reconnect;
-//! 4. otherwise the lost session ended alone: it is discarded, nothing
+//! 4. the check's own session ended too (a `Server`-scope failure) and no
+//!    idle session is still served to vouch for the others → reconnect.
+//!    With one, the check's idle session may have been terminated alone
+//!    some seconds before, by an operator ending sessions one by one;
+//! 5. unless the check's own session answered, a fresh one must reach the
+//!    server: during a shutdown or a crash recovery it is refused (57P03)
+//!    or cannot connect → reconnect;
+//! 6. otherwise the lost session ended alone: it is discarded, nothing
 //!    else happens, and the verdict is published ([`Snapshot::cleared`])
 //!    so that a request that broke on it is replayed or resolved on the
 //!    same generation.

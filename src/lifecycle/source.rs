@@ -9,7 +9,7 @@
 use std::future::Future;
 
 use crate::backend::{BackendError, Connection, Scope};
-use crate::pool::{LossHook, Pool, PoolError, PoolStatus, PooledConnection};
+use crate::pool::{IdleSweep, LossHook, Pool, PoolError, PoolStatus, PooledConnection};
 
 /// Whether a server accepts writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,10 +106,10 @@ pub trait GenerationPool: std::fmt::Debug + Send + Sync + 'static {
         sql: &str,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
-    /// Looks at every idle session without waiting and returns how many
-    /// the server ended the way it ends every session when it goes away;
-    /// those are discarded (see [`Pool::sweep_idle`]).
-    fn sweep_idle(&self) -> usize;
+    /// Looks at every idle session without waiting: how many are alive,
+    /// and how many the server ended the way it ends every session when it
+    /// goes away (those are discarded; see [`Pool::sweep_idle`]).
+    fn sweep_idle(&self) -> IdleSweep;
 
     /// Current sizes.
     fn status(&self) -> PoolStatus;
@@ -167,7 +167,7 @@ impl GenerationPool for Pool {
         Ok(())
     }
 
-    fn sweep_idle(&self) -> usize {
+    fn sweep_idle(&self) -> IdleSweep {
         Pool::sweep_idle(self)
     }
 

@@ -410,17 +410,39 @@ async fn every_session_ended_at_once_is_one_prompt_reconnect_judged_by_the_idle_
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_health_check_session_ended_too_means_the_server_ended_every_session() {
+async fn the_health_check_session_ended_too_and_no_idle_one_alive_means_every_session_ended() {
     let h = Harness::start(settings());
     h.reach(PoolState::Ready, 1).await;
     // A periodic check opens the session it keeps.
     tokio::time::sleep(DEFAULT_HEALTH_CHECK_INTERVAL + Duration::from_secs(1)).await;
+    // Every pooled session is busy, and every session is terminated.
+    h.source.set(|s| s.idle_alive = 0);
+    h.source.set(|s| s.ended_all += 1);
+    let loss = h.lifecycle.report_connection_lost(1);
+    let took = judged(&h, loss).await;
+    assert!(took <= Duration::from_millis(20), "retired after {took:?}");
+    h.reach(PoolState::Ready, 2).await;
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_health_check_session_terminated_alone_earlier_costs_no_reconnect() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    tokio::time::sleep(DEFAULT_HEALTH_CHECK_INTERVAL + Duration::from_secs(1)).await;
+    // The check's own session was terminated a moment ago, then one pooled
+    // session; the pool's idle sessions are served as before.
     h.source.set(|s| s.ended_all += 1);
     let loss = h.lifecycle.report_connection_lost(1);
     judged(&h, loss).await;
-    h.reach(PoolState::Ready, 2).await;
-    assert_eq!(h.source.sweeps(0), 0, "the check's own session decided");
-    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 1.0);
+    assert!(h.lifecycle.snapshot().ready_for(Some(loss)).is_some());
+    tokio::time::sleep(DEFAULT_HEALTH_CHECK_INTERVAL * 2).await;
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 0.0);
+    assert_eq!(
+        h.metric("pgwarden_health_checks_total", &[("result", "failed")]),
+        0.0,
+        "the check's new session serves the next checks"
+    );
 }
 
 #[tokio::test(start_paused = true)]
