@@ -106,6 +106,12 @@ async fn a_transaction_whose_session_ended_fails_once_with_a_retryable_error() {
         "3",
         "only the retried transaction's row"
     );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        daemon.reconnects().await,
+        0.0,
+        "one terminated session is not a failure of the database"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
