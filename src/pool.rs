@@ -162,6 +162,11 @@ impl LossHook {
     pub fn new(hook: impl Fn() + Send + Sync + 'static) -> Self {
         Self(Arc::new(hook))
     }
+
+    /// Calls the wrapped function.
+    pub(crate) fn call(&self) {
+        (self.0)()
+    }
 }
 
 impl std::fmt::Debug for LossHook {
@@ -183,7 +188,7 @@ impl Manager {
         if let Some(hook) = &self.on_loss
             && error.scope() == Scope::Server
         {
-            (hook.0)();
+            hook.call();
         }
     }
 }

@@ -31,12 +31,16 @@ pub(crate) struct Script {
     pub idle_ended: usize,
     /// Idle sessions of the pool the server still serves.
     pub idle_alive: usize,
+    /// Which run of the server answers; a restart starts the next.
+    pub run: u64,
 }
 
 #[derive(Clone, Debug)]
 pub(crate) struct FakeSource {
     script: Arc<Mutex<Script>>,
     pools: Arc<Mutex<Vec<Arc<FakeState>>>>,
+    /// The loss hook of each pool, as the real pool calls it.
+    hooks: Arc<Mutex<Vec<crate::pool::LossHook>>>,
 }
 
 #[derive(Debug, Default)]
@@ -88,10 +92,12 @@ impl FakeSource {
             ended_all: 0,
             idle_ended: 0,
             idle_alive: 2,
+            run: 1,
         };
         Self {
             script: Arc::new(Mutex::new(script)),
             pools: Arc::default(),
+            hooks: Arc::default(),
         }
     }
 
@@ -121,6 +127,19 @@ impl FakeSource {
             s.idle_ended = s.idle_alive;
             s.idle_alive = 0;
         });
+    }
+
+    /// The pool of generation `index + 1` finds an idle session closed.
+    pub fn idle_session_found_closed(&self, index: usize) {
+        let hook = self.hooks.lock().unwrap()[index].clone();
+        hook.call();
+    }
+
+    /// Restarts the server: every session ends, and the server that
+    /// answers new ones is another run.
+    pub fn restart(&self) {
+        self.end_every_session();
+        self.set(|s| s.run += 1);
     }
 
     pub fn pool_closed(&self, index: usize) -> bool {
@@ -155,7 +174,8 @@ fn cannot_open(script: &Script) -> Option<SourceError> {
 impl ConnectionSource for FakeSource {
     type Pool = FakePool;
 
-    fn open(&self, _on_loss: crate::pool::LossHook) -> Result<FakePool, SourceError> {
+    fn open(&self, on_loss: crate::pool::LossHook) -> Result<FakePool, SourceError> {
+        self.hooks.lock().unwrap().push(on_loss);
         // A new pool's sessions are new: none heard an old goodbye.
         self.set(|s| {
             s.idle_alive = 2;
@@ -190,13 +210,19 @@ impl GenerationPool for FakePool {
         Ok(vec![self.get().await?, self.get().await?])
     }
 
-    async fn ping(conn: &mut FakeConn) -> Result<ServerRole, SourceError> {
-        let (delay, alive, role) = {
+    async fn ping(conn: &mut FakeConn) -> Result<ServerStatus, SourceError> {
+        let (delay, alive, role, run) = {
             let s = conn.script.lock().unwrap();
-            (s.ping_delay, conn.alive(&s), s.role)
+            (s.ping_delay, conn.alive(&s), s.role, s.run)
         };
         tokio::time::sleep(delay).await;
-        if alive { Ok(role) } else { Err(down()) }
+        match alive {
+            true => Ok(ServerStatus {
+                role,
+                run: format!("run {run}"),
+            }),
+            false => Err(down()),
+        }
     }
 
     type Probe = FakeConn;
@@ -208,7 +234,7 @@ impl GenerationPool for FakePool {
         Ok(FakeConn::new(&self.script))
     }
 
-    async fn ping_probe(probe: &mut FakeConn) -> Result<ServerRole, SourceError> {
+    async fn ping_probe(probe: &mut FakeConn) -> Result<ServerStatus, SourceError> {
         Self::ping(probe).await
     }
 

@@ -30,7 +30,7 @@ use tracing::{Instrument, info, info_span, warn};
 use super::backoff::{Backoff, jittered};
 use super::generation::Generation;
 use super::settings::LifecycleSettings;
-use super::source::{ConnectionSource, GenerationPool, SourceError};
+use super::source::{ConnectionSource, GenerationPool, ServerStatus, SourceError};
 use super::warmup::{WarmupError, WarmupTimings, warm_up};
 use crate::backend::Scope;
 use crate::pool::{LossHook, PoolStatus};
@@ -168,9 +168,11 @@ impl Drop for Waiting {
 #[derive(Debug)]
 enum Command {
     /// The server ended a connection of `generation`: a check decides
-    /// whether it ended alone.
+    /// whether it ended alone. `found_idle`: the pool found it closed as it
+    /// sat idle, rather than a request seeing it end.
     ConnectionLost {
         generation: u64,
+        found_idle: bool,
     },
     /// A new session for `generation` could not reach the server: the
     /// health check decides at once whether the server is down.
@@ -289,10 +291,10 @@ impl<S: ConnectionSource> Lifecycle<S> {
         // Numbered before it is sent: a check that reads the count at its
         // start has every report up to it behind it.
         let report = self.inner.losses.fetch_add(1, Ordering::AcqRel) + 1;
-        let _ = self
-            .inner
-            .commands
-            .send(Command::ConnectionLost { generation });
+        let _ = self.inner.commands.send(Command::ConnectionLost {
+            generation,
+            found_idle: false,
+        });
         Loss { generation, report }
     }
 
@@ -444,9 +446,10 @@ impl<S: ConnectionSource> Driver<S> {
             .filter(|g| !g.is_retired())
             .map(|g| g.id());
         match command {
-            Command::ConnectionLost { generation } if Some(generation) == current => {
-                self.suspect_loss(generation)
-            }
+            Command::ConnectionLost {
+                generation,
+                found_idle,
+            } if Some(generation) == current => self.suspect_loss(generation, found_idle),
             Command::Reconnect { generation } if Some(generation) == current => {
                 Action::Reconnect(ReconnectReason::Admin)
             }
@@ -466,15 +469,25 @@ impl<S: ConnectionSource> Driver<S> {
         }
     }
 
-    /// A session of the current generation was lost. The first is checked
-    /// a few moments later ([`Driver::judge_loss`]). A second before that
+    /// A session of the current generation was lost. It is checked
+    /// ([`Driver::judge_loss`]) a few moments later when a request saw it
+    /// end, as the others of a server going away may be hearing the news
+    /// just now; at once when the pool found it closed while it sat idle,
+    /// since it heard the news some time ago, and the request that found
+    /// it is opening a new session meanwhile, which should belong to the
+    /// next generation if the server restarted. A second report before the check
     /// is another session lost at once (each is reported once, when it is
     /// found ended, and then discarded): a server restarted between two
     /// requests, whose next one finds every pooled session closed, or
     /// every session terminated. No check could say more: reconnect.
-    fn suspect_loss(&mut self, generation: u64) -> Action {
+    fn suspect_loss(&mut self, generation: u64, found_idle: bool) -> Action {
         if self.loss_check_at.take().is_none() {
-            self.loss_check_at = Some(Instant::now() + LOSS_SETTLE);
+            let settle = if found_idle {
+                Duration::ZERO
+            } else {
+                LOSS_SETTLE
+            };
+            self.loss_check_at = Some(Instant::now() + settle);
             return Action::None;
         }
         let evidence = NotAlone::Several;
@@ -541,7 +554,8 @@ impl<S: ConnectionSource> Driver<S> {
         let judged = self.losses.load(Ordering::Acquire);
         let id = generation.id();
         let span = info_span!("db_loss_check", "pool.generation" = id);
-        let check = check_after_loss(generation.pool(), self.probe.take(), &self.metrics);
+        let run = generation.run();
+        let check = check_after_loss(generation.pool(), run, self.probe.take(), &self.metrics);
         let timeout = self.settings.health_check_timeout;
         let verdict = match tokio::time::timeout(timeout, check).instrument(span).await {
             Ok(verdict) => verdict,
@@ -652,10 +666,10 @@ impl<S: ConnectionSource> Driver<S> {
     fn attempt_finished(
         &self,
         id: u64,
-        result: Result<(S::Pool, WarmupTimings), WarmupError>,
+        result: Result<Warmed<S::Pool>, WarmupError>,
     ) -> Result<Generation<S::Pool>, WarmupError> {
         match result {
-            Ok((pool, timings)) => {
+            Ok((pool, (timings, run))) => {
                 self.record_success(timings);
                 info!(
                     generation = id,
@@ -663,7 +677,7 @@ impl<S: ConnectionSource> Driver<S> {
                     queries_ms = timings.queries.as_millis() as u64,
                     "Warm-up finished."
                 );
-                Ok(Generation::new(id, pool))
+                Ok(Generation::new(id, pool, run))
             }
             Err(error) => {
                 self.metrics.reconnect_attempt(AttemptResult::Failed);
@@ -748,6 +762,10 @@ impl<S: ConnectionSource> Driver<S> {
     }
 }
 
+/// A warmed-up pool, with its warm-up's timings and the run of the server
+/// it met.
+type Warmed<P> = (P, (WarmupTimings, Option<String>));
+
 /// One attempt: opens the pool of generation `id` and warms it up; on
 /// failure the pool is closed.
 async fn warm_generation<S: ConnectionSource>(
@@ -755,10 +773,13 @@ async fn warm_generation<S: ConnectionSource>(
     settings: &LifecycleSettings,
     command_tx: &mpsc::UnboundedSender<Command>,
     id: u64,
-) -> Result<(S::Pool, WarmupTimings), WarmupError> {
+) -> Result<Warmed<S::Pool>, WarmupError> {
     let commands = command_tx.clone();
     let on_loss = LossHook::new(move || {
-        let _ = commands.send(Command::ConnectionLost { generation: id });
+        let _ = commands.send(Command::ConnectionLost {
+            generation: id,
+            found_idle: true,
+        });
     });
     let open = async {
         let pool = source.open(on_loss).map_err(|e| WarmupError {
@@ -766,7 +787,7 @@ async fn warm_generation<S: ConnectionSource>(
             message: e.message,
         })?;
         match warm_up(&pool, settings).await {
-            Ok(timings) => Ok((pool, timings)),
+            Ok(warm) => Ok((pool, warm)),
             Err(error) => {
                 pool.close();
                 Err(error)
@@ -805,6 +826,10 @@ enum NotAlone {
     /// A fresh session could not reach the server, or it did not answer.
     #[error("the server failed its health check: {0}")]
     ServerDown(SourceError),
+    /// The server answered as another run than the one the generation was
+    /// built on: it restarted or recovered from a crash since.
+    #[error("the server restarted or recovered from a crash since the generation was built")]
+    Restarted,
     /// Idle sessions of the pool had heard the same goodbye.
     #[error("{0} idle sessions of the pool were ended too")]
     IdleEnded(usize),
@@ -813,7 +838,8 @@ enum NotAlone {
 /// Decides whether a lost connection ended alone (an operator terminated
 /// a session, the server runs on) or the server is going away, crashed, or
 /// ended every session: the check the lifecycle's module doc describes.
-/// Only the second is worth a reconnect. Returns the probe session to keep.
+/// Only the second is worth a reconnect. `run` is the run of the server
+/// the generation was built on. Returns the probe session to keep.
 ///
 /// The health check's own session (`probe`) is asked first, and its round
 /// trip gives the pool's idle sessions time to hear what it heard; then
@@ -822,14 +848,18 @@ enum NotAlone {
 /// still serves vouches for the others, since an idle probe may have been
 /// terminated alone some seconds before. Last, unless the probe answered,
 /// a fresh session must reach the server; a server shutting down or
-/// recovering refuses it (57P03).
+/// recovering refuses it (57P03). A server that answers with another run
+/// than the generation's restarted or recovered since: not alone.
 async fn check_after_loss<P: GenerationPool>(
     pool: &P,
+    run: Option<&str>,
     probe: Option<P::Probe>,
     metrics: &Metrics,
 ) -> Result<Option<P::Probe>, NotAlone> {
+    let restarted = |status: &ServerStatus| run.is_some_and(|run| run != status.run);
     let (kept, probe_ended) = match probe {
         Some(mut probe) => match P::ping_probe(&mut probe).await.map_err(Into::into) {
+            Ok(status) if restarted(&status) => return Err(NotAlone::Restarted),
             Ok(_) => (Some(probe), None),
             Err(error) if error.scope == Scope::Server => (None, Some(error)),
             // Ended for a reason of its own (an idle timeout): ask anew.
@@ -846,11 +876,16 @@ async fn check_after_loss<P: GenerationPool>(
     {
         return Err(NotAlone::ProbeEnded(error));
     }
-    match kept {
-        Some(probe) => Ok(Some(probe)),
-        None => check_server(pool, None, metrics)
-            .await
-            .map_err(NotAlone::ServerDown),
+    if kept.is_some() {
+        return Ok(kept);
+    }
+    match open_probe(pool, metrics)
+        .await
+        .map_err(NotAlone::ServerDown)?
+    {
+        Some((_, status)) if restarted(&status) => Err(NotAlone::Restarted),
+        Some((probe, _)) => Ok(Some(probe)),
+        None => Ok(None),
     }
 }
 
@@ -875,6 +910,16 @@ async fn check_server<P: GenerationPool>(
             }
         }
     }
+    Ok(open_probe(pool, metrics).await?.map(|(probe, _)| probe))
+}
+
+/// Opens a session for the health check and asks the server on it. `None`
+/// when the server refused the session: it answered, so it is up, and the
+/// refusal is counted.
+async fn open_probe<P: GenerationPool>(
+    pool: &P,
+    metrics: &Metrics,
+) -> Result<Option<(P::Probe, ServerStatus)>, SourceError> {
     let opened: Result<P::Probe, SourceError> = pool.open_probe().await.map_err(Into::into);
     let mut probe = match opened {
         Ok(probe) => probe,
@@ -888,6 +933,6 @@ async fn check_server<P: GenerationPool>(
         }
         Err(error) => return Err(error),
     };
-    P::ping_probe(&mut probe).await.map_err(Into::into)?;
-    Ok(Some(probe))
+    let status = P::ping_probe(&mut probe).await.map_err(Into::into)?;
+    Ok(Some((probe, status)))
 }

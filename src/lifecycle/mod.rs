@@ -30,10 +30,12 @@
 //! `pg_terminate_backend()`, which operators run on one session every day;
 //! a crash ends them with 57P02 or a bare end of stream, and so does a
 //! network fault on one connection. The session's goodbye cannot tell them
-//! apart, but its siblings can. So a report about the current generation
-//! is checked 10 ms later (every session of a server going away has heard
-//! by then); a report that arrives after that check started is checked
-//! anew, so a check that came too early is corrected. A session is
+//! apart, but its siblings and the server itself can. So a report about
+//! the current generation is a suspicion, checked 10 ms after a request saw
+//! its session end (every session of a server going away has heard by
+//! then), and at once when the pool found a session closed while it sat
+//! idle (old news). A report that arrives after the check started is
+//! checked anew, so a check that came too early is corrected. A session is
 //! reported once, when it is found ended, and then discarded, so:
 //!
 //! 1. a second report before the first was checked is another session
@@ -51,19 +53,25 @@
 //! 5. unless the check's own session answered, a fresh one must reach the
 //!    server: during a shutdown or a crash recovery it is refused (57P03)
 //!    or cannot connect → reconnect;
-//! 6. otherwise the lost session ended alone: it is discarded, nothing
+//! 6. the server that answered is another run than the one the generation
+//!    was built on (its start time or, after a crash recovery in place,
+//!    the reset time of its shared statistics moved) → reconnect: it
+//!    restarted, even if the check's own session was since replaced;
+//! 7. otherwise the lost session ended alone: it is discarded, nothing
 //!    else happens, and the verdict is published ([`Snapshot::cleared`])
 //!    so that a request that broke on it is replayed or resolved on the
 //!    same generation.
 //!
 //! A fast restart, an immediate shutdown, a crash (one backend killed: the
 //! server ends every other session and recovers in place) and the
-//! termination of every session each end the check's own session and the
-//! pool's other sessions too, so each costs exactly one reconnect, as
-//! before; one terminated session costs none. What stays ambiguous is a
-//! pool whose only session was lost while the check had no session of its
-//! own open yet: it is judged alone, and the pool goes on with fresh
-//! sessions of the server as it is now.
+//! termination of every session each cost exactly one reconnect, as
+//! before; one terminated session costs none. Some cases stay ambiguous. An
+//! operator who terminates several sessions at once (every idle one, say)
+//! costs a reconnect, as a mass termination does. A pool whose only
+//! session was terminated together with every other, while the check had
+//! no session of its own open yet, is judged alone; the pool goes on with
+//! fresh sessions. And an operator's reset of the shared statistics reads
+//! as a new run: the next lost session costs one reconnect.
 //!
 //! Asynchronous messages on an idle session (NOTIFY, NOTICE,
 //! ParameterStatus) are read and kept in step, over TLS as over plain TCP;
@@ -84,7 +92,9 @@ pub mod warmup;
 pub use generation::Generation;
 pub use manager::{Lifecycle, LifecycleStatus, Loss, ReconnectRecord, Snapshot, Waiting};
 pub use settings::{LifecycleSettings, RequiredRole};
-pub use source::{BackendSource, ConnectionSource, GenerationPool, ServerRole, SourceError};
+pub use source::{
+    BackendSource, ConnectionSource, GenerationPool, ServerRole, ServerStatus, SourceError,
+};
 pub use warmup::{WarmupError, WarmupTimings};
 
 #[cfg(test)]

@@ -489,3 +489,51 @@ async fn a_lost_connection_to_a_server_that_went_away_is_a_reconnect() {
         1.0
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_noticed_late_is_told_by_the_run_of_the_server() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    tokio::time::sleep(DEFAULT_HEALTH_CHECK_INTERVAL + Duration::from_secs(1)).await;
+    h.source.restart();
+    // The next periodic check replaces its own session, which the restart
+    // ended, and finds the server up: no reconnect by itself.
+    tokio::time::sleep(DEFAULT_HEALTH_CHECK_INTERVAL).await;
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 0.0);
+    // Then a request finds the pool's one session closed, and a fresh
+    // session of the restarted server serves it and waits idle.
+    h.source.set(|s| {
+        s.idle_ended = 0;
+        s.idle_alive = 1;
+    });
+    let loss = h.lifecycle.report_connection_lost(1);
+    judged(&h, loss).await;
+    h.reach(PoolState::Ready, 2).await;
+    assert_eq!(
+        h.metric(
+            "pgwarden_reconnects_total",
+            &[("reason", "connection_lost")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_session_found_closed_is_checked_at_once() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    tokio::time::sleep(DEFAULT_HEALTH_CHECK_INTERVAL + Duration::from_secs(1)).await;
+    let checked = h.source.sweeps(0);
+    // A request found its session closed as it sat in the pool: the
+    // goodbye is old news, and the request waits for a new session.
+    h.source.idle_session_found_closed(0);
+    tokio::time::sleep(Duration::from_millis(6)).await;
+    assert_eq!(h.source.sweeps(0), checked + 1, "checked without a pause");
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 0.0);
+
+    // Found after a restart: the server that answers is another run.
+    h.source.restart();
+    h.source.idle_session_found_closed(0);
+    h.retired(1).await;
+    h.reach(PoolState::Ready, 2).await;
+}
