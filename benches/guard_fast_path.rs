@@ -78,7 +78,7 @@ impl GenerationPool for MemoryPool {
         Ok(())
     }
 
-    fn sweep_idle(&self) -> IdleSweep {
+    fn sweep_idle(&self, _opened_before: tokio::time::Instant) -> IdleSweep {
         IdleSweep::default()
     }
 

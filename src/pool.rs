@@ -9,7 +9,7 @@
 //! and closes the old one to drain it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use tokio::task::JoinSet;
@@ -125,7 +125,8 @@ impl PoolError {
 /// What [`Pool::sweep_idle`] found among the idle sessions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IdleSweep {
-    /// Sessions the server still serves.
+    /// Sessions opened before the given moment that the server still
+    /// serves: it did not end every session then.
     pub alive: usize,
     /// Sessions the server ended as it ends every session when it goes
     /// away; they were discarded.
@@ -302,9 +303,9 @@ impl Pool {
     }
 
     /// Looks at every idle session at once, asking the kernel (never
-    /// trusting a recent answer): how many are alive, and how many the
-    /// server had ended the way it ends every session when it goes away
-    /// ([`Scope::Server`]).
+    /// trusting a recent answer): how many of those opened before
+    /// `opened_before` are alive, and how many the server had ended the way
+    /// it ends every session when it goes away ([`Scope::Server`]).
     ///
     /// A quiet session stays. One with anything waiting is taken out to be
     /// read, since reading needs it whole, and is not put back: deadpool
@@ -313,15 +314,17 @@ impl Pool {
     /// alive); the pool opens a new one when it needs it. The pool is
     /// locked while it is looked at, which costs one non-blocking system
     /// call per idle session.
-    pub fn sweep_idle(&self) -> IdleSweep {
-        let looked = self.inner.retain(|conn, _| conn.is_quiet());
-        let mut sweep = IdleSweep {
-            alive: looked.retained,
-            ended: 0,
-        };
+    pub fn sweep_idle(&self, opened_before: Instant) -> IdleSweep {
+        let mut sweep = IdleSweep::default();
+        let older = |conn: &Connection| conn.created_at() < opened_before;
+        let looked = self.inner.retain(|conn, _| {
+            let quiet = conn.is_quiet();
+            sweep.alive += usize::from(quiet && older(conn));
+            quiet
+        });
         for mut conn in looked.removed {
             match conn.check_idle_now() {
-                Ok(()) => sweep.alive += 1,
+                Ok(()) => sweep.alive += usize::from(older(&conn)),
                 Err(error) if error.scope() == Scope::Server => sweep.ended += 1,
                 Err(_) => {}
             }

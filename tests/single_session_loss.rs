@@ -108,7 +108,7 @@ async fn an_idle_pooled_session_terminated_by_an_operator_costs_no_reconnect() {
 /// An operator who ends sessions one by one may end the health check's
 /// own session first: the next check would notice and replace it, but a
 /// pooled session terminated before then must not be taken for the whole
-/// server going away, since the pool's other idle session is still served.
+/// server going away, since the pool's other idle sessions are still served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_health_check_session_and_then_a_pooled_one_terminated_cost_no_reconnect() {
     let cluster = Cluster::start();
@@ -117,11 +117,13 @@ async fn the_health_check_session_and_then_a_pooled_one_terminated_cost_no_recon
         ..config_for(&cluster)
     })
     .await;
-    // Both pooled sessions serve a request, so only the check's own session,
-    // opened by the first check, has a health probe as its last statement.
+    // Four pooled sessions serve a request each, so only the check's own
+    // session, opened by the first check, has a health probe as its last
+    // statement.
     let body = json!({ "query": "SELECT pg_sleep(0.2)", "params": [] }).to_string();
-    let (a, b) = tokio::join!(daemon.sql(body.clone(), &[]), daemon.sql(body, &[]));
-    assert!(a.status.is_success() && b.status.is_success());
+    let requests = (0..4).map(|_| daemon.sql(body.clone(), &[]));
+    let replies = futures_util::future::join_all(requests).await;
+    assert!(replies.iter().all(|r| r.status.is_success()));
     tokio::time::sleep(Duration::from_millis(3300)).await;
     let probe = cluster.psql(
         "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgwarden' \

@@ -247,7 +247,7 @@ impl GenerationPool for FakePool {
         if alive { Ok(()) } else { Err(down()) }
     }
 
-    fn sweep_idle(&self) -> crate::pool::IdleSweep {
+    fn sweep_idle(&self, _opened_before: tokio::time::Instant) -> crate::pool::IdleSweep {
         self.state.sweeps.fetch_add(1, Ordering::SeqCst);
         let mut script = self.script.lock().unwrap();
         crate::pool::IdleSweep {

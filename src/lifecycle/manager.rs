@@ -50,6 +50,16 @@ const SUSPICION_CHECK_SPACING: Duration = Duration::from_millis(250);
 /// heard it too, and the rest of a burst of reports has arrived.
 const LOSS_SETTLE: Duration = Duration::from_millis(10);
 
+/// A lost connection of the current generation waiting for its check.
+#[derive(Clone, Copy, Debug)]
+struct Suspicion {
+    /// When it was reported: an idle session opened before and still
+    /// served shows that the server did not end every session then.
+    since: Instant,
+    /// When it is checked.
+    due: Instant,
+}
+
 /// What the lifecycle publishes: the state and the current generation.
 #[derive(Debug)]
 pub struct Snapshot<P> {
@@ -250,7 +260,7 @@ impl<S: ConnectionSource> Lifecycle<S> {
             current: None,
             probe: None,
             last_check: None,
-            loss_check_at: None,
+            suspicion: None,
             cleared: 0,
             losses: losses.clone(),
             paused: false,
@@ -378,9 +388,8 @@ struct Driver<S: ConnectionSource> {
     probe: Option<<S::Pool as GenerationPool>::Probe>,
     /// When the last health check ended, to space suspicion checks.
     last_check: Option<Instant>,
-    /// When the lost connection of the current generation reported last
-    /// is checked; `None` while none waits.
-    loss_check_at: Option<Instant>,
+    /// The lost connection of the current generation waiting for its check.
+    suspicion: Option<Suspicion>,
     /// Published as [`Snapshot::cleared`].
     cleared: u64,
     /// Shared with [`Lifecycle::report_connection_lost`], which counts.
@@ -411,15 +420,15 @@ impl<S: ConnectionSource> Driver<S> {
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         ticks.reset();
         loop {
-            let loss_check_at = self.loss_check_at;
+            let suspicion = self.suspicion;
             let loss_check_due =
-                tokio::time::sleep_until(loss_check_at.unwrap_or_else(Instant::now));
+                tokio::time::sleep_until(suspicion.map_or_else(Instant::now, |s| s.due));
             let reason = tokio::select! {
                 _ = self.stop.cancelled() => return Err(Stopped),
                 _ = ticks.tick() => {
                     (!self.health_check().await).then_some(ReconnectReason::HealthCheck)
                 }
-                _ = loss_check_due, if loss_check_at.is_some() => self.judge_loss().await,
+                _ = loss_check_due, if suspicion.is_some() => self.judge_loss().await,
                 command = self.commands.recv() => {
                     let Some(command) = command else { return Err(Stopped) };
                     match self.handle(command) {
@@ -481,13 +490,15 @@ impl<S: ConnectionSource> Driver<S> {
     /// requests, whose next one finds every pooled session closed, or
     /// every session terminated. No check could say more: reconnect.
     fn suspect_loss(&mut self, generation: u64, found_idle: bool) -> Action {
-        if self.loss_check_at.take().is_none() {
+        if self.suspicion.take().is_none() {
+            let since = Instant::now();
             let settle = if found_idle {
                 Duration::ZERO
             } else {
                 LOSS_SETTLE
             };
-            self.loss_check_at = Some(Instant::now() + settle);
+            let due = since + settle;
+            self.suspicion = Some(Suspicion { since, due });
             return Action::None;
         }
         let evidence = NotAlone::Several;
@@ -548,14 +559,14 @@ impl<S: ConnectionSource> Driver<S> {
     /// then published so that a request broken on it is served again by the
     /// same generation; else the reason to reconnect.
     async fn judge_loss(&mut self) -> Option<ReconnectReason> {
-        self.loss_check_at = None;
+        let suspicion = self.suspicion.take()?;
         let generation = self.current.clone().filter(|g| !g.is_retired())?;
         // Every report numbered up to here was made before this check began.
         let judged = self.losses.load(Ordering::Acquire);
         let id = generation.id();
         let span = info_span!("db_loss_check", "pool.generation" = id);
-        let run = generation.run();
-        let check = check_after_loss(generation.pool(), run, self.probe.take(), &self.metrics);
+        let probe = self.probe.take();
+        let check = check_after_loss(generation.as_ref(), suspicion.since, probe, &self.metrics);
         let timeout = self.settings.health_check_timeout;
         let verdict = match tokio::time::timeout(timeout, check).instrument(span).await {
             Ok(verdict) => verdict,
@@ -702,7 +713,7 @@ impl<S: ConnectionSource> Driver<S> {
         let generation = Arc::new(generation);
         let old = self.current.replace(generation.clone());
         self.probe = None;
-        self.loss_check_at = None;
+        self.suspicion = None;
         self.cleared = 0;
         self.publish(PoolState::Ready);
         if let Some(old) = old {
@@ -835,28 +846,29 @@ enum NotAlone {
     IdleEnded(usize),
 }
 
-/// Decides whether a lost connection ended alone (an operator terminated
-/// a session, the server runs on) or the server is going away, crashed, or
-/// ended every session: the check the lifecycle's module doc describes.
-/// Only the second is worth a reconnect. `run` is the run of the server
-/// the generation was built on. Returns the probe session to keep.
+/// Decides whether a lost connection of `generation`, reported at `since`,
+/// ended alone (an operator terminated a session, the server runs on) or
+/// the server is going away, crashed, or ended every session: the check
+/// the lifecycle's module doc describes. Only the second is worth a
+/// reconnect. Returns the probe session to keep.
 ///
 /// The health check's own session (`probe`) is asked first, and its round
 /// trip gives the pool's idle sessions time to hear what it heard; then
 /// every idle session is looked at. One of them ended too: not alone. The
-/// probe ended too: not alone either, unless an idle session the server
-/// still serves vouches for the others, since an idle probe may have been
-/// terminated alone some seconds before. Last, unless the probe answered,
-/// a fresh session must reach the server; a server shutting down or
-/// recovering refuses it (57P03). A server that answers with another run
-/// than the generation's restarted or recovered since: not alone.
+/// probe ended too: not alone either, unless an idle session opened before
+/// the loss and still served vouches that the server did not end them all,
+/// since an idle probe may have been terminated alone some seconds before.
+/// Last, unless the probe answered, a fresh session must reach the server;
+/// a server shutting down or recovering refuses it (57P03). A server that
+/// answers as another run than the generation's restarted or recovered
+/// since: not alone.
 async fn check_after_loss<P: GenerationPool>(
-    pool: &P,
-    run: Option<&str>,
+    generation: &Generation<P>,
+    since: Instant,
     probe: Option<P::Probe>,
     metrics: &Metrics,
 ) -> Result<Option<P::Probe>, NotAlone> {
-    let restarted = |status: &ServerStatus| run.is_some_and(|run| run != status.run);
+    let restarted = |status: &ServerStatus| generation.run().is_some_and(|run| run != status.run);
     let (kept, probe_ended) = match probe {
         Some(mut probe) => match P::ping_probe(&mut probe).await.map_err(Into::into) {
             Ok(status) if restarted(&status) => return Err(NotAlone::Restarted),
@@ -867,7 +879,7 @@ async fn check_after_loss<P: GenerationPool>(
         },
         None => (None, None),
     };
-    let idle = pool.sweep_idle();
+    let idle = generation.pool().sweep_idle(since);
     if idle.ended > 0 {
         return Err(NotAlone::IdleEnded(idle.ended));
     }
@@ -879,10 +891,8 @@ async fn check_after_loss<P: GenerationPool>(
     if kept.is_some() {
         return Ok(kept);
     }
-    match open_probe(pool, metrics)
-        .await
-        .map_err(NotAlone::ServerDown)?
-    {
+    let opened = open_probe(generation.pool(), metrics).await;
+    match opened.map_err(NotAlone::ServerDown)? {
         Some((_, status)) if restarted(&status) => Err(NotAlone::Restarted),
         Some((probe, _)) => Ok(Some(probe)),
         None => Ok(None),

@@ -47,9 +47,10 @@
 //! 3. every idle session of the pool is looked at without waiting, asking
 //!    the kernel: any that heard the server's goodbye too → reconnect;
 //! 4. the check's own session ended too (a `Server`-scope failure) and no
-//!    idle session is still served to vouch for the others → reconnect.
-//!    With one, the check's idle session may have been terminated alone
-//!    some seconds before, by an operator ending sessions one by one;
+//!    idle session opened before the loss is still served to vouch that
+//!    the server did not end them all → reconnect. With one, the check's
+//!    idle session may have been terminated alone some seconds before, by
+//!    an operator ending sessions one by one;
 //! 5. unless the check's own session answered, a fresh one must reach the
 //!    server: during a shutdown or a crash recovery it is refused (57P03)
 //!    or cannot connect → reconnect;

@@ -122,10 +122,11 @@ pub trait GenerationPool: std::fmt::Debug + Send + Sync + 'static {
         sql: &str,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
-    /// Looks at every idle session without waiting: how many are alive,
-    /// and how many the server ended the way it ends every session when it
-    /// goes away (those are discarded; see [`Pool::sweep_idle`]).
-    fn sweep_idle(&self) -> IdleSweep;
+    /// Looks at every idle session without waiting: how many of those
+    /// opened before `opened_before` are alive, and how many the server
+    /// ended the way it ends every session when it goes away (those are
+    /// discarded; see [`Pool::sweep_idle`]).
+    fn sweep_idle(&self, opened_before: tokio::time::Instant) -> IdleSweep;
 
     /// Current sizes.
     fn status(&self) -> PoolStatus;
@@ -183,8 +184,8 @@ impl GenerationPool for Pool {
         Ok(())
     }
 
-    fn sweep_idle(&self) -> IdleSweep {
-        Pool::sweep_idle(self)
+    fn sweep_idle(&self, opened_before: tokio::time::Instant) -> IdleSweep {
+        Pool::sweep_idle(self, opened_before.into_std())
     }
 
     fn status(&self) -> PoolStatus {
