@@ -5,7 +5,7 @@
 //! reconnect at a time: failures reported by many requests arrive as
 //! commands tagged with the generation they saw, and only a report about the
 //! *current, ready* generation is considered. A lost connection is a
-//! suspicion, judged by one check a few milliseconds later (see
+//! suspicion, judged by one check within a few milliseconds (see
 //! `LOSS_SETTLE`); another lost before then is evidence enough for a
 //! reconnect, and one lost after that check started is judged anew, so a
 //! check made too early is corrected. Everything the guard needs
@@ -31,7 +31,7 @@ use super::backoff::{Backoff, jittered};
 use super::generation::Generation;
 use super::settings::LifecycleSettings;
 use super::source::{ConnectionSource, GenerationPool, ServerStatus, SourceError};
-use super::warmup::{WarmupError, WarmupTimings, warm_up};
+use super::warmup::{Warmed, WarmupError, WarmupTimings, warm_up};
 use crate::backend::Scope;
 use crate::pool::{LossHook, PoolStatus};
 use crate::telemetry::Metrics;
@@ -484,10 +484,10 @@ impl<S: ConnectionSource> Driver<S> {
     /// just now; at once when the pool found it closed while it sat idle,
     /// since it heard the news some time ago, and the request that found
     /// it is opening a new session meanwhile, which should belong to the
-    /// next generation if the server restarted. A second report before the check
-    /// is another session lost at once (each is reported once, when it is
-    /// found ended, and then discarded): a server restarted between two
-    /// requests, whose next one finds every pooled session closed, or
+    /// next generation if the server restarted. A second report before the
+    /// check is another session lost at once (each is reported once, when
+    /// it is found ended, and then discarded): a server restarted between
+    /// two requests, whose next one finds every pooled session closed, or
     /// every session terminated. No check could say more: reconnect.
     fn suspect_loss(&mut self, generation: u64, found_idle: bool) -> Action {
         if self.suspicion.take().is_none() {
@@ -677,10 +677,10 @@ impl<S: ConnectionSource> Driver<S> {
     fn attempt_finished(
         &self,
         id: u64,
-        result: Result<Warmed<S::Pool>, WarmupError>,
+        result: Result<(S::Pool, Warmed), WarmupError>,
     ) -> Result<Generation<S::Pool>, WarmupError> {
         match result {
-            Ok((pool, (timings, run))) => {
+            Ok((pool, Warmed { timings, run })) => {
                 self.record_success(timings);
                 info!(
                     generation = id,
@@ -773,10 +773,6 @@ impl<S: ConnectionSource> Driver<S> {
     }
 }
 
-/// A warmed-up pool, with its warm-up's timings and the run of the server
-/// it met.
-type Warmed<P> = (P, (WarmupTimings, Option<String>));
-
 /// One attempt: opens the pool of generation `id` and warms it up; on
 /// failure the pool is closed.
 async fn warm_generation<S: ConnectionSource>(
@@ -784,7 +780,7 @@ async fn warm_generation<S: ConnectionSource>(
     settings: &LifecycleSettings,
     command_tx: &mpsc::UnboundedSender<Command>,
     id: u64,
-) -> Result<Warmed<S::Pool>, WarmupError> {
+) -> Result<(S::Pool, Warmed), WarmupError> {
     let commands = command_tx.clone();
     let on_loss = LossHook::new(move || {
         let _ = commands.send(Command::ConnectionLost {

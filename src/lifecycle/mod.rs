@@ -96,7 +96,7 @@ pub use settings::{LifecycleSettings, RequiredRole};
 pub use source::{
     BackendSource, ConnectionSource, GenerationPool, ServerRole, ServerStatus, SourceError,
 };
-pub use warmup::{WarmupError, WarmupTimings};
+pub use warmup::{Warmed, WarmupError, WarmupTimings};
 
 #[cfg(test)]
 pub(crate) mod fake;

@@ -31,6 +31,17 @@ pub struct WarmupTimings {
     pub total: Duration,
 }
 
+/// What a successful warm-up found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warmed {
+    /// How long each phase took.
+    pub timings: WarmupTimings,
+    /// The run of the server its sessions met (see
+    /// [`ServerStatus::run`](super::ServerStatus::run)); `None` without a
+    /// session.
+    pub run: Option<String>,
+}
+
 /// Why a warm-up failed, and in which phase.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("warm-up phase {phase} failed: {message}")]
@@ -50,14 +61,11 @@ impl WarmupError {
     }
 }
 
-/// Runs both phases on `pool`; the warm connections return to it
-/// afterwards. Returns the timings and the run of the server the
-/// connections met (see [`ServerStatus::run`](super::ServerStatus::run);
-/// `None` without a connection).
+/// Runs both phases on `pool`; the warm connections return to it afterwards.
 pub async fn warm_up<P: GenerationPool>(
     pool: &P,
     settings: &LifecycleSettings,
-) -> Result<(WarmupTimings, Option<String>), WarmupError> {
+) -> Result<Warmed, WarmupError> {
     let started = Instant::now();
     let ping_phase = ping(pool, settings).instrument(info_span!("db_warmup_phase", phase = "ping"));
     let (connections, run) = ping_phase.await?;
@@ -72,7 +80,7 @@ pub async fn warm_up<P: GenerationPool>(
         queries: queries_started.elapsed(),
         total: started.elapsed(),
     };
-    Ok((timings, run))
+    Ok(Warmed { timings, run })
 }
 
 async fn ping<P: GenerationPool>(
