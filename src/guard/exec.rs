@@ -214,8 +214,9 @@ pub(crate) struct OldSession {
     /// Its generation.
     generation: u64,
     /// When the server ended it ([`Scope::Server`]): the receipt of the
-    /// report to the lifecycle, whose verdict what follows waits for (a
-    /// session that failed for a reason of its own leaves its siblings good).
+    /// report to the lifecycle. What follows the break waits for the
+    /// lifecycle's verdict on it; a session that failed for a reason of its
+    /// own leaves its siblings good, and nothing waits.
     loss: Option<Loss>,
     /// Its server process, and pgwarden's port of it (`client_port`).
     backend: Option<(i32, Option<u16>)>,
