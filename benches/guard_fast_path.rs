@@ -16,9 +16,10 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use pgwarden::guard::Guard;
 use pgwarden::lifecycle::{
-    ConnectionSource, GenerationPool, Lifecycle, LifecycleSettings, ServerRole, SourceError,
+    ConnectionSource, GenerationPool, Lifecycle, LifecycleSettings, ServerRole, ServerStatus,
+    SourceError,
 };
-use pgwarden::pool::{LossHook, PoolStatus};
+use pgwarden::pool::{IdleSweep, LossHook, PoolStatus};
 use pgwarden::telemetry::Metrics;
 use pgwarden::telemetry::labels::PoolState;
 
@@ -38,6 +39,14 @@ impl Drop for MemoryConn {
     }
 }
 
+/// What the in-memory server answers a ping.
+fn primary() -> ServerStatus {
+    ServerStatus {
+        role: ServerRole::Primary,
+        run: "1".into(),
+    }
+}
+
 impl GenerationPool for MemoryPool {
     type Conn = MemoryConn;
     type Error = SourceError;
@@ -51,8 +60,8 @@ impl GenerationPool for MemoryPool {
         Ok(vec![self.get().await?])
     }
 
-    async fn ping(_conn: &mut MemoryConn) -> Result<ServerRole, SourceError> {
-        Ok(ServerRole::Primary)
+    async fn ping(_conn: &mut MemoryConn) -> Result<ServerStatus, SourceError> {
+        Ok(primary())
     }
 
     type Probe = ();
@@ -61,12 +70,16 @@ impl GenerationPool for MemoryPool {
         Ok(())
     }
 
-    async fn ping_probe(_probe: &mut ()) -> Result<ServerRole, SourceError> {
-        Ok(ServerRole::Primary)
+    async fn ping_probe(_probe: &mut ()) -> Result<ServerStatus, SourceError> {
+        Ok(primary())
     }
 
     async fn run(_conn: &mut MemoryConn, _sql: &str) -> Result<(), SourceError> {
         Ok(())
+    }
+
+    fn sweep_idle(&self, _opened_before: tokio::time::Instant) -> IdleSweep {
+        IdleSweep::default()
     }
 
     fn status(&self) -> PoolStatus {

@@ -9,7 +9,7 @@
 //! and closes the old one to drain it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use tokio::task::JoinSet;
@@ -122,6 +122,17 @@ impl PoolError {
     }
 }
 
+/// What [`Pool::sweep_idle`] found among the idle sessions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdleSweep {
+    /// Sessions opened before the given moment that the server still
+    /// serves: it did not end every session then.
+    pub alive: usize,
+    /// Sessions the server ended as it ends every session when it goes
+    /// away; they were discarded.
+    pub ended: usize,
+}
+
 /// Sizes of a pool at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolStatus {
@@ -139,9 +150,11 @@ pub struct PoolStatus {
 
 /// Called when the pool finds that the server ended one of its idle
 /// connections the way a server that goes away does ([`Scope::Server`]):
-/// the first sign of a restart, a crash, a failover or a mass termination,
-/// often before any request notices. Sessions that failed alone (abandoned
-/// mid-request, ended by an idle timeout) are discarded without a call.
+/// possibly the first sign of a restart, a crash, a failover or a mass
+/// termination, often before any request notices, and possibly one session
+/// terminated by an operator, which the lifecycle tells apart. Sessions
+/// that failed alone for a reason of their own (abandoned mid-request,
+/// ended by an idle timeout) are discarded without a call.
 #[derive(Clone)]
 pub struct LossHook(Arc<dyn Fn() + Send + Sync>);
 
@@ -149,6 +162,11 @@ impl LossHook {
     /// Wraps the function to call.
     pub fn new(hook: impl Fn() + Send + Sync + 'static) -> Self {
         Self(Arc::new(hook))
+    }
+
+    /// Calls the wrapped function.
+    pub(crate) fn call(&self) {
+        (self.0)()
     }
 }
 
@@ -171,7 +189,7 @@ impl Manager {
         if let Some(hook) = &self.on_loss
             && error.scope() == Scope::Server
         {
-            (hook.0)();
+            hook.call();
         }
     }
 }
@@ -282,6 +300,36 @@ impl Pool {
             Ok(result) => Ok(result?),
             Err(_) => Err(PoolError::CreateTimeout(self.config.create_timeout)),
         }
+    }
+
+    /// Looks at every idle session at once, asking the kernel (never
+    /// trusting a recent answer): how many of those opened before
+    /// `opened_before` are alive, and how many the server had ended the way
+    /// it ends every session when it goes away ([`Scope::Server`]).
+    ///
+    /// A quiet session stays. One with anything waiting is taken out to be
+    /// read, since reading needs it whole, and is not put back: deadpool
+    /// cannot take a session back once it left. So a session that only
+    /// received a notice or a notification is closed too (and counted
+    /// alive); the pool opens a new one when it needs it. The pool is
+    /// locked while it is looked at, which costs one non-blocking system
+    /// call per idle session.
+    pub fn sweep_idle(&self, opened_before: Instant) -> IdleSweep {
+        let mut sweep = IdleSweep::default();
+        let older = |conn: &Connection| conn.created_at() < opened_before;
+        let looked = self.inner.retain(|conn, _| {
+            let quiet = conn.is_quiet();
+            sweep.alive += usize::from(quiet && older(conn));
+            quiet
+        });
+        for mut conn in looked.removed {
+            match conn.check_idle_now() {
+                Ok(()) => sweep.alive += usize::from(older(&conn)),
+                Err(error) if error.scope() == Scope::Server => sweep.ended += 1,
+                Err(_) => {}
+            }
+        }
+        sweep
     }
 
     /// Removes a connection from the pool for good; it closes when dropped.

@@ -180,8 +180,8 @@ async fn a_health_check_probe_leaves_an_owed_reset_to_the_next_user() {
     // The probe runs as the session is: it answers, or, on a busy machine,
     // meets the leftover 1 ms statement timeout; either way it did not pay
     // the reset, which the server would have refused (ResetRefused).
-    match conn.is_in_recovery().await {
-        Ok(in_recovery) => assert!(!in_recovery, "the probe answers"),
+    match conn.probe_server().await {
+        Ok(probe) => assert!(!probe.in_recovery, "the probe answers"),
         Err(error) => assert_eq!(
             error.db_error().map(|e| e.code.as_str()),
             Some("57014"),

@@ -116,7 +116,7 @@ fn ids(cluster: &Cluster) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_whose_session_ended_fails_once_with_a_retryable_error() {
-    let (cluster, _daemon, db) = transaction_whose_session_ended().await;
+    let (cluster, daemon, db) = transaction_whose_session_ended().await;
 
     assert_eq!(
         code_of(&db, "INSERT INTO ledger VALUES (2)").await,
@@ -139,6 +139,12 @@ async fn a_transaction_whose_session_ended_fails_once_with_a_retryable_error() {
         ids(&cluster).trim(),
         "3",
         "only the retried transaction's row"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        daemon.reconnects().await,
+        0.0,
+        "one terminated session is not a failure of the database"
     );
 }
 

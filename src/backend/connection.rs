@@ -36,6 +36,26 @@ use super::stream::Socket;
 /// the time, and the probe is a system call per request.
 const RECENT_ANSWER: Duration = Duration::from_millis(1);
 
+/// The server probe of [`Connection::probe_server`]. The start time and
+/// the reset time of the shared statistics, in microseconds since the
+/// epoch (free of the session's date and float settings), together tell
+/// one run of the server from the next: a restart moves the first, a crash
+/// recovery in place (one backend killed) the second.
+const PROBE_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), \
+     (extract(epoch FROM pg_catalog.pg_postmaster_start_time()) * 1000000)::bigint, \
+     coalesce((extract(epoch FROM pg_catalog.pg_stat_get_bgwriter_stat_reset_time()) * 1000000)::bigint, 0)";
+
+/// What [`Connection::probe_server`] learned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerProbe {
+    /// `pg_is_in_recovery()`: the server is a standby.
+    pub in_recovery: bool,
+    /// Which run of the server answered: it changes when the server
+    /// restarts or recovers from a crash, in place or not. (An operator's
+    /// reset of the shared statistics changes it too.)
+    pub run: String,
+}
+
 /// Transaction status reported by the last ReadyForQuery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransactionStatus {
@@ -181,28 +201,25 @@ impl Connection {
         self.end_request(result)
     }
 
-    /// Asks `pg_is_in_recovery()` in one round trip: a liveness probe that
-    /// also tells a primary from a standby. It leaves no session state
-    /// behind and does not pay an owed reset (which stays owed to the next
-    /// user), so a slow or refused reset never fails a health check; the
-    /// function is schema-qualified, so a leftover `search_path` cannot
-    /// stand in for it.
-    pub async fn is_in_recovery(&mut self) -> Result<bool, BackendError> {
+    /// A liveness probe in one round trip, which also tells a primary from
+    /// a standby and which run of the server answers (see [`ServerProbe`]).
+    /// It leaves no session state behind and does not pay an owed reset
+    /// (which stays owed to the next user), so a slow or refused reset
+    /// never fails a health check; the functions are schema-qualified, so a
+    /// leftover `search_path` cannot stand in for them.
+    pub async fn probe_server(&mut self) -> Result<ServerProbe, BackendError> {
         self.begin_request()?;
-        let result = self
-            .send_simple("SELECT pg_catalog.pg_is_in_recovery()")
-            .await;
+        let result = self.send_simple(PROBE_SQL).await;
         let answer = result.and_then(|mut results| {
-            let value = results.pop().and_then(|r| {
-                r.rows
-                    .first()
-                    .and_then(|row| row.get(0).map(|v| v.into_owned()))
-            });
-            match value.as_deref() {
-                Some("t") => Ok(true),
-                Some("f") => Ok(false),
+            let row = results.pop().and_then(|r| r.rows.into_iter().next());
+            let value = |i: usize| row.as_ref().and_then(|r| r.get(i).map(|v| v.into_owned()));
+            match (value(0).as_deref(), value(1), value(2)) {
+                (Some(recovery @ ("t" | "f")), Some(started), Some(reset)) => Ok(ServerProbe {
+                    in_recovery: recovery == "t",
+                    run: format!("{started}/{reset}"),
+                }),
                 other => Err(BackendError::Protocol(format!(
-                    "unexpected answer to pg_is_in_recovery(): {other:?}"
+                    "unexpected answer to the server probe: {other:?}"
                 ))),
             }
         });
@@ -316,17 +333,32 @@ impl Connection {
     /// A session whose server answered within [`RECENT_ANSWER`] is taken
     /// as alive without asking the kernel.
     pub fn check_idle(&mut self) -> Result<(), BackendError> {
+        if !self.is_broken() && self.answered_at.elapsed() < RECENT_ANSWER {
+            return Ok(());
+        }
+        self.check_idle_now()
+    }
+
+    /// [`Connection::check_idle`] that always asks the kernel, for a caller
+    /// that must know whether the server ended the session a moment ago:
+    /// the lifecycle judging whether a lost session ended alone.
+    pub fn check_idle_now(&mut self) -> Result<(), BackendError> {
         if self.is_broken() {
             return Err(BackendError::Broken);
-        }
-        if self.answered_at.elapsed() < RECENT_ANSWER {
-            return Ok(());
         }
         let result = self.framer.poll_unsolicited();
         if result.is_err() {
             self.closed = true;
         }
         result
+    }
+
+    /// True when nothing arrived on this idle session: the kernel holds no
+    /// byte for it and nothing is left unread. Looks without reading, so
+    /// it needs no exclusive access; a session that is not quiet may hold
+    /// a goodbye or only a notice, which [`Connection::check_idle_now`] tells.
+    pub fn is_quiet(&self) -> bool {
+        !self.is_broken() && self.framer.is_quiet()
     }
 
     /// Ends the session politely (Terminate), ignoring errors.

@@ -95,8 +95,8 @@ impl ErrorKind {
 /// What a failure says about the server: the input to the one rule that
 /// decides whether pgwarden rebuilds its pool (written out in the
 /// lifecycle's module doc). A false reconnect costs a warm-up and pages an
-/// operator, so only [`Scope::Server`] may retire a generation, and
-/// [`Scope::Unreachable`] only through a failed health check.
+/// operator, so only [`Scope::Server`] and [`Scope::Unreachable`] may
+/// retire a generation, and each only through a check that confirms it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Scope {
     /// A statement failed, or the request did (its result was too large,
@@ -116,6 +116,9 @@ pub enum Scope {
     Unreachable,
     /// The server ended an established session the way it does when it
     /// goes away or crashes (end of stream, I/O error, 57P01/57P02, PANIC).
+    /// An operator ending this one session looks the same, so the
+    /// lifecycle checks the server and the other sessions before it
+    /// reconnects.
     Server,
 }
 
@@ -310,10 +313,11 @@ const CANNOT_CONNECT_NOW: &str = "57P03";
 /// SQLSTATE classes a server refuses a *new* session with, while it runs well.
 const REFUSAL_CLASSES: [&str; 4] = ["28", "53", "3D", "42"];
 
-/// The scope of a FATAL or PANIC report: only a server that is going away
-/// or crashed retires a generation; a refusal is counted; anything else
-/// (an idle-session or idle-in-transaction timeout, a recovery conflict on
-/// a standby) ended this one session.
+/// The scope of a FATAL or PANIC report: a server that is going away or
+/// crashed (or an operator who ended this session: the lifecycle tells
+/// them apart) may retire a generation; a refusal is counted; anything
+/// else (an idle-session or idle-in-transaction timeout, a recovery
+/// conflict on a standby) ended this one session.
 fn fatal_scope(error: &DbError) -> Scope {
     let code = error.code.as_str();
     let panic = error

@@ -357,6 +357,12 @@ impl Framer {
         }
     }
 
+    /// True when nothing is buffered and the kernel holds no byte (nor the
+    /// end of the stream) for the socket: an idle session that heard nothing.
+    pub(crate) fn is_quiet(&self) -> bool {
+        self.read_buf.is_empty() && matches!(self.socket.probe_idle(), Ok(IdleProbe::Quiet))
+    }
+
     /// Checks, without waiting, what an idle session received: nothing, or
     /// only asynchronous bookkeeping, is fine; a closed socket, an error
     /// (the server's goodbye) or any other message means it is gone.

@@ -52,7 +52,7 @@ pub mod transaction;
 
 pub use cancel::CancelToken;
 pub use connect::Connector;
-pub use connection::{Connection, TransactionStatus};
+pub use connection::{Connection, ServerProbe, TransactionStatus};
 pub use error::{BackendError, DbError, ErrorKind, Refusal, Scope, Stage};
 pub use options::{ConnectOptions, Host, Secret, SslMode};
 pub use result::{Field, QueryResult, Row};

@@ -21,7 +21,7 @@ use super::error::GuardError;
 use super::refusals::RefusalGate;
 use crate::backend::Scope;
 use crate::lifecycle::{
-    ConnectionSource, Generation, GenerationPool, Lifecycle, Snapshot, SourceError,
+    ConnectionSource, Generation, GenerationPool, Lifecycle, Loss, Snapshot, SourceError,
 };
 use crate::telemetry::Metrics;
 use crate::telemetry::labels::{GuardCause, GuardOutcome, PoolState};
@@ -40,7 +40,8 @@ const NO_SESSION_PAUSE_MAX: Duration = Duration::from_millis(200);
 enum Fast<S: ConnectionSource> {
     /// A connection of the ready, current generation.
     Admitted(Lease<S>),
-    /// No ready generation (newer than asked for): wait for the next state.
+    /// No ready generation (that may serve after the loss, if one was
+    /// reported): wait for the next state.
     NotReady,
     /// The generation is ready, but no session could be had right now: the
     /// server refused a new one or did not answer. Ask again shortly.
@@ -157,7 +158,7 @@ impl<S: ConnectionSource> Guard<S> {
     }
 
     async fn admit_in_span(&self, deadline: Instant) -> Result<Lease<S>, GuardError> {
-        let pending = match self.try_fast(deadline, 0).await? {
+        let pending = match self.try_fast(deadline, None).await? {
             Fast::Admitted(lease) => return Ok(lease),
             Fast::NotReady => None,
             Fast::NoSession(error) => Some(error),
@@ -170,7 +171,7 @@ impl<S: ConnectionSource> Guard<S> {
         };
         Span::current().record("guard.cause", cause.as_str());
         // Boxed: the waiting machinery stays out of the fast path's future.
-        Box::pin(self.wait_and_admit(Some(cause), deadline, 0, pending)).await
+        Box::pin(self.wait_and_admit(Some(cause), deadline, None, pending)).await
     }
 
     /// Checks a held lease before use: if its generation was retired, counts
@@ -186,19 +187,17 @@ impl<S: ConnectionSource> Guard<S> {
         tracing::info!(
             "Stale-client hit: the request's connection belongs to a retired generation."
         );
-        self.wait_and_admit(Some(GuardCause::Stale), deadline, 0, None)
+        self.wait_and_admit(Some(GuardCause::Stale), deadline, None, None)
             .await
     }
 
-    /// Admits from a generation newer than `broken`, after a connection of
-    /// `broken` failed: its siblings are suspect and the lifecycle is
-    /// already replacing it, so a replay waits for the replacement.
-    pub async fn admit_after(
-        &self,
-        broken: u64,
-        deadline: Instant,
-    ) -> Result<Lease<S>, GuardError> {
-        let pending = match self.try_fast(deadline, broken).await? {
+    /// Admits after the server ended a connection, reported as `loss`: its
+    /// siblings are suspect until the lifecycle has judged the report, so
+    /// this waits for the verdict. A newer generation serves when the
+    /// server was going away; the same one when the lost session had
+    /// ended alone (see [`Snapshot::ready_for`]).
+    pub async fn admit_after(&self, loss: Loss, deadline: Instant) -> Result<Lease<S>, GuardError> {
+        let pending = match self.try_fast(deadline, Some(loss)).await? {
             Fast::Admitted(lease) => return Ok(lease),
             Fast::NotReady => None,
             Fast::NoSession(error) => Some(error),
@@ -206,24 +205,26 @@ impl<S: ConnectionSource> Guard<S> {
         let cause = pending
             .as_ref()
             .map_or(GuardCause::Reconnecting, |_| GuardCause::Busy);
-        self.wait_and_admit(Some(cause), deadline, broken, pending)
+        self.wait_and_admit(Some(cause), deadline, Some(loss), pending)
             .await
     }
 
-    /// Reports that a connection of `generation` failed at the connection level.
-    pub fn report_connection_lost(&self, generation: u64) {
-        self.lifecycle.report_connection_lost(generation);
+    /// Reports that the server ended a connection of `generation`; the
+    /// receipt is what [`Guard::admit_after`] waits on.
+    pub fn report_connection_lost(&self, generation: u64) -> Loss {
+        self.lifecycle.report_connection_lost(generation)
     }
 
     /// The fast path: a lease when the pool is ready with a generation
-    /// newer than `newer_than` and a connection was had.
-    async fn try_fast(&self, deadline: Instant, newer_than: u64) -> Result<Fast<S>, GuardError> {
-        let generation = {
-            let snapshot = self.snapshot.borrow();
-            match (&snapshot.state, &snapshot.generation) {
-                (PoolState::Ready, Some(g)) if !g.is_retired() && g.id() > newer_than => g.clone(),
-                _ => return Ok(Fast::NotReady),
-            }
+    /// that may serve (after `after`, if given) and a connection was had.
+    async fn try_fast(
+        &self,
+        deadline: Instant,
+        after: Option<Loss>,
+    ) -> Result<Fast<S>, GuardError> {
+        let generation = match self.snapshot.borrow().ready_for(after) {
+            Some(generation) => generation.clone(),
+            None => return Ok(Fast::NotReady),
         };
         // Shortly after a refusal, only a session given back will do.
         if let Some(refusal) = self.refusals.holding()
@@ -284,7 +285,7 @@ impl<S: ConnectionSource> Guard<S> {
         &self,
         cause: Option<GuardCause>,
         deadline: Instant,
-        newer_than: u64,
+        after: Option<Loss>,
         pending: Option<SourceError>,
     ) -> Result<Lease<S>, GuardError> {
         let started = Instant::now();
@@ -303,13 +304,8 @@ impl<S: ConnectionSource> Guard<S> {
                     return Err(self.timed_out(wait));
                 }
             }
-            let waited = rx.wait_for(|s| {
-                s.state == PoolState::Stopping
-                    || (s.state == PoolState::Ready
-                        && s.generation
-                            .as_ref()
-                            .is_some_and(|g| !g.is_retired() && g.id() > newer_than))
-            });
+            let waited =
+                rx.wait_for(|s| s.state == PoolState::Stopping || s.ready_for(after).is_some());
             let state = match tokio::time::timeout_at(deadline, waited).await {
                 Ok(Ok(snapshot)) => snapshot.state,
                 Ok(Err(_)) => PoolState::Stopping,
@@ -318,7 +314,7 @@ impl<S: ConnectionSource> Guard<S> {
             if state == PoolState::Stopping {
                 return Err(GuardError::Stopping);
             }
-            match self.try_fast(deadline, newer_than).await? {
+            match self.try_fast(deadline, after).await? {
                 Fast::Admitted(lease) => {
                     if let Some(cause) = wait.cause {
                         self.metrics

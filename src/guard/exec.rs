@@ -20,7 +20,7 @@ use crate::backend::{
     BackendError, CancelToken, Connection, DbError, QueryResult, Scope, Statement,
     TransactionError, TransactionOptions, TransactionProgress, TxIdentity,
 };
-use crate::lifecycle::BackendSource;
+use crate::lifecycle::{BackendSource, Loss};
 use crate::telemetry::Metrics;
 use crate::telemetry::labels::{ClientErrorKind, ReplayResult, RequestOutcome};
 
@@ -213,8 +213,11 @@ struct Break {
 pub(crate) struct OldSession {
     /// Its generation.
     generation: u64,
-    /// Whether the server failed ([`Scope::Server`]) or only this session.
-    scope: Scope,
+    /// When the server ended it ([`Scope::Server`]): the receipt of the
+    /// report to the lifecycle. What follows the break waits for the
+    /// lifecycle's verdict on it; a session that failed for a reason of its
+    /// own leaves its siblings good, and nothing waits.
+    loss: Option<Loss>,
     /// Its server process, and pgwarden's port of it (`client_port`).
     backend: Option<(i32, Option<u16>)>,
     /// When pgwarden opened it: its server process is at least this old,
@@ -230,24 +233,31 @@ impl OldSession {
         let backend = conn.process_id().map(|pid| (pid, conn.local_port()));
         OldSession {
             generation,
-            scope: Scope::Statement,
+            loss: None,
             backend,
             opened: conn.created_at(),
         }
     }
 
-    /// Marks it broken by `scope` (see [`Scope`]).
-    pub(crate) fn broken_by(self, scope: Scope) -> Self {
-        OldSession { scope, ..self }
+    /// Marks it broken by `scope` (see [`Scope`]). A session the server
+    /// ended is reported to the lifecycle, which decides at once whether
+    /// the server is going away or the session ended alone.
+    pub(crate) fn broken_by(self, scope: Scope, guard: &Guard<BackendSource>) -> Self {
+        let loss = (scope == Scope::Server).then(|| guard.report_connection_lost(self.generation));
+        OldSession { loss, ..self }
     }
 
-    /// Requests after the break go to a newer generation only when the
-    /// server failed; a session that failed alone leaves its siblings good.
-    pub(crate) fn newer_than(&self) -> u64 {
-        if self.scope == Scope::Server {
-            self.generation
-        } else {
-            0
+    /// Admits what follows the break: after the lifecycle's verdict on a
+    /// session the server ended (a newer generation, or this one found
+    /// healthy), at once otherwise.
+    pub(crate) async fn readmit(
+        &self,
+        guard: &Guard<BackendSource>,
+        deadline: Instant,
+    ) -> Result<Lease<BackendSource>, GuardError> {
+        match self.loss {
+            None => guard.admit_until(deadline).await,
+            Some(loss) => guard.admit_after(loss, deadline).await,
         }
     }
 }
@@ -479,7 +489,7 @@ impl Executor {
                     done,
                 } => {
                     drop(lease);
-                    old.scope = scope;
+                    old = old.broken_by(scope, &self.guard);
                     let broke = Break {
                         old,
                         class,
@@ -503,17 +513,14 @@ impl Executor {
         }
     }
 
-    /// A connection for what follows a break: of a newer generation when
-    /// the server failed, else any current one.
+    /// A connection for what follows a break: once the lifecycle judged
+    /// the loss when the server ended the session, else any current one.
     async fn readmit(
         &self,
         old: &OldSession,
         deadline: Instant,
     ) -> Result<Lease<BackendSource>, GuardError> {
-        match old.newer_than() {
-            0 => self.guard.admit_until(deadline).await,
-            broken => self.guard.admit_after(broken, deadline).await,
-        }
+        old.readmit(&self.guard, deadline).await
     }
 
     /// A transaction ran past its timeout. Before its COMMIT was sent it
@@ -572,8 +579,7 @@ impl Executor {
             message,
         } = broke;
         let generation = old.generation;
-        if old.scope == Scope::Server {
-            self.guard.report_connection_lost(generation);
+        if old.loss.is_some() {
             warn!(generation, error = %message, "Connection lost under a request.");
         } else {
             info!(generation, error = %message, "A session failed under a request; the server is fine.");
@@ -700,13 +706,11 @@ impl Executor {
                 Ok(Err(error)) => {
                     let asker = OldSession {
                         generation: lease.generation().id(),
-                        scope: error.scope(),
+                        loss: None,
                         backend: None,
                         opened: std::time::Instant::now(),
-                    };
-                    if asker.scope == Scope::Server {
-                        self.guard.report_connection_lost(asker.generation);
                     }
+                    .broken_by(error.scope(), &self.guard);
                     drop(lease);
                     match self.readmit(&asker, deadline).await {
                         Ok(next) => lease = next,

@@ -9,7 +9,8 @@
 //! - a **write** runs as `BEGIN` + `SELECT txid_current()` + statement, then
 //!   `COMMIT` in a second round trip, keeping the result in hand. Broken
 //!   before COMMIT was sent: Postgres rolled it back, so it is replayed.
-//!   Broken after: the new generation is asked what became of the xid;
+//!   Broken after: another session (of a new generation when the server
+//!   went away, else of the same one) is asked what became of the xid;
 //! - a statement that **cannot run in a transaction block** (25001) runs
 //!   bare, and a break after sending it cannot be resolved.
 //!
@@ -72,7 +73,8 @@ pub enum BreakPoint {
     AfterCommit,
 }
 
-/// What the new generation says about the broken write's transaction.
+/// What the server, asked on another session, says about the broken
+/// write's transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TxOutcome {
     /// `txid_status` = committed, and the xid cannot have been reused.
@@ -90,7 +92,7 @@ pub enum TxOutcome {
 /// What the guard does about a broken request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// Run it again on the new generation.
+    /// Run it again on another session.
     Replay,
     /// It committed: answer with the result already in hand.
     Answer,

@@ -190,3 +190,38 @@ async fn a_server_that_refuses_new_sessions_is_not_hammered_by_waiting_requests(
     assert_eq!(waits(&h, GuardCause::Busy, "timeout"), 20.0);
     assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 0.0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_session_ended_alone_is_served_again_by_the_same_generation() {
+    let h = Harness::start(slow_warmup());
+    h.reach(PoolState::Ready, 1).await;
+    let guard = guard(&h);
+    let loss = guard.report_connection_lost(1);
+    let started = Instant::now();
+    let lease = guard
+        .admit_after(loss, started + DEFAULT_GUARD_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(lease.generation().id(), 1, "no new generation comes");
+    assert!(
+        started.elapsed() <= Duration::from_millis(20),
+        "admitted {:?} after the break",
+        started.elapsed()
+    );
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 0.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_session_ended_with_every_other_waits_for_the_new_generation() {
+    let h = Harness::start(slow_warmup());
+    h.reach(PoolState::Ready, 1).await;
+    let guard = guard(&h);
+    h.source.end_every_session();
+    let loss = guard.report_connection_lost(1);
+    let lease = guard
+        .admit_after(loss, Instant::now() + DEFAULT_GUARD_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(lease.generation().id(), 2);
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 1.0);
+}

@@ -22,12 +22,25 @@ pub(crate) struct Script {
     /// New sessions are refused (a server at `max_connections`) while
     /// established ones keep working.
     pub full: bool,
+    /// How often every session was ended at once (a restart, a crash,
+    /// every backend terminated): a session opened before the latest
+    /// time is gone, while new ones work.
+    pub ended_all: u64,
+    /// Idle sessions of the pool that hold the server's goodbye; the next
+    /// look at them discards them.
+    pub idle_ended: usize,
+    /// Idle sessions of the pool the server still serves.
+    pub idle_alive: usize,
+    /// Which run of the server answers; a restart starts the next.
+    pub run: u64,
 }
 
 #[derive(Clone, Debug)]
 pub(crate) struct FakeSource {
     script: Arc<Mutex<Script>>,
     pools: Arc<Mutex<Vec<Arc<FakeState>>>>,
+    /// The loss hook of each pool, as the real pool calls it.
+    hooks: Arc<Mutex<Vec<crate::pool::LossHook>>>,
 }
 
 #[derive(Debug, Default)]
@@ -36,6 +49,8 @@ struct FakeState {
     lent: AtomicUsize,
     /// Every `get`, lent or refused.
     asked: AtomicUsize,
+    /// Every look at the idle sessions.
+    sweeps: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -47,6 +62,23 @@ pub(crate) struct FakePool {
 #[derive(Debug)]
 pub(crate) struct FakeConn {
     script: Arc<Mutex<Script>>,
+    /// [`Script::ended_all`] when it was opened.
+    born: u64,
+}
+
+impl FakeConn {
+    fn new(script: &Arc<Mutex<Script>>) -> Self {
+        let born = script.lock().unwrap().ended_all;
+        FakeConn {
+            script: script.clone(),
+            born,
+        }
+    }
+
+    /// Whether the server still serves this session.
+    fn alive(&self, script: &Script) -> bool {
+        script.up && self.born == script.ended_all
+    }
 }
 
 impl FakeSource {
@@ -57,10 +89,15 @@ impl FakeSource {
             ping_delay: Duration::from_millis(5),
             query_delay: Duration::from_millis(5),
             full: false,
+            ended_all: 0,
+            idle_ended: 0,
+            idle_alive: 2,
+            run: 1,
         };
         Self {
             script: Arc::new(Mutex::new(script)),
             pools: Arc::default(),
+            hooks: Arc::default(),
         }
     }
 
@@ -73,6 +110,36 @@ impl FakeSource {
         self.pools.lock().unwrap()[index]
             .asked
             .load(Ordering::SeqCst)
+    }
+
+    /// How often the idle sessions of generation `index + 1` were looked at.
+    pub fn sweeps(&self, index: usize) -> usize {
+        self.pools.lock().unwrap()[index]
+            .sweeps
+            .load(Ordering::SeqCst)
+    }
+
+    /// Ends every established session at once, as a restart, a crash or
+    /// the termination of every backend does; the server takes new ones.
+    pub fn end_every_session(&self) {
+        self.set(|s| {
+            s.ended_all += 1;
+            s.idle_ended = s.idle_alive;
+            s.idle_alive = 0;
+        });
+    }
+
+    /// The pool of generation `index + 1` finds an idle session closed.
+    pub fn idle_session_found_closed(&self, index: usize) {
+        let hook = self.hooks.lock().unwrap()[index].clone();
+        hook.call();
+    }
+
+    /// Restarts the server: every session ends, and the server that
+    /// answers new ones is another run.
+    pub fn restart(&self) {
+        self.end_every_session();
+        self.set(|s| s.run += 1);
     }
 
     pub fn pool_closed(&self, index: usize) -> bool {
@@ -107,7 +174,13 @@ fn cannot_open(script: &Script) -> Option<SourceError> {
 impl ConnectionSource for FakeSource {
     type Pool = FakePool;
 
-    fn open(&self, _on_loss: crate::pool::LossHook) -> Result<FakePool, SourceError> {
+    fn open(&self, on_loss: crate::pool::LossHook) -> Result<FakePool, SourceError> {
+        self.hooks.lock().unwrap().push(on_loss);
+        // A new pool's sessions are new: none heard an old goodbye.
+        self.set(|s| {
+            s.idle_alive = 2;
+            s.idle_ended = 0;
+        });
         let state = Arc::new(FakeState::default());
         self.pools.lock().unwrap().push(state.clone());
         Ok(FakePool {
@@ -130,22 +203,26 @@ impl GenerationPool for FakePool {
             return Err(down());
         }
         self.state.lent.fetch_add(1, Ordering::SeqCst);
-        Ok(FakeConn {
-            script: self.script.clone(),
-        })
+        Ok(FakeConn::new(&self.script))
     }
 
     async fn warm(&self) -> Result<Vec<FakeConn>, SourceError> {
         Ok(vec![self.get().await?, self.get().await?])
     }
 
-    async fn ping(conn: &mut FakeConn) -> Result<ServerRole, SourceError> {
-        let (delay, up, role) = {
+    async fn ping(conn: &mut FakeConn) -> Result<ServerStatus, SourceError> {
+        let (delay, alive, role, run) = {
             let s = conn.script.lock().unwrap();
-            (s.ping_delay, s.up, s.role)
+            (s.ping_delay, conn.alive(&s), s.role, s.run)
         };
         tokio::time::sleep(delay).await;
-        if up { Ok(role) } else { Err(down()) }
+        match alive {
+            true => Ok(ServerStatus {
+                role,
+                run: format!("run {run}"),
+            }),
+            false => Err(down()),
+        }
     }
 
     type Probe = FakeConn;
@@ -154,22 +231,29 @@ impl GenerationPool for FakePool {
         if let Some(error) = cannot_open(&self.script.lock().unwrap()) {
             return Err(error);
         }
-        Ok(FakeConn {
-            script: self.script.clone(),
-        })
+        Ok(FakeConn::new(&self.script))
     }
 
-    async fn ping_probe(probe: &mut FakeConn) -> Result<ServerRole, SourceError> {
+    async fn ping_probe(probe: &mut FakeConn) -> Result<ServerStatus, SourceError> {
         Self::ping(probe).await
     }
 
     async fn run(conn: &mut FakeConn, _sql: &str) -> Result<(), SourceError> {
-        let (delay, up) = {
+        let (delay, alive) = {
             let s = conn.script.lock().unwrap();
-            (s.query_delay, s.up)
+            (s.query_delay, conn.alive(&s))
         };
         tokio::time::sleep(delay).await;
-        if up { Ok(()) } else { Err(down()) }
+        if alive { Ok(()) } else { Err(down()) }
+    }
+
+    fn sweep_idle(&self, _opened_before: tokio::time::Instant) -> crate::pool::IdleSweep {
+        self.state.sweeps.fetch_add(1, Ordering::SeqCst);
+        let mut script = self.script.lock().unwrap();
+        crate::pool::IdleSweep {
+            alive: script.idle_alive,
+            ended: std::mem::take(&mut script.idle_ended),
+        }
     }
 
     fn status(&self) -> PoolStatus {

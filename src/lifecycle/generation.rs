@@ -21,15 +21,19 @@ pub struct Generation<P> {
     retired: AtomicBool,
     /// When it was published.
     published_at: Instant,
+    /// The run of the server its warm-up met (see
+    /// [`ServerStatus::run`](super::ServerStatus::run)).
+    run: Option<String>,
 }
 
 impl<P: GenerationPool> Generation<P> {
-    pub(crate) fn new(id: u64, pool: P) -> Self {
+    pub(crate) fn new(id: u64, pool: P, run: Option<String>) -> Self {
         Self {
             id,
             pool,
             retired: AtomicBool::new(false),
             published_at: Instant::now(),
+            run,
         }
     }
 
@@ -51,6 +55,13 @@ impl<P: GenerationPool> Generation<P> {
     /// When it was published.
     pub fn published_at(&self) -> Instant {
         self.published_at
+    }
+
+    /// The run of the server it was built on, when known: a server that
+    /// answers with another has restarted or recovered from a crash since,
+    /// and ended every session of this generation.
+    pub fn run(&self) -> Option<&str> {
+        self.run.as_deref()
     }
 
     /// Retires the generation and drains its pool: idle connections close

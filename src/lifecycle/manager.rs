@@ -4,14 +4,18 @@
 //! One task owns every transition, so there is never more than one
 //! reconnect at a time: failures reported by many requests arrive as
 //! commands tagged with the generation they saw, and only a report about the
-//! *current, ready* generation starts a reconnect. Everything the guard needs
+//! *current, ready* generation is considered. A lost connection is a
+//! suspicion, judged by one check within a few milliseconds (see
+//! `LOSS_SETTLE`); another lost before then is evidence enough for a
+//! reconnect, and one lost after that check started is judged anew, so a
+//! check made too early is corrected. Everything the guard needs
 //! is published on a `watch` channel, so waiters are woken by the change
 //! itself, never by polling. Waiters are also counted: while any wait, the
 //! pauses between failed attempts are capped lower, so a database that
 //! returns is noticed quickly by those who need it, and a database nobody
 //! asks for is spared.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -26,8 +30,8 @@ use tracing::{Instrument, info, info_span, warn};
 use super::backoff::{Backoff, jittered};
 use super::generation::Generation;
 use super::settings::LifecycleSettings;
-use super::source::{ConnectionSource, GenerationPool, SourceError};
-use super::warmup::{WarmupError, WarmupTimings, warm_up};
+use super::source::{ConnectionSource, GenerationPool, ServerStatus, SourceError};
+use super::warmup::{Warmed, WarmupError, WarmupTimings, warm_up};
 use crate::backend::Scope;
 use crate::pool::{LossHook, PoolStatus};
 use crate::telemetry::Metrics;
@@ -39,6 +43,23 @@ use crate::telemetry::labels::{
 /// check at once, unless one ran this recently.
 const SUSPICION_CHECK_SPACING: Duration = Duration::from_millis(250);
 
+/// How long after a lost connection is reported it is checked. A server
+/// that goes away, or an operator who terminates every session, signals
+/// its sessions within microseconds to milliseconds of each other: by
+/// then the health check's own session and the pool's idle ones have
+/// heard it too, and the rest of a burst of reports has arrived.
+const LOSS_SETTLE: Duration = Duration::from_millis(10);
+
+/// A lost connection of the current generation waiting for its check.
+#[derive(Clone, Copy, Debug)]
+struct Suspicion {
+    /// When it was reported: an idle session opened before and still
+    /// served shows that the server did not end every session then.
+    since: Instant,
+    /// When it is checked.
+    due: Instant,
+}
+
 /// What the lifecycle publishes: the state and the current generation.
 #[derive(Debug)]
 pub struct Snapshot<P> {
@@ -46,6 +67,10 @@ pub struct Snapshot<P> {
     pub state: PoolState,
     /// The generation that serves (or, while reconnecting, last served) requests.
     pub generation: Option<Arc<Generation<P>>>,
+    /// Reports of lost connections answered for the current generation: a
+    /// check made after each report up to this one found that the lost
+    /// sessions had ended alone (see [`Loss`]).
+    pub cleared: u64,
 }
 
 impl<P> Clone for Snapshot<P> {
@@ -53,8 +78,36 @@ impl<P> Clone for Snapshot<P> {
         Self {
             state: self.state,
             generation: self.generation.clone(),
+            cleared: self.cleared,
         }
     }
+}
+
+impl<P: GenerationPool> Snapshot<P> {
+    /// The generation a request may be admitted to now, if one is ready.
+    /// After a break reported as `after`, the broken session's siblings
+    /// are suspect until the lifecycle has judged the report: then a newer
+    /// generation serves, or the same one once the lost session was found
+    /// to have ended alone.
+    pub fn ready_for(&self, after: Option<Loss>) -> Option<&Arc<Generation<P>>> {
+        let generation = self.generation.as_ref()?;
+        let judged = after.is_none_or(|loss| {
+            generation.id() > loss.generation
+                || (generation.id() == loss.generation && self.cleared >= loss.report)
+        });
+        let ready = self.state == PoolState::Ready && !generation.is_retired();
+        (ready && judged).then_some(generation)
+    }
+}
+
+/// The receipt of one report of a lost connection
+/// ([`Lifecycle::report_connection_lost`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Loss {
+    /// The generation the lost connection belonged to.
+    pub generation: u64,
+    /// Its place among all reports: a check that starts later judges it.
+    report: u64,
 }
 
 /// The last reconnect, for `/status`.
@@ -124,9 +177,12 @@ impl Drop for Waiting {
 
 #[derive(Debug)]
 enum Command {
-    /// A connection of `generation` failed at the connection level.
+    /// The server ended a connection of `generation`: a check decides
+    /// whether it ended alone. `found_idle`: the pool found it closed as it
+    /// sat idle, rather than a request seeing it end.
     ConnectionLost {
         generation: u64,
+        found_idle: bool,
     },
     /// A new session for `generation` could not reach the server: the
     /// health check decides at once whether the server is down.
@@ -173,6 +229,8 @@ struct Inner<P> {
     stop: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
     demand: Arc<Demand>,
+    /// Reports of lost connections so far; numbers their receipts.
+    losses: Arc<AtomicU64>,
 }
 
 impl<S: ConnectionSource> Lifecycle<S> {
@@ -182,11 +240,13 @@ impl<S: ConnectionSource> Lifecycle<S> {
         let (snapshot_tx, snapshot) = watch::channel(Snapshot {
             state: PoolState::Starting,
             generation: None,
+            cleared: 0,
         });
         let (commands, command_rx) = mpsc::unbounded_channel();
         let history = Arc::new(Mutex::new(History::default()));
         let stop = CancellationToken::new();
         let demand = Arc::new(Demand::default());
+        let losses = Arc::new(AtomicU64::new(0));
         metrics.set_state(PoolState::Starting);
         let driver = Driver {
             source,
@@ -200,6 +260,9 @@ impl<S: ConnectionSource> Lifecycle<S> {
             current: None,
             probe: None,
             last_check: None,
+            suspicion: None,
+            cleared: 0,
+            losses: losses.clone(),
             paused: false,
             demand: demand.clone(),
         };
@@ -211,6 +274,7 @@ impl<S: ConnectionSource> Lifecycle<S> {
             stop,
             task: Mutex::new(Some(task)),
             demand,
+            losses,
         };
         Self {
             inner: Arc::new(inner),
@@ -227,14 +291,21 @@ impl<S: ConnectionSource> Lifecycle<S> {
         self.inner.snapshot.borrow().clone()
     }
 
-    /// Passive detection: a connection of `generation` failed at the
-    /// connection level. Starts a reconnect if that is the current, ready
-    /// generation; later reports about it are absorbed.
-    pub fn report_connection_lost(&self, generation: u64) {
-        let _ = self
-            .inner
-            .commands
-            .send(Command::ConnectionLost { generation });
+    /// Passive detection: the server ended a connection of `generation`.
+    /// If that is the current, ready generation, a check decides at once
+    /// whether the server is going away (a reconnect) or the session ended
+    /// alone (nothing more); reports about a retired generation are
+    /// absorbed. The receipt tells when the report was judged (see
+    /// [`Snapshot::ready_for`]).
+    pub fn report_connection_lost(&self, generation: u64) -> Loss {
+        // Numbered before it is sent: a check that reads the count at its
+        // start has every report up to it behind it.
+        let report = self.inner.losses.fetch_add(1, Ordering::AcqRel) + 1;
+        let _ = self.inner.commands.send(Command::ConnectionLost {
+            generation,
+            found_idle: false,
+        });
+        Loss { generation, report }
     }
 
     /// A new session for `generation` could not reach the server. Not proof
@@ -317,6 +388,12 @@ struct Driver<S: ConnectionSource> {
     probe: Option<<S::Pool as GenerationPool>::Probe>,
     /// When the last health check ended, to space suspicion checks.
     last_check: Option<Instant>,
+    /// The lost connection of the current generation waiting for its check.
+    suspicion: Option<Suspicion>,
+    /// Published as [`Snapshot::cleared`].
+    cleared: u64,
+    /// Shared with [`Lifecycle::report_connection_lost`], which counts.
+    losses: Arc<AtomicU64>,
     paused: bool,
     demand: Arc<Demand>,
 }
@@ -336,34 +413,36 @@ impl<S: ConnectionSource> Driver<S> {
         info!("Lifecycle stopped.");
     }
 
-    /// Health checks and commands while a generation serves.
+    /// Health checks, checks after lost connections and commands while a
+    /// generation serves.
     async fn serve(&mut self) -> Result<(), Stopped> {
         let mut ticks = tokio::time::interval(self.settings.health_check_interval);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         ticks.reset();
         loop {
-            tokio::select! {
+            let suspicion = self.suspicion;
+            let loss_check_due =
+                tokio::time::sleep_until(suspicion.map_or_else(Instant::now, |s| s.due));
+            let reason = tokio::select! {
                 _ = self.stop.cancelled() => return Err(Stopped),
                 _ = ticks.tick() => {
-                    if !self.health_check().await {
-                        self.reconnect(ReconnectReason::HealthCheck).await?;
-                        ticks.reset();
-                    }
+                    (!self.health_check().await).then_some(ReconnectReason::HealthCheck)
                 }
+                _ = loss_check_due, if suspicion.is_some() => self.judge_loss().await,
                 command = self.commands.recv() => {
                     let Some(command) = command else { return Err(Stopped) };
-                    let reason = match self.handle(command) {
+                    match self.handle(command) {
                         Action::Reconnect(reason) => Some(reason),
                         Action::Check if !self.health_check().await => {
                             Some(ReconnectReason::HealthCheck)
                         }
                         Action::Check | Action::None => None,
-                    };
-                    if let Some(reason) = reason {
-                        self.reconnect(reason).await?;
-                        ticks.reset();
                     }
                 }
+            };
+            if let Some(reason) = reason {
+                self.reconnect(reason).await?;
+                ticks.reset();
             }
         }
     }
@@ -376,9 +455,10 @@ impl<S: ConnectionSource> Driver<S> {
             .filter(|g| !g.is_retired())
             .map(|g| g.id());
         match command {
-            Command::ConnectionLost { generation } if Some(generation) == current => {
-                Action::Reconnect(ReconnectReason::ConnectionLost)
-            }
+            Command::ConnectionLost {
+                generation,
+                found_idle,
+            } if Some(generation) == current => self.suspect_loss(generation, found_idle),
             Command::Reconnect { generation } if Some(generation) == current => {
                 Action::Reconnect(ReconnectReason::Admin)
             }
@@ -396,6 +476,34 @@ impl<S: ConnectionSource> Driver<S> {
                 Action::None
             }
         }
+    }
+
+    /// A session of the current generation was lost. It is checked
+    /// ([`Driver::judge_loss`]) a few moments later when a request saw it
+    /// end, as the others of a server going away may be hearing the news
+    /// just now; at once when the pool found it closed while it sat idle,
+    /// since it heard the news some time ago, and the request that found
+    /// it is opening a new session meanwhile, which should belong to the
+    /// next generation if the server restarted. A second report before the
+    /// check is another session lost at once (each is reported once, when
+    /// it is found ended, and then discarded): a server restarted between
+    /// two requests, whose next one finds every pooled session closed, or
+    /// every session terminated. No check could say more: reconnect.
+    fn suspect_loss(&mut self, generation: u64, found_idle: bool) -> Action {
+        if self.suspicion.take().is_none() {
+            let since = Instant::now();
+            let settle = if found_idle {
+                Duration::ZERO
+            } else {
+                LOSS_SETTLE
+            };
+            let due = since + settle;
+            self.suspicion = Some(Suspicion { since, due });
+            return Action::None;
+        }
+        let evidence = NotAlone::Several;
+        warn!(generation, evidence = %evidence, "A lost connection was not alone.");
+        Action::Reconnect(ReconnectReason::ConnectionLost)
     }
 
     fn set_paused(&mut self, paused: bool) {
@@ -444,6 +552,43 @@ impl<S: ConnectionSource> Driver<S> {
         self.metrics.health_check(result, started.elapsed());
         self.last_check = Some(Instant::now());
         healthy
+    }
+
+    /// Checks whether the lost connection of the current generation ended
+    /// alone (see the lifecycle's module doc): `None` when it did, which is
+    /// then published so that a request broken on it is served again by the
+    /// same generation; else the reason to reconnect.
+    async fn judge_loss(&mut self) -> Option<ReconnectReason> {
+        let suspicion = self.suspicion.take()?;
+        let generation = self.current.clone().filter(|g| !g.is_retired())?;
+        // Every report numbered up to here was made before this check began.
+        let judged = self.losses.load(Ordering::Acquire);
+        let id = generation.id();
+        let span = info_span!("db_loss_check", "pool.generation" = id);
+        let probe = self.probe.take();
+        let check = check_after_loss(generation.as_ref(), suspicion.since, probe, &self.metrics);
+        let timeout = self.settings.health_check_timeout;
+        let verdict = match tokio::time::timeout(timeout, check).instrument(span).await {
+            Ok(verdict) => verdict,
+            Err(_) => Err(NotAlone::Silent(timeout)),
+        };
+        match verdict {
+            Ok(probe) => {
+                self.probe = probe;
+                self.last_check = Some(Instant::now());
+                self.cleared = judged;
+                self.publish(PoolState::Ready);
+                info!(
+                    generation = id,
+                    "A server session ended alone; the server and the pool's other sessions are fine."
+                );
+                None
+            }
+            Err(evidence) => {
+                warn!(generation = id, evidence = %evidence, "A lost connection was not alone.");
+                Some(ReconnectReason::ConnectionLost)
+            }
+        }
     }
 
     /// Retires the current generation and builds the next one.
@@ -532,10 +677,10 @@ impl<S: ConnectionSource> Driver<S> {
     fn attempt_finished(
         &self,
         id: u64,
-        result: Result<(S::Pool, WarmupTimings), WarmupError>,
+        result: Result<(S::Pool, Warmed), WarmupError>,
     ) -> Result<Generation<S::Pool>, WarmupError> {
         match result {
-            Ok((pool, timings)) => {
+            Ok((pool, Warmed { timings, run })) => {
                 self.record_success(timings);
                 info!(
                     generation = id,
@@ -543,7 +688,7 @@ impl<S: ConnectionSource> Driver<S> {
                     queries_ms = timings.queries.as_millis() as u64,
                     "Warm-up finished."
                 );
-                Ok(Generation::new(id, pool))
+                Ok(Generation::new(id, pool, run))
             }
             Err(error) => {
                 self.metrics.reconnect_attempt(AttemptResult::Failed);
@@ -568,6 +713,8 @@ impl<S: ConnectionSource> Driver<S> {
         let generation = Arc::new(generation);
         let old = self.current.replace(generation.clone());
         self.probe = None;
+        self.suspicion = None;
+        self.cleared = 0;
         self.publish(PoolState::Ready);
         if let Some(old) = old {
             old.retire();
@@ -607,7 +754,11 @@ impl<S: ConnectionSource> Driver<S> {
         self.metrics.set_state(state);
         self.metrics
             .set_generation(generation.as_ref().map_or(0, |g| g.id()));
-        self.snapshot.send_replace(Snapshot { state, generation });
+        self.snapshot.send_replace(Snapshot {
+            state,
+            generation,
+            cleared: self.cleared,
+        });
     }
 
     fn update_pool_gauges(&self, generation: &Generation<S::Pool>) {
@@ -629,10 +780,13 @@ async fn warm_generation<S: ConnectionSource>(
     settings: &LifecycleSettings,
     command_tx: &mpsc::UnboundedSender<Command>,
     id: u64,
-) -> Result<(S::Pool, WarmupTimings), WarmupError> {
+) -> Result<(S::Pool, Warmed), WarmupError> {
     let commands = command_tx.clone();
     let on_loss = LossHook::new(move || {
-        let _ = commands.send(Command::ConnectionLost { generation: id });
+        let _ = commands.send(Command::ConnectionLost {
+            generation: id,
+            found_idle: true,
+        });
     });
     let open = async {
         let pool = source.open(on_loss).map_err(|e| WarmupError {
@@ -640,7 +794,7 @@ async fn warm_generation<S: ConnectionSource>(
             message: e.message,
         })?;
         match warm_up(&pool, settings).await {
-            Ok(timings) => Ok((pool, timings)),
+            Ok(warm) => Ok((pool, warm)),
             Err(error) => {
                 pool.close();
                 Err(error)
@@ -664,6 +818,83 @@ fn absorb(paused: &mut bool, command: Option<Command>) -> Result<(), Stopped> {
     Ok(())
 }
 
+/// What showed that a lost connection did not end alone.
+#[derive(Debug, thiserror::Error)]
+enum NotAlone {
+    /// Another session was lost before the first was checked.
+    #[error("another session was lost before the first was checked")]
+    Several,
+    /// The server did not answer the check in time.
+    #[error("the server did not answer within {0:?}")]
+    Silent(Duration),
+    /// The health check's own session, which no request uses, was ended too.
+    #[error("the health check's own session was ended too: {0}")]
+    ProbeEnded(SourceError),
+    /// A fresh session could not reach the server, or it did not answer.
+    #[error("the server failed its health check: {0}")]
+    ServerDown(SourceError),
+    /// The server answered as another run than the one the generation was
+    /// built on: it restarted or recovered from a crash since.
+    #[error("the server restarted or recovered from a crash since the generation was built")]
+    Restarted,
+    /// Idle sessions of the pool had heard the same goodbye.
+    #[error("{0} idle sessions of the pool were ended too")]
+    IdleEnded(usize),
+}
+
+/// Decides whether a lost connection of `generation`, reported at `since`,
+/// ended alone (an operator terminated a session, the server runs on) or
+/// the server is going away, crashed, or ended every session: the check
+/// the lifecycle's module doc describes. Only the second is worth a
+/// reconnect. Returns the probe session to keep.
+///
+/// The health check's own session (`probe`) is asked first, and its round
+/// trip gives the pool's idle sessions time to hear what it heard; then
+/// every idle session is looked at. One of them ended too: not alone. The
+/// probe ended too: not alone either, unless an idle session opened before
+/// the loss and still served vouches that the server did not end them all,
+/// since an idle probe may have been terminated alone some seconds before.
+/// Last, unless the probe answered, a fresh session must reach the server;
+/// a server shutting down or recovering refuses it (57P03). A server that
+/// answers as another run than the generation's restarted or recovered
+/// since: not alone.
+async fn check_after_loss<P: GenerationPool>(
+    generation: &Generation<P>,
+    since: Instant,
+    probe: Option<P::Probe>,
+    metrics: &Metrics,
+) -> Result<Option<P::Probe>, NotAlone> {
+    let restarted = |status: &ServerStatus| generation.run().is_some_and(|run| run != status.run);
+    let (kept, probe_ended) = match probe {
+        Some(mut probe) => match P::ping_probe(&mut probe).await.map_err(Into::into) {
+            Ok(status) if restarted(&status) => return Err(NotAlone::Restarted),
+            Ok(_) => (Some(probe), None),
+            Err(error) if error.scope == Scope::Server => (None, Some(error)),
+            // Ended for a reason of its own (an idle timeout): ask anew.
+            Err(_) => (None, None),
+        },
+        None => (None, None),
+    };
+    let idle = generation.pool().sweep_idle(since);
+    if idle.ended > 0 {
+        return Err(NotAlone::IdleEnded(idle.ended));
+    }
+    if let Some(error) = probe_ended
+        && idle.alive == 0
+    {
+        return Err(NotAlone::ProbeEnded(error));
+    }
+    if kept.is_some() {
+        return Ok(kept);
+    }
+    let opened = open_probe(generation.pool(), metrics).await;
+    match opened.map_err(NotAlone::ServerDown)? {
+        Some((_, status)) if restarted(&status) => Err(NotAlone::Restarted),
+        Some((probe, _)) => Ok(Some(probe)),
+        None => Ok(None),
+    }
+}
+
 /// Asks the server whether it is up, on the health check's own session.
 ///
 /// A probe session that failed is replaced once, because one session can
@@ -685,6 +916,16 @@ async fn check_server<P: GenerationPool>(
             }
         }
     }
+    Ok(open_probe(pool, metrics).await?.map(|(probe, _)| probe))
+}
+
+/// Opens a session for the health check and asks the server on it. `None`
+/// when the server refused the session: it answered, so it is up, and the
+/// refusal is counted.
+async fn open_probe<P: GenerationPool>(
+    pool: &P,
+    metrics: &Metrics,
+) -> Result<Option<(P::Probe, ServerStatus)>, SourceError> {
     let opened: Result<P::Probe, SourceError> = pool.open_probe().await.map_err(Into::into);
     let mut probe = match opened {
         Ok(probe) => probe,
@@ -698,6 +939,6 @@ async fn check_server<P: GenerationPool>(
         }
         Err(error) => return Err(error),
     };
-    P::ping_probe(&mut probe).await.map_err(Into::into)?;
-    Ok(Some(probe))
+    let status = P::ping_probe(&mut probe).await.map_err(Into::into)?;
+    Ok(Some((probe, status)))
 }

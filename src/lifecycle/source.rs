@@ -9,7 +9,7 @@
 use std::future::Future;
 
 use crate::backend::{BackendError, Connection, Scope};
-use crate::pool::{LossHook, Pool, PoolError, PoolStatus, PooledConnection};
+use crate::pool::{IdleSweep, LossHook, Pool, PoolError, PoolStatus, PooledConnection};
 
 /// Whether a server accepts writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,6 +18,19 @@ pub enum ServerRole {
     Primary,
     /// In recovery (a standby): read-only.
     Standby,
+}
+
+/// What a ping learns of the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerStatus {
+    /// Whether it accepts writes.
+    pub role: ServerRole,
+    /// Which run of the server answered: it changes when the server
+    /// restarts or recovers from a crash (see
+    /// [`ServerProbe`](crate::backend::ServerProbe)). A generation keeps
+    /// the run it was built on, so a check can tell that every session of
+    /// it was ended since, even after its own session was replaced.
+    pub run: String,
 }
 
 /// A failure reported by a [`ConnectionSource`] or [`GenerationPool`].
@@ -85,8 +98,11 @@ pub trait GenerationPool: std::fmt::Debug + Send + Sync + 'static {
     /// Opens the configured minimum of connections together and lends them all.
     fn warm(&self) -> impl Future<Output = Result<Vec<Self::Conn>, Self::Error>> + Send;
 
-    /// `SELECT 1`-grade round trip that also reports the server's role.
-    fn ping(conn: &mut Self::Conn) -> impl Future<Output = Result<ServerRole, Self::Error>> + Send;
+    /// `SELECT 1`-grade round trip that also reports the server's role
+    /// and run.
+    fn ping(
+        conn: &mut Self::Conn,
+    ) -> impl Future<Output = Result<ServerStatus, Self::Error>> + Send;
 
     /// A session of the health check's own, outside the pool, so that a
     /// check never waits for (or takes) a session a request could use.
@@ -98,13 +114,19 @@ pub trait GenerationPool: std::fmt::Debug + Send + Sync + 'static {
     /// [`GenerationPool::ping`] on the probe session.
     fn ping_probe(
         probe: &mut Self::Probe,
-    ) -> impl Future<Output = Result<ServerRole, Self::Error>> + Send;
+    ) -> impl Future<Output = Result<ServerStatus, Self::Error>> + Send;
 
     /// Runs one warm-up statement, discarding its rows.
     fn run(
         conn: &mut Self::Conn,
         sql: &str,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Looks at every idle session without waiting: how many of those
+    /// opened before `opened_before` are alive, and how many the server
+    /// ended the way it ends every session when it goes away (those are
+    /// discarded; see [`Pool::sweep_idle`]).
+    fn sweep_idle(&self, opened_before: tokio::time::Instant) -> IdleSweep;
 
     /// Current sizes.
     fn status(&self) -> PoolStatus;
@@ -143,8 +165,8 @@ impl GenerationPool for Pool {
         Pool::warm(self)
     }
 
-    async fn ping(conn: &mut PooledConnection) -> Result<ServerRole, PoolError> {
-        role_of(conn).await
+    async fn ping(conn: &mut PooledConnection) -> Result<ServerStatus, PoolError> {
+        status_of(conn).await
     }
 
     type Probe = Connection;
@@ -153,13 +175,17 @@ impl GenerationPool for Pool {
         self.open_unpooled()
     }
 
-    async fn ping_probe(probe: &mut Connection) -> Result<ServerRole, PoolError> {
-        role_of(probe).await
+    async fn ping_probe(probe: &mut Connection) -> Result<ServerStatus, PoolError> {
+        status_of(probe).await
     }
 
     async fn run(conn: &mut PooledConnection, sql: &str) -> Result<(), PoolError> {
         conn.simple_query(sql).await?;
         Ok(())
+    }
+
+    fn sweep_idle(&self, opened_before: tokio::time::Instant) -> IdleSweep {
+        Pool::sweep_idle(self, opened_before.into_std())
     }
 
     fn status(&self) -> PoolStatus {
@@ -171,9 +197,14 @@ impl GenerationPool for Pool {
     }
 }
 
-async fn role_of(conn: &mut Connection) -> Result<ServerRole, PoolError> {
-    match conn.is_in_recovery().await? {
-        false => Ok(ServerRole::Primary),
-        true => Ok(ServerRole::Standby),
-    }
+async fn status_of(conn: &mut Connection) -> Result<ServerStatus, PoolError> {
+    let probe = conn.probe_server().await?;
+    let role = match probe.in_recovery {
+        false => ServerRole::Primary,
+        true => ServerRole::Standby,
+    };
+    Ok(ServerStatus {
+        role,
+        run: probe.run,
+    })
 }

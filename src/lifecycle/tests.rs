@@ -105,6 +105,7 @@ async fn a_slow_health_check_counts_as_a_timeout() {
 async fn many_connection_failures_of_one_generation_start_a_single_reconnect() {
     let h = Harness::start(settings());
     h.reach(PoolState::Ready, 1).await;
+    h.source.end_every_session();
     for _ in 0..50 {
         h.lifecycle.report_connection_lost(1);
     }
@@ -310,5 +311,229 @@ async fn a_server_that_cannot_be_reached_by_a_new_session_is_judged_by_an_immedi
         1.0
     );
     h.source.set(|s| s.up = true);
+    h.reach(PoolState::Ready, 2).await;
+}
+
+/// Waits until the lifecycle has judged `loss`: the same generation may
+/// serve again, or it was retired. Returns how long that took.
+async fn judged(h: &Harness, loss: Loss) -> Duration {
+    let started = tokio::time::Instant::now();
+    let mut rx = h.lifecycle.subscribe();
+    let judged = rx.wait_for(|s| {
+        s.ready_for(Some(loss)).is_some()
+            || s.generation
+                .as_ref()
+                .is_some_and(|g| g.id() != loss.generation || g.is_retired())
+    });
+    tokio::time::timeout(Duration::from_secs(60), judged)
+        .await
+        .expect("the loss was judged")
+        .unwrap();
+    started.elapsed()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_that_ended_alone_costs_no_reconnect_and_is_judged_at_once() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+
+    // An operator terminated one session; the request that used it reports.
+    let loss = h.lifecycle.report_connection_lost(1);
+    assert!(
+        h.lifecycle.snapshot().ready_for(Some(loss)).is_none(),
+        "its siblings are suspect until judged"
+    );
+    let took = judged(&h, loss).await;
+    assert!(
+        took <= Duration::from_millis(20),
+        "judged {took:?} after the report"
+    );
+    let snapshot = h.lifecycle.snapshot();
+    assert!(
+        snapshot.ready_for(Some(loss)).is_some(),
+        "the request may be served by generation 1 again"
+    );
+    assert_eq!(h.source.sweeps(0), 1, "the idle sessions were looked at");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 0.0);
+    assert!(!snapshot.generation.unwrap().is_retired());
+
+    // A later loss is judged by a check of its own.
+    let later = h.lifecycle.report_connection_lost(1);
+    assert!(h.lifecycle.snapshot().ready_for(Some(later)).is_none());
+    judged(&h, later).await;
+    assert_eq!(h.source.sweeps(0), 2);
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 0.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn several_sessions_lost_at_once_are_not_alone_even_when_the_server_answers() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    // A server restarted between two requests: the next one finds both
+    // pooled sessions closed, and a fresh session reaches the new server.
+    let first = h.lifecycle.report_connection_lost(1);
+    let second = h.lifecycle.report_connection_lost(1);
+    let took = judged(&h, second).await;
+    assert!(took <= Duration::from_millis(20), "retired after {took:?}");
+    h.reach(PoolState::Ready, 2).await;
+    assert!(h.lifecycle.snapshot().ready_for(Some(first)).is_some());
+    assert_eq!(h.source.sweeps(0), 0, "nothing needed asking");
+    assert_eq!(
+        h.metric(
+            "pgwarden_reconnects_total",
+            &[("reason", "connection_lost")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_session_ended_at_once_is_one_prompt_reconnect_judged_by_the_idle_sessions() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    // Before the first periodic check there is no session of the check's
+    // own: a fresh one reaches the server, the idle sessions tell.
+    h.source.end_every_session();
+    let loss = h.lifecycle.report_connection_lost(1);
+    let took = judged(&h, loss).await;
+    assert!(took <= Duration::from_millis(20), "retired after {took:?}");
+    h.reach(PoolState::Ready, 2).await;
+    assert!(h.lifecycle.snapshot().ready_for(Some(loss)).is_some());
+    assert_eq!(
+        h.metric(
+            "pgwarden_reconnects_total",
+            &[("reason", "connection_lost")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_health_check_session_ended_too_and_no_idle_one_alive_means_every_session_ended() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    // A periodic check opens the session it keeps.
+    tokio::time::sleep(DEFAULT_HEALTH_CHECK_INTERVAL + Duration::from_secs(1)).await;
+    // Every pooled session is busy, and every session is terminated.
+    h.source.set(|s| s.idle_alive = 0);
+    h.source.set(|s| s.ended_all += 1);
+    let loss = h.lifecycle.report_connection_lost(1);
+    let took = judged(&h, loss).await;
+    assert!(took <= Duration::from_millis(20), "retired after {took:?}");
+    h.reach(PoolState::Ready, 2).await;
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_health_check_session_terminated_alone_earlier_costs_no_reconnect() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    tokio::time::sleep(DEFAULT_HEALTH_CHECK_INTERVAL + Duration::from_secs(1)).await;
+    // The check's own session was terminated a moment ago, then one pooled
+    // session; the pool's idle sessions are served as before.
+    h.source.set(|s| s.ended_all += 1);
+    let loss = h.lifecycle.report_connection_lost(1);
+    judged(&h, loss).await;
+    assert!(h.lifecycle.snapshot().ready_for(Some(loss)).is_some());
+    tokio::time::sleep(DEFAULT_HEALTH_CHECK_INTERVAL * 2).await;
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 0.0);
+    assert_eq!(
+        h.metric("pgwarden_health_checks_total", &[("result", "failed")]),
+        0.0,
+        "the check's new session serves the next checks"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_session_that_heard_the_same_goodbye_means_the_loss_was_not_alone() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    tokio::time::sleep(DEFAULT_HEALTH_CHECK_INTERVAL + Duration::from_secs(1)).await;
+    h.source.set(|s| s.idle_ended = 1);
+    h.lifecycle.report_connection_lost(1);
+    h.retired(1).await;
+    h.reach(PoolState::Ready, 2).await;
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_check_that_came_too_early_is_corrected_by_the_next_report() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    // The first session heard the server's goodbye before the others did.
+    let first = h.lifecycle.report_connection_lost(1);
+    judged(&h, first).await;
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 0.0);
+    h.source.end_every_session();
+    let next = h.lifecycle.report_connection_lost(1);
+    judged(&h, next).await;
+    h.reach(PoolState::Ready, 2).await;
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_connection_to_a_server_that_went_away_is_a_reconnect() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    h.source.set(|s| s.up = false);
+    h.lifecycle.report_connection_lost(1);
+    h.retired(1).await;
+    h.source.set(|s| s.up = true);
+    h.reach(PoolState::Ready, 2).await;
+    assert_eq!(
+        h.metric(
+            "pgwarden_reconnects_total",
+            &[("reason", "connection_lost")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_noticed_late_is_told_by_the_run_of_the_server() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    tokio::time::sleep(DEFAULT_HEALTH_CHECK_INTERVAL + Duration::from_secs(1)).await;
+    h.source.restart();
+    // The next periodic check replaces its own session, which the restart
+    // ended, and finds the server up: no reconnect by itself.
+    tokio::time::sleep(DEFAULT_HEALTH_CHECK_INTERVAL).await;
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 0.0);
+    // Then a request finds the pool's one session closed, and a fresh
+    // session of the restarted server serves it and waits idle.
+    h.source.set(|s| {
+        s.idle_ended = 0;
+        s.idle_alive = 1;
+    });
+    let loss = h.lifecycle.report_connection_lost(1);
+    judged(&h, loss).await;
+    h.reach(PoolState::Ready, 2).await;
+    assert_eq!(
+        h.metric(
+            "pgwarden_reconnects_total",
+            &[("reason", "connection_lost")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_session_found_closed_is_checked_at_once() {
+    let h = Harness::start(settings());
+    h.reach(PoolState::Ready, 1).await;
+    tokio::time::sleep(DEFAULT_HEALTH_CHECK_INTERVAL + Duration::from_secs(1)).await;
+    let checked = h.source.sweeps(0);
+    // A request found its session closed as it sat in the pool: the
+    // goodbye is old news, and the request waits for a new session.
+    h.source.idle_session_found_closed(0);
+    tokio::time::sleep(Duration::from_millis(6)).await;
+    assert_eq!(h.source.sweeps(0), checked + 1, "checked without a pause");
+    assert_eq!(h.metric("pgwarden_reconnects_total", &[]), 0.0);
+
+    // Found after a restart: the server that answers is another run.
+    h.source.restart();
+    h.source.idle_session_found_closed(0);
+    h.retired(1).await;
     h.reach(PoolState::Ready, 2).await;
 }

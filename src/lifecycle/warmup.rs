@@ -2,7 +2,8 @@
 //!
 //! Phase `ping` opens the minimum number of connections together and sends
 //! each a round trip that also reports the server's role, so a standby (or a
-//! primary demoted behind our back) is never accepted as a primary. Phase
+//! primary demoted behind our back) is never accepted as a primary, and
+//! which run of the server they met, which the generation keeps. Phase
 //! `queries` runs the configured warm-up queries on every one of those
 //! connections, so the first real requests find warm caches and plans.
 //! Each phase has its own timeout; any failure fails the attempt.
@@ -30,6 +31,17 @@ pub struct WarmupTimings {
     pub total: Duration,
 }
 
+/// What a successful warm-up found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warmed {
+    /// How long each phase took.
+    pub timings: WarmupTimings,
+    /// The run of the server its sessions met (see
+    /// [`ServerStatus::run`](super::ServerStatus::run)); `None` without a
+    /// session.
+    pub run: Option<String>,
+}
+
 /// Why a warm-up failed, and in which phase.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("warm-up phase {phase} failed: {message}")]
@@ -53,38 +65,45 @@ impl WarmupError {
 pub async fn warm_up<P: GenerationPool>(
     pool: &P,
     settings: &LifecycleSettings,
-) -> Result<WarmupTimings, WarmupError> {
+) -> Result<Warmed, WarmupError> {
     let started = Instant::now();
     let ping_phase = ping(pool, settings).instrument(info_span!("db_warmup_phase", phase = "ping"));
-    let connections = ping_phase.await?;
+    let (connections, run) = ping_phase.await?;
     let ping_took = started.elapsed();
 
     let queries_started = Instant::now();
     let queries_phase = run_queries::<P>(connections, settings)
         .instrument(info_span!("db_warmup_phase", phase = "queries"));
     drop(queries_phase.await?);
-    Ok(WarmupTimings {
+    let timings = WarmupTimings {
         ping: ping_took,
         queries: queries_started.elapsed(),
         total: started.elapsed(),
-    })
+    };
+    Ok(Warmed { timings, run })
 }
 
 async fn ping<P: GenerationPool>(
     pool: &P,
     settings: &LifecycleSettings,
-) -> Result<Vec<P::Conn>, WarmupError> {
+) -> Result<(Vec<P::Conn>, Option<String>), WarmupError> {
     let phase = async {
         let mut connections = pool.warm().await.map_err(Into::into)?;
+        let mut run: Option<String> = None;
         for conn in &mut connections {
-            let role = P::ping(conn).await.map_err(Into::into)?;
-            if settings.role == RequiredRole::Primary && role == ServerRole::Standby {
+            let status = P::ping(conn).await.map_err(Into::into)?;
+            if settings.role == RequiredRole::Primary && status.role == ServerRole::Standby {
                 return Err(SourceError::statement(
                     "the server is in recovery (a standby), but the role must be primary",
                 ));
             }
+            if run.get_or_insert_with(|| status.run.clone()) != &status.run {
+                return Err(SourceError::statement(
+                    "the server restarted while its sessions were opened",
+                ));
+            }
         }
-        Ok(connections)
+        Ok((connections, run))
     };
     within(settings.ping_timeout, WarmupPhase::Ping, phase).await
 }

@@ -519,17 +519,14 @@ async fn lend(guard: &Guard<BackendSource>) -> Result<Lease<BackendSource>, Guar
     lend_checked(guard, lease).await
 }
 
-/// [`lend`] after `old` broke: from a generation newer than its own when
-/// the server failed (see [`OldSession`]), within `deadline`.
+/// [`lend`] after `old` broke, once the lifecycle has judged the loss
+/// (see [`OldSession::readmit`]), within `deadline`.
 pub(super) async fn lend_after(
     guard: &Guard<BackendSource>,
     old: &OldSession,
     deadline: tokio::time::Instant,
 ) -> Result<Lease<BackendSource>, GuardError> {
-    let lease = match old.newer_than() {
-        0 => guard.admit_until(deadline).await?,
-        broken => guard.admit_after(broken, deadline).await?,
-    };
+    let lease = old.readmit(guard, deadline).await?;
     lend_checked(guard, lease).await
 }
 

@@ -10,7 +10,7 @@
 //! transaction, pgwarden answers its statements with 25P02, and its
 //! ROLLBACK (or COMMIT, tagged ROLLBACK) with the end of the transaction,
 //! all without a server session; its next transaction runs on a fresh
-//! one (of a new generation when the server failed). A COMMIT that comes
+//! one (of a new generation when the server went away). A COMMIT that comes
 //! before the client was told gets the 40001 itself: a COMMIT answered
 //! ROLLBACK is too easy to miss.
 //!

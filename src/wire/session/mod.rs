@@ -29,7 +29,7 @@ use super::messages::{self, WireError};
 use super::prepared::ClientStatements;
 use super::startup::Client;
 use super::{PoolMode, Wire};
-use crate::backend::{BackendError, DbError, Scope};
+use crate::backend::{BackendError, DbError};
 use crate::guard::Lease;
 use crate::guard::exec::OldSession;
 use crate::lifecycle::BackendSource;
@@ -391,13 +391,10 @@ where
         };
         self.client.registration.slot.set(None);
         let generation = lease.generation().id();
-        if error.scope() == Scope::Server {
-            self.wire.guard.report_connection_lost(generation);
-        }
         self.span.in_scope(|| {
             warn!(generation, error = %error, "A wire client's server session failed.");
         });
-        let old = OldSession::of(&mut lease).broken_by(error.scope());
+        let old = OldSession::of(&mut lease).broken_by(error.scope(), &self.wire.guard);
         let fatal = matches!(error, BackendError::Fatal(_));
         drop(lease);
         let in_transaction = self.status != b'I';
