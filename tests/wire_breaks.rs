@@ -208,6 +208,16 @@ fn status(replies: &[(u8, Vec<u8>)]) -> u8 {
 fn waiting_for_a_standby(cluster: &Cluster) {
     cluster.psql("ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
     cluster.psql("SELECT pg_reload_conf()");
+    // The reload is asynchronous: once a new session sees the setting, the
+    // postmaster has passed it on to the sessions already open, which
+    // take it before their next statement.
+    for _ in 0..400 {
+        if cluster.psql("SHOW synchronous_standby_names").trim() == "nobody" {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("the server never took the new setting");
 }
 
 fn no_standby_wait(cluster: &Cluster) {
